@@ -1,0 +1,31 @@
+# Everyday commands. `make test` is what CI runs (.ci/run), on a fresh Debian 12.
+#   make test PYTEST_ARGS='-m "not integration" -x'
+#   make dev DEV_ARGS='--instances 5'
+
+SHELL := /bin/bash
+VENV ?= .venv
+PYTEST_ARGS ?=
+DEV_ARGS ?=
+# A hung test must not hang CI forever: the whole run gets this many seconds.
+TEST_TIMEOUT_S ?= 1800
+
+.PHONY: install dev test lint clean
+
+install:
+	VENV=$(VENV) bash scripts/install.sh
+
+dev: install
+	$(VENV)/bin/linechatd dev $(DEV_ARGS)
+
+# --foreground keeps Ctrl-C working interactively; -k follows the TERM with a KILL.
+test: install
+	timeout --foreground -k 30 $(TEST_TIMEOUT_S) $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy linechatd tests/support
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,240 @@
+"""The control plane: how many partitions this instance should hold, and moving towards it.
+
+Instances register under ``/linechat/<cluster>/instances/<id>`` (ephemeral,
+data = urls, weight, cap). Each computes the same fair share from that list
+and converges on its own: it takes free partitions while below its share and
+gives one back at a time while above it, pausing ``rebalance_pause_s`` between
+moves so that a joining instance gets its share within seconds and no
+partition stays ownerless for long.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+from trio_util import AsyncValue, wait_any
+
+from .partitions import REASON_DRAIN, REASON_RELEASED, PartitionSupervisor
+from .zk import NodeExistsError, NoNodeError, SessionState, ZooKeeperError
+
+if TYPE_CHECKING:
+    from .context import Context
+
+log = logging.getLogger(__name__)
+
+IDLE_RECHECK_S = 1.0
+
+
+@dataclass(frozen=True)
+class Member:
+    """One live instance as the balancer sees it."""
+
+    weight: float = 1.0
+    max_partitions: int = 0  # 0 = no cap
+
+
+def fair_shares(partitions: int, members: Mapping[str, Member]) -> dict[str, int]:
+    """Each member's target: proportional to weight, rounded up, within its cap.
+
+    Rounding up makes the shares sum to at least ``partitions`` (when caps
+    allow), so every partition can find an owner. A capped member's surplus is
+    spread over the others (water-filling).
+    """
+    shares: dict[str, int] = {}
+    open_members = {m: v for m, v in members.items() if v.weight > 0}
+    remaining = partitions
+    while open_members:
+        total = sum(v.weight for v in open_members.values())
+        proposal = {m: math.ceil(remaining * v.weight / total) for m, v in open_members.items()}
+        capped = {
+            m: open_members[m].max_partitions
+            for m, n in proposal.items()
+            if 0 < open_members[m].max_partitions < n
+        }
+        if not capped:
+            shares.update(proposal)
+            break
+        for m, cap in capped.items():
+            shares[m] = cap
+            remaining = max(0, remaining - cap)
+            del open_members[m]
+    for m in members:
+        shares.setdefault(m, 0)
+    return shares
+
+
+def pick_release(candidates: Mapping[int, int]) -> int:
+    """Which held partition to give back: the one with the fewest sessions."""
+    return min(candidates, key=lambda k: (candidates[k], -k))
+
+
+class Balancer:
+    def __init__(self, ctx: Context, supervisor: PartitionSupervisor) -> None:
+        self._ctx = ctx
+        self._supervisor = supervisor
+        self.members: AsyncValue[dict[str, Member]] = AsyncValue({})
+        self._member_ids: AsyncValue[tuple[str, ...]] = AsyncValue(())
+        self._reconfigured = AsyncValue(0)
+        self._random = random.Random()
+
+    def reconfigure(self) -> None:
+        """The partition share settings changed (SIGHUP): re-register and re-balance."""
+        self._reconfigured.value += 1
+
+    def target(self) -> int:
+        ctx = self._ctx
+        members = dict(self.members.value)
+        members[ctx.info.instance] = self._me()
+        return fair_shares(ctx.partitions, members)[ctx.info.instance]
+
+    def _me(self) -> Member:
+        cfg = self._ctx.config.value.partitions
+        return Member(weight=cfg.weight, max_partitions=cfg.max_per_instance)
+
+    # -- registration ---------------------------------------------------------
+
+    def _registration(self) -> bytes:
+        me = self._me()
+        return self._ctx.info.to_json(weight=me.weight, max_partitions=me.max_partitions)
+
+    async def _refresh_members(self) -> None:
+        ctx = self._ctx
+        members: dict[str, Member] = {}
+        for member_id in self._member_ids.value:
+            try:
+                data, _stat = await ctx.zk.get(ctx.paths.instance(member_id))
+                doc = json.loads(data)
+                members[member_id] = Member(
+                    weight=float(doc.get("weight", 1.0)),
+                    max_partitions=int(doc.get("max_partitions", 0)),
+                )
+            except NoNodeError:
+                continue
+            except (ValueError, TypeError, AttributeError):
+                members[member_id] = Member()
+        self.members.value = members
+
+    async def _ensure_registered(self) -> None:
+        ctx = self._ctx
+        path = ctx.paths.instance(ctx.info.instance)
+        data = self._registration()
+        try:
+            await ctx.zk.create(path, data, ephemeral=True, makepath=True)
+            log.info("instance_registered", extra={"path": path})
+            return
+        except NodeExistsError:
+            pass
+        _data, stat = await ctx.zk.get(path)
+        if stat.ephemeralOwner == ctx.zk.session_id:
+            if _data != data:
+                await ctx.zk.set(path, data)
+            return
+        # An earlier incarnation's session (a crash moments ago) or a duplicate id.
+        log.warning(
+            "instance_id_in_use",
+            extra={
+                "path": path,
+                "hint": "waiting for the old session to expire; ids must be unique",
+            },
+        )
+
+    # -- the loop -------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Balancer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        ctx = self._ctx
+        await ctx.zk.ensure_path(ctx.paths.instances)
+        stop = await ctx.zk.watch_children(ctx.paths.instances, self._on_members)
+        try:
+            task_status.started(self)
+            while not ctx.draining.is_set():
+                try:
+                    moved = await self._step()
+                except (ZooKeeperError, NoNodeError) as exc:
+                    log.warning("balancer_step_failed", extra={"error": str(exc)})
+                    moved = False
+                if moved:
+                    await trio.sleep(ctx.config.value.partitions.rebalance_pause_s)
+                    continue
+                with trio.move_on_after(IDLE_RECHECK_S):
+                    await wait_any(
+                        ctx.cache.changed.wait_transition,
+                        self.members.wait_transition,
+                        ctx.zk.session.wait_transition,
+                        self._reconfigured.wait_transition,
+                    )
+            await trio.sleep_forever()
+        finally:
+            stop()
+
+    def _on_members(self, children: list[str]) -> None:
+        self._member_ids.value = tuple(sorted(children))
+
+    async def _step(self) -> bool:
+        """One move towards the target; True if a lease was taken or given back."""
+        ctx, sup = self._ctx, self._supervisor
+        if ctx.zk.session.value.state is not SessionState.CONNECTED:
+            return False
+        await self._ensure_registered()
+        await self._refresh_members()
+        target = self.target()
+        held = sup.held()
+        owners = ctx.cache.snapshot()
+        my_session = ctx.zk.session_id
+        # Leases this session still holds but does not run (they survived a
+        # SUSPENDED connection): re-take them while under target, else free them.
+        for k, owner in enumerate(owners):
+            if owner is not None and owner.session_id == my_session and k not in held:
+                if len(held) < target:
+                    return await sup.acquire(k)
+                await ctx.zk.delete_if_mine(ctx.paths.owner(k))
+                return True
+        if len(held) < target:
+            free = [k for k, owner in enumerate(owners) if owner is None]
+            self._random.shuffle(free)
+            for k in free[:3]:
+                if await sup.acquire(k):
+                    return True
+            return False
+        if len(held) > target:
+            counts = {r.partition: r.session_count for r in sup.runtimes()}
+            k = pick_release(counts)
+            log.info(
+                "partition_rebalance_release",
+                extra={"partition": k, "held": len(held), "target": target},
+            )
+            await sup.release(k, REASON_RELEASED)
+            return True
+        return False
+
+    # -- drain ----------------------------------------------------------------
+
+    async def drain(self, *, stagger_s: float) -> None:
+        """Give every partition back, one at a time, once someone can take it."""
+        ctx, sup = self._ctx, self._supervisor
+        ctx.draining.set()
+        try:
+            await ctx.zk.delete_if_mine(ctx.paths.instance(ctx.info.instance))
+        except ZooKeeperError:
+            pass
+        me = ctx.info.instance
+        for k in sup.held():
+            # Close a partition's sockets only when its users can reconnect
+            # somewhere: wait (bounded by the caller) for another live instance.
+            while ctx.zk.connected:
+                await self._refresh_members()
+                if any(m != me for m in self.members.value):
+                    break
+                with trio.move_on_after(IDLE_RECHECK_S):
+                    await self._member_ids.wait_transition()
+            log.info("partition_drain_release", extra={"partition": k})
+            await sup.release(k, REASON_DRAIN)
+            await trio.sleep(stagger_s)

@@ -1,0 +1,595 @@
+"""Configuration: a TOML file read into frozen, typed dataclasses.
+
+Each key is declared once, as a field of its section's dataclass. The field's
+metadata carries the key's TOML name and its parser, and the field's default is
+the key's default, so the list of keys, their defaults and their validation
+cannot drift apart. Parsing walks those declarations and collects every problem
+before failing: an operator fixing a file should see all of them at once, each
+as ``"<dotted.key>: <reason>"``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final, Literal
+from urllib.parse import SplitResult, urlsplit
+
+__all__ = [
+    "RESTART_REQUIRED_KEYS",
+    "AuthConfig",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "HostPort",
+    "HttpConfig",
+    "InstanceConfig",
+    "KafkaConfig",
+    "LimitsConfig",
+    "LogConfig",
+    "PartitionsConfig",
+    "ReplayConfig",
+    "ShutdownConfig",
+    "WebSocketConfig",
+    "ZooKeeperConfig",
+    "check_config_file",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``problems`` lists every reason found."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems: list[str] = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _Invalid(Exception):
+    """One value's problem; the caller prefixes it with the dotted key."""
+
+
+# A parser turns a raw TOML value into the field's value or raises _Invalid.
+# It gets the config file's directory so that paths can be resolved.
+Parser = Callable[[object, Path], Any]
+
+_KEY: Final = "toml_key"
+_PARSE: Final = "parse"
+_SECTION: Final = "section"
+
+
+# --- host:port ----------------------------------------------------------------
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A listen or connect address; IPv6 hosts are stored without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str, *, min_port: int = 0) -> HostPort:
+        """Parse ``host:port`` or ``[v6]:port``; raises ValueError."""
+        host, sep, port = text.rpartition(":")
+        if not sep or not _PORT.fullmatch(port):
+            raise ValueError(f"expected host:port, got {text!r}")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"expected host:port, got {text!r}") from None
+        elif not _HOSTNAME.fullmatch(host):
+            # Also rejects an unbracketed IPv6 address, whose port would be ambiguous.
+            raise ValueError(f"expected host:port, got {text!r}")
+        number = int(port)
+        if not min_port <= number <= 65535:
+            raise ValueError(f"port must be between {min_port} and 65535, got {number}")
+        return cls(host, number)
+
+
+# --- parsers ------------------------------------------------------------------
+
+
+def _toml_type(value: object) -> str:
+    # bool before int and datetime before date: they are subclasses.
+    kinds: tuple[tuple[type, str], ...] = (
+        (bool, "boolean"),
+        (int, "integer"),
+        (float, "float"),
+        (str, "string"),
+        (list, "array"),
+        (dict, "table"),
+        (datetime.datetime, "datetime"),
+        (datetime.date, "date"),
+        (datetime.time, "time"),
+    )
+    return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
+
+
+def _wrong_type(expected: str, value: object) -> _Invalid:
+    return _Invalid(f"expected {expected}, got {_toml_type(value)}")
+
+
+def _expect_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise _wrong_type("a string", value)
+    return value
+
+
+def _fmt(number: float) -> str:
+    return str(int(number)) if isinstance(number, float) and number.is_integer() else str(number)
+
+
+def _check_range(value: float, lo: float | None, hi: float | None, *, above: bool) -> None:
+    """Raise unless lo <= value <= hi (lo < value when ``above``); None = unbounded."""
+    low_ok = lo is None or (value > lo if above else value >= lo)
+    high_ok = hi is None or value <= hi
+    if low_ok and high_ok:
+        return
+    low = "" if lo is None else f"greater than {_fmt(lo)}" if above else f"at least {_fmt(lo)}"
+    high = "" if hi is None else f"at most {_fmt(hi)}"
+    if lo is not None and hi is not None and not above:
+        bound = f"between {_fmt(lo)} and {_fmt(hi)}"
+    else:
+        bound = " and ".join(part for part in (low, high) if part)
+    raise _Invalid(f"must be {bound}, got {value!r}")
+
+
+def _integer(lo: int | None = None, hi: int | None = None) -> Parser:
+    def parse(value: object, base_dir: Path) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _wrong_type("an integer", value)
+        _check_range(value, lo, hi, above=False)
+        return value
+
+    return parse
+
+
+def _number(lo: float | None = None, hi: float | None = None, *, above: bool = False) -> Parser:
+    """A float key; integers are accepted. ``above`` makes the lower bound exclusive."""
+
+    def parse(value: object, base_dir: Path) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _wrong_type("a number", value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Invalid(f"must be a finite number, got {value!r}")
+        _check_range(value, lo, hi, above=above)
+        try:
+            return float(value)
+        except OverflowError:
+            raise _Invalid(f"must be a finite number, got {value!r}") from None
+
+    return parse
+
+
+def _boolean(value: object, base_dir: Path) -> bool:
+    if not isinstance(value, bool):
+        raise _wrong_type("a boolean", value)
+    return value
+
+
+def _choice(*options: str) -> Parser:
+    listed = ", ".join(f'"{option}"' for option in options)
+
+    def parse(value: object, base_dir: Path) -> str:
+        text = _expect_str(value)
+        if text not in options:
+            raise _Invalid(f"must be one of {listed}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _name(charset: str, max_len: int) -> Parser:
+    pattern = re.compile(f"{charset}{{1,{max_len}}}")
+
+    def parse(value: object, base_dir: Path) -> str:
+        text = _expect_str(value)
+        if not pattern.fullmatch(text):
+            raise _Invalid(f"must be 1-{max_len} characters of {charset}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _optional_text(value: object, base_dir: Path) -> str:
+    # TOML has no null: leaving the key out is how to say "none".
+    text = _expect_str(value)
+    if not text:
+        raise _Invalid("must not be empty (leave the key out instead)")
+    return text
+
+
+def _host_port(value: object, base_dir: Path) -> HostPort:
+    try:
+        return HostPort.parse(_expect_str(value))
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+
+
+_CHROOT = re.compile(r"(/[^/\s]+)+")
+
+
+def _host_list(*, chroot: bool) -> Parser:
+    """``host:port[,host:port...]``, optionally followed by ``/chroot``.
+
+    The value is returned normalised (no spaces around commas), since the
+    clients that consume it do not all tolerate them.
+    """
+    shape = "host:port[,host:port...]" + ("[/chroot]" if chroot else "")
+
+    def parse(value: object, base_dir: Path) -> str:
+        text = _expect_str(value)
+        hosts, slash, path = text.partition("/") if chroot else (text, "", "")
+        if slash and not _CHROOT.fullmatch(slash + path):
+            raise _Invalid(f"expected {shape}, got {text!r}")
+        try:
+            items = [str(HostPort.parse(item.strip(), min_port=1)) for item in hosts.split(",")]
+        except ValueError:
+            raise _Invalid(f"expected {shape}, got {text!r}") from None
+        return ",".join(items) + slash + path
+
+    return parse
+
+
+def _split_url(text: str) -> SplitResult | None:
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - only to raise ValueError on a malformed port
+    except ValueError:
+        return None
+    return parts
+
+
+def _url(*schemes: str, suffix: str = "") -> Parser:
+    prefixes = " or ".join(f"{scheme}://" for scheme in schemes)
+
+    def parse(value: object, base_dir: Path) -> str:
+        text = _expect_str(value)
+        if not any(text.startswith(f"{scheme}://") for scheme in schemes):
+            raise _Invalid(f"must start with {prefixes}, got {text!r}")
+        parts = _split_url(text)
+        if parts is None or not parts.hostname:
+            raise _Invalid(f"expected a URL like {schemes[0]}://host:port{suffix}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _is_origin(text: str) -> bool:
+    """``scheme://host[:port]`` and nothing else, as browsers send in Origin."""
+    parts = _split_url(text)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    if text.lower() != f"{parts.scheme}://{parts.netloc.lower()}" or "@" in parts.netloc:
+        return False  # a path, query, fragment or user name
+    if parts.netloc.startswith("["):
+        return True  # urlsplit has already checked the bracketed IPv6 address
+    return _HOSTNAME.fullmatch(parts.hostname) is not None
+
+
+def _origins(value: object, base_dir: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _wrong_type("an array of strings", value)
+    for item in value:
+        if not _is_origin(item):
+            raise _Invalid(f"expected origins like 'https://chat.example.com', got {item!r}")
+    # Browsers send the Origin header in lower case; compare in that form.
+    return tuple(item.lower() for item in value)
+
+
+def _readable_file(value: object, base_dir: Path) -> Path:
+    text = _expect_str(value)
+    if not text:
+        raise _Invalid("must not be empty (leave the key out instead)")
+    path = base_dir / text  # an absolute ``text`` replaces base_dir
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise _Invalid(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    return path
+
+
+# --- declaring keys -----------------------------------------------------------
+
+
+def _setting(default: Any, parse: Parser, *, key: str | None = None) -> Any:
+    """A key with a default. ``key`` is its TOML name when not the field's name."""
+    return field(default=default, metadata={_PARSE: parse, _KEY: key})
+
+
+def _computed(factory: Callable[[], Any], parse: Parser) -> Any:
+    """A key whose default is computed when the config is built."""
+    return field(default_factory=factory, metadata={_PARSE: parse, _KEY: None})
+
+
+def _required(parse: Parser) -> Any:
+    return field(metadata={_PARSE: parse, _KEY: None})
+
+
+def _toml_key(f: Field[Any]) -> str:
+    return f.metadata[_KEY] or f.name
+
+
+def _has_default(f: Field[Any]) -> bool:
+    return f.default is not MISSING or f.default_factory is not MISSING
+
+
+def _default_instance_id() -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64]
+    return cleaned or "linechatd"
+
+
+# --- sections -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str = _setting("default", _name("[A-Za-z0-9_-]", 64))
+    partitions: int = _setting(64, _integer(1, 4096))
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    id: str = _computed(_default_instance_id, _name("[A-Za-z0-9_.-]", 64))
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    # Port 0 means "pick a free port".
+    listen: HostPort = _setting(HostPort("127.0.0.1", 8080), _host_port)
+    # "" means "derive from listen" (see __post_init__).
+    advertise: str = _setting("", _url("http", "https"))
+    demo_page: bool = _setting(False, _boolean)
+    admin_token_file: Path | None = _setting(None, _readable_file)
+
+    def __post_init__(self) -> None:
+        if not self.advertise:
+            object.__setattr__(self, "advertise", f"http://{self.listen}")
+
+
+@dataclass(frozen=True)
+class WebSocketConfig:
+    listen: HostPort = _setting(HostPort("127.0.0.1", 8765), _host_port)
+    # "" means "derive from listen" (see __post_init__).
+    advertise: str = _setting("", _url("ws", "wss", suffix="/ws"))
+    handshake_timeout_s: float = _setting(10.0, _number(0, 300, above=True))
+    # Empty: no Origin check.
+    allowed_origins: tuple[str, ...] = _setting((), _origins)
+
+    def __post_init__(self) -> None:
+        if not self.advertise:
+            object.__setattr__(self, "advertise", f"ws://{self.listen}/ws")
+
+
+@dataclass(frozen=True)
+class ZooKeeperConfig:
+    hosts: str = _required(_host_list(chroot=True))
+    session_timeout_s: float = _setting(10.0, _number(1.0, 600.0), key="session_timeout")
+    connect_timeout_s: float = _setting(30.0, _number(0, 600, above=True))
+
+
+_KAFKA_NAME = _name("[A-Za-z0-9._-]", 100)
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = _required(_host_list(chroot=False))
+    topic_prefix: str = _setting("topic-", _KAFKA_NAME)
+    group_prefix: str = _setting("consumer-group-", _KAFKA_NAME)
+    create_topics: bool = _setting(True, _boolean)
+    replication_factor: int = _setting(1, _integer(1, 32))
+    produce_timeout_s: float = _setting(5.0, _number(0, 120, above=True))
+    linger_ms: int = _setting(1, _integer(0, 1000))
+    fetch_wait_max_ms: int = _setting(10, _integer(1, 1000))
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mode: Literal["none", "jwt"] = _setting("none", _choice("none", "jwt"))
+    jwt_secret_file: Path | None = _setting(None, _readable_file)
+    jwt_algorithm: Literal["HS256", "RS256", "ES256"] = _setting(
+        "HS256", _choice("HS256", "RS256", "ES256")
+    )
+    jwt_issuer: str | None = _setting(None, _optional_text)
+    jwt_audience: str | None = _setting(None, _optional_text)
+    jwt_leeway_s: float = _setting(30.0, _number(0, 600))
+    allow_insecure_none: bool = _setting(False, _boolean)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_frame_bytes: int = _setting(65536, _integer(256, 16777216))
+    bad_frames_per_minute: int = _setting(10, _integer(0, 100000))
+    outbound_queue_messages: int = _setting(1024, _integer(1, 1000000))
+    send_timeout_s: float = _setting(10.0, _number(0, 300, above=True))
+    sends_per_second: float = _setting(100.0, _number(0, above=True))
+    send_burst: int = _setting(200, _integer(1))
+    max_connections: int = _setting(100000, _integer(1))
+    max_connections_per_address: int = _setting(10000, _integer(1))
+    max_devices_per_uid: int = _setting(16, _integer(1, 1024))
+
+
+@dataclass(frozen=True)
+class PartitionsConfig:
+    # 0 = no cap.
+    max_per_instance: int = _setting(0, _integer(0))
+    weight: float = _setting(1.0, _number(0, 1000))
+    rebalance_pause_s: float = _setting(0.2, _number(0, 60))
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    max_records: int = _setting(100000, _integer(0))
+    max_age_s: float = _setting(604800.0, _number(0, above=True))
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    grace_period_s: float = _setting(30.0, _number(0, 3600))
+    drain_stagger_s: float = _setting(0.5, _number(0, 60))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = _setting(
+        "info", _choice("debug", "info", "warning", "error")
+    )
+    format: Literal["logfmt", "json"] = _setting("logfmt", _choice("logfmt", "json"))
+
+
+def _auth_problems(raw: Mapping[str, Any]) -> list[str]:
+    if raw.get("mode") == "jwt" and "jwt_secret_file" not in raw:
+        return ['jwt_secret_file: required when auth.mode is "jwt"']
+    return []
+
+
+# Checks that span keys of one table. They see the table's raw TOML values and
+# return problems as "<key>: <reason>", relative to the table.
+_TABLE_CHECKS: Final[Mapping[str, Callable[[Mapping[str, Any]], list[str]]]] = {
+    "auth": _auth_problems,
+}
+
+
+def _section(cls: type[Any]) -> Any:
+    """A table of Config; it has a default when every key in it has one."""
+    if all(_has_default(f) for f in fields(cls)):
+        return field(default_factory=cls, metadata={_SECTION: cls})
+    return field(metadata={_SECTION: cls})
+
+
+# Keys that a running instance cannot pick up from a reload (SIGHUP): they name
+# the instance, its listeners or where the cluster's state lives.
+RESTART_REQUIRED_KEYS: Final[tuple[str, ...]] = (
+    "cluster.name",
+    "cluster.partitions",
+    "instance.id",
+    "http.listen",
+    "websocket.listen",
+    "zookeeper.hosts",
+    "kafka.bootstrap_servers",
+    "kafka.topic_prefix",
+    "kafka.group_prefix",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole configuration; each field is one TOML table of the same name."""
+
+    cluster: ClusterConfig = _section(ClusterConfig)
+    instance: InstanceConfig = _section(InstanceConfig)
+    http: HttpConfig = _section(HttpConfig)
+    websocket: WebSocketConfig = _section(WebSocketConfig)
+    zookeeper: ZooKeeperConfig = _section(ZooKeeperConfig)
+    kafka: KafkaConfig = _section(KafkaConfig)
+    auth: AuthConfig = _section(AuthConfig)
+    limits: LimitsConfig = _section(LimitsConfig)
+    partitions: PartitionsConfig = _section(PartitionsConfig)
+    replay: ReplayConfig = _section(ReplayConfig)
+    shutdown: ShutdownConfig = _section(ShutdownConfig)
+    log: LogConfig = _section(LogConfig)
+
+    def value(self, dotted_key: str) -> Any:
+        """The value of a key by its TOML name, e.g. ``"zookeeper.session_timeout"``."""
+        table, _, key = dotted_key.partition(".")
+        section = getattr(self, table)
+        for f in fields(section):
+            if _toml_key(f) == key:
+                return getattr(section, f.name)
+        raise KeyError(dotted_key)
+
+    def restart_required_changes(self, other: Config) -> list[str]:
+        """The keys in RESTART_REQUIRED_KEYS whose values differ in ``other``."""
+        return [key for key in RESTART_REQUIRED_KEYS if self.value(key) != other.value(key)]
+
+
+# --- parsing ------------------------------------------------------------------
+
+
+def _parse_section(
+    table: str, cls: type[Any], raw: Mapping[str, Any], base_dir: Path, problems: list[str]
+) -> Any:
+    """The table's dataclass, or None after adding its problems to ``problems``."""
+    declared = {_toml_key(f): f for f in fields(cls)}
+    problems.extend(f"{table}.{key}: unknown key" for key in raw if key not in declared)
+    values: dict[str, Any] = {}
+    failed = False
+    for key, f in declared.items():
+        if key not in raw:
+            if not _has_default(f):
+                problems.append(f"{table}.{key}: required")
+                failed = True
+            continue
+        try:
+            values[f.name] = f.metadata[_PARSE](raw[key], base_dir)
+        except _Invalid as e:
+            problems.append(f"{table}.{key}: {e}")
+            failed = True
+    check = _TABLE_CHECKS.get(table)
+    cross = check(raw) if check is not None else []
+    problems.extend(f"{table}.{problem}" for problem in cross)
+    if failed or cross:
+        return None
+    return cls(**values)
+
+
+def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
+    """Build a Config from parsed TOML. Relative paths resolve against ``base_dir``
+    (the working directory when None). Raises ConfigError listing every problem."""
+    base = base_dir if base_dir is not None else Path.cwd()
+    problems: list[str] = []
+    tables = {f.name: f for f in fields(Config)}
+    problems.extend(f"{name}: unknown key" for name in data if name not in tables)
+    sections: dict[str, Any] = {}
+    for name, f in tables.items():
+        raw = data.get(name, {})
+        if not isinstance(raw, Mapping):
+            problems.append(f"{name}: expected a table, got {_toml_type(raw)}")
+            continue
+        section = _parse_section(name, f.metadata[_SECTION], raw, base, problems)
+        if section is not None:
+            sections[name] = section
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML file. Raises ConfigError listing every problem."""
+    try:
+        content = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError([f"{os.fspath(path)}: cannot read file: {e.strerror or e}"]) from None
+    try:
+        data = tomllib.loads(content.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError([f"{os.fspath(path)}: invalid TOML: {e}"]) from None
+    return parse_config(data, base_dir=Path(os.path.abspath(path)).parent)
+
+
+def check_config_file(path: str | os.PathLike[str]) -> list[str]:
+    """Every problem with the file at ``path``; [] when it is valid."""
+    try:
+        load_config(path)
+    except ConfigError as e:
+        return e.problems
+    return []

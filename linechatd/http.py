@@ -1,0 +1,239 @@
+"""The HTTP API every instance serves (hypercorn, trio worker, a bare ASGI app).
+
+Errors are JSON with an ``error`` code; an unexpected exception answers 500
+``{"error": "internal"}`` and is logged, never shown to the client.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .auth import AuthError, bearer_token
+from .hashing import partition_for
+from .metrics import CONTENT_TYPE_LATEST
+from .protocol import is_valid_uid
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+MAX_QUERY_BYTES = 4096
+NO_OWNER_RETRY_AFTER_S = 1
+
+Scope = Mapping[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Response:
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = dict(headers or {})
+
+
+def json_response(
+    status: int, doc: Mapping[str, object], headers: Mapping[str, str] | None = None
+) -> Response:
+    return Response(status, json.dumps(doc, separators=(",", ":")).encode(), headers=headers)
+
+
+def _is_loopback(client: tuple[str, int] | None) -> bool:
+    if not client:
+        return False
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpApi:
+    """Routes requests to handlers; the gateway passes itself for admin actions."""
+
+    def __init__(self, ctx: Context, gateway: Gateway) -> None:
+        self._ctx = ctx
+        self._gateway = gateway
+        self._routes: dict[
+            tuple[str, str], Callable[[Scope, dict[str, str], dict[str, str]], Awaitable[Response]]
+        ] = {
+            ("GET", "/api/connection-url"): self.connection_url,
+            ("GET", "/api/partitions"): self.partitions,
+            ("GET", "/api/status"): self.status,
+            ("GET", "/healthz"): self.healthz,
+            ("GET", "/readyz"): self.readyz,
+            ("GET", "/metrics"): self.metrics,
+            ("POST", "/admin/drain"): self.admin_drain,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        try:
+            response = await self._dispatch(scope)
+        except Exception:
+            log.exception("http_internal_error", extra={"path": scope.get("path")})
+            response = json_response(500, {"error": "internal"})
+        headers = [
+            (b"content-type", response.content_type.encode()),
+            (b"content-length", str(len(response.body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        headers += [(k.lower().encode(), v.encode()) for k, v in response.headers.items()]
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+    async def _dispatch(self, scope: Scope) -> Response:
+        path, method = scope["path"], scope["method"]
+        handler = self._routes.get((method, path))
+        if handler is None:
+            if any(p == path for _m, p in self._routes):
+                return json_response(405, {"error": "method_not_allowed"})
+            return json_response(404, {"error": "not_found"})
+        raw_query = scope.get("query_string", b"")
+        if len(raw_query) > MAX_QUERY_BYTES:
+            return json_response(400, {"error": "bad_request", "message": "query string too long"})
+        try:
+            query = dict(parse_qsl(raw_query.decode("utf-8"), keep_blank_values=True))
+        except UnicodeDecodeError:
+            return json_response(400, {"error": "bad_request", "message": "query is not UTF-8"})
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+        }
+        return await handler(scope, query, headers)
+
+    # -- public ---------------------------------------------------------------
+
+    async def connection_url(
+        self, scope: Scope, query: dict[str, str], headers: dict[str, str]
+    ) -> Response:
+        ctx = self._ctx
+        uid = query.get("uid")
+        if not is_valid_uid(uid):
+            return json_response(
+                400,
+                {"error": "bad_uid", "message": "uid must be 1-128 characters of [A-Za-z0-9_.:@-]"},
+            )
+        assert uid is not None
+        try:
+            ctx.auth.value.authenticate(bearer_token(headers.get("authorization")), uid)
+        except AuthError as exc:
+            return json_response(exc.status, {"error": exc.code})
+        k = partition_for(uid, ctx.partitions)
+        owner = ctx.cache.owner(k)
+        if owner is None or not owner.info.ws_url:
+            return json_response(
+                503,
+                {"error": "no_owner", "partition": k},
+                headers={"Retry-After": str(NO_OWNER_RETRY_AFTER_S)},
+            )
+        return json_response(
+            200, {"url": owner.info.ws_url, "partition": k, "instance": owner.instance}
+        )
+
+    async def healthz(
+        self, scope: Scope, query: dict[str, str], headers: dict[str, str]
+    ) -> Response:
+        return json_response(200, {"status": "ok"})
+
+    async def readyz(
+        self, scope: Scope, query: dict[str, str], headers: dict[str, str]
+    ) -> Response:
+        checks = self._gateway.readiness()
+        ok = all(checks.values())
+        return json_response(200 if ok else 503, {"ready": ok, **checks})
+
+    async def metrics(
+        self, scope: Scope, query: dict[str, str], headers: dict[str, str]
+    ) -> Response:
+        return Response(200, self._ctx.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+
+    async def partitions(
+        self, scope: Scope, query: dict[str, str], headers: dict[str, str]
+    ) -> Response:
+        owners = self._ctx.cache.snapshot()
+        return json_response(
+            200,
+            {
+                "partitions": [
+                    {"partition": k, **(o.as_dict() if o else {"instance": None})}
+                    for k, o in enumerate(owners)
+                ]
+            },
+        )
+
+    async def status(
+        self, scope: Scope, query: dict[str, str], headers: dict[str, str]
+    ) -> Response:
+        return json_response(200, self._gateway.status())
+
+    # -- admin ----------------------------------------------------------------
+
+    def _admin_allowed(self, scope: Scope, headers: dict[str, str]) -> bool:
+        token_file = self._ctx.config.value.http.admin_token_file
+        if token_file is None:
+            return _is_loopback(scope.get("client"))
+        try:
+            expected = token_file.read_text().strip()
+        except OSError:
+            return False
+        given = bearer_token(headers.get("authorization")) or ""
+        return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+    async def admin_drain(
+        self, scope: Scope, query: dict[str, str], headers: dict[str, str]
+    ) -> Response:
+        if not self._admin_allowed(scope, headers):
+            return json_response(
+                403,
+                {
+                    "error": "forbidden",
+                    "message": "admin endpoints need loopback or the admin token",
+                },
+            )
+        self._gateway.request_drain("admin")
+        return json_response(202, {"draining": True, "instance": self._ctx.info.instance})
+
+
+async def serve_http(
+    app: HttpApi,
+    bind: str,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    config = HypercornConfig()
+    config.bind = [bind]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 1.0
+    config.h11_max_incomplete_size = 16 * 1024
+    config.keep_alive_timeout = 30
+    await hypercorn_serve(app, config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]

@@ -1,0 +1,89 @@
+"""Prometheus metrics of one gateway instance (its own registry, no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge(
+            "linechatd_connections", "Open WebSocket sessions", ["partition"], registry=r
+        )
+        self.handshakes = Counter(
+            "linechatd_handshakes_total", "WebSocket handshakes by result", ["result"], registry=r
+        )
+        self.closes = Counter(
+            "linechatd_closes_total",
+            "WebSocket sessions closed, by close code",
+            ["code"],
+            registry=r,
+        )
+        self.messages_sent = Counter(
+            "linechatd_messages_sent_total", "send frames accepted for producing", registry=r
+        )
+        self.messages_acked = Counter(
+            "linechatd_messages_acked_total", "sends acknowledged by the broker", registry=r
+        )
+        self.messages_delivered = Counter(
+            "linechatd_messages_delivered_total", "message frames queued to sockets", registry=r
+        )
+        self.errors = Counter(
+            "linechatd_errors_total", "error frames sent, by code", ["code"], registry=r
+        )
+        self.bad_records = Counter(
+            "linechatd_bad_records_total", "undecodable records skipped", ["partition"], registry=r
+        )
+        self.delivery_latency = Histogram(
+            "linechatd_delivery_latency_seconds",
+            "Record timestamp (produce) to socket write",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.partitions_held = Gauge(
+            "linechatd_partitions_held", "Partitions this instance runs", registry=r
+        )
+        self.partition_owned = Gauge(
+            "linechatd_partition_owned",
+            "1 while this instance runs the partition",
+            ["partition"],
+            registry=r,
+        )
+        self.lease_acquisitions = Counter(
+            "linechatd_lease_acquisitions_total", "Partition leases acquired", registry=r
+        )
+        self.lease_losses = Counter(
+            "linechatd_lease_ends_total",
+            "Partition subtrees ended, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "linechatd_consumer_lag_records",
+            "Log end minus next offset to deliver",
+            ["partition"],
+            registry=r,
+        )
+        self.zk_connected = Gauge(
+            "linechatd_zookeeper_connected",
+            "1 while the ZooKeeper session is connected",
+            registry=r,
+        )
+        self.kafka_ready = Gauge(
+            "linechatd_kafka_reachable", "1 while the broker answers metadata requests", registry=r
+        )
+        self.replays = Counter(
+            "linechatd_replays_total", "Resume requests served, by result", ["result"], registry=r
+        )
+        self.replayed_records = Counter(
+            "linechatd_replayed_records_total", "Records sent to sessions by replay", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

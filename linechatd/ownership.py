@@ -1,0 +1,174 @@
+"""Who owns which partition: ZooKeeper paths, lease node data, and the watched cache.
+
+A partition's owner is the session that created the ephemeral node
+``/linechat/<cluster>/partitions/<k>/owner``. Its data names the owner; its
+``czxid`` (the zxid of the transaction that created it) is the ownership
+*epoch*: ZooKeeper assigns zxids in one total order, so every new lease on a
+partition has a larger epoch than every earlier one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+from trio_util import AsyncValue
+
+from .zk import ZnodeStat, ZooKeeper
+
+log = logging.getLogger(__name__)
+
+ROOT = "/linechat"
+
+
+@dataclass(frozen=True)
+class ZkPaths:
+    cluster: str
+
+    @property
+    def root(self) -> str:
+        return f"{ROOT}/{self.cluster}"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.root}/meta"
+
+    @property
+    def partitions(self) -> str:
+        return f"{self.root}/partitions"
+
+    def partition(self, k: int) -> str:
+        return f"{self.partitions}/{k}"
+
+    def owner(self, k: int) -> str:
+        return f"{self.partition(k)}/owner"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.root}/instances"
+
+    def instance(self, instance_id: str) -> str:
+        return f"{self.instances}/{instance_id}"
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """What an instance advertises about itself (lease data and registration)."""
+
+    instance: str
+    ws_url: str
+    http_url: str
+
+    def to_json(self, **extra: object) -> bytes:
+        doc: dict[str, object] = {
+            "instance": self.instance,
+            "ws_url": self.ws_url,
+            "http_url": self.http_url,
+        }
+        doc.update(extra)
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> InstanceInfo | None:
+        try:
+            doc = json.loads(data)
+            fields = doc["instance"], doc["ws_url"], doc["http_url"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not all(isinstance(f, str) for f in fields):
+            return None
+        return cls(*fields)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """One partition lease as seen in ZooKeeper."""
+
+    info: InstanceInfo
+    epoch: int  # czxid of the lease node
+    since_ms: int  # ctime of the lease node
+    session_id: int  # ephemeralOwner of the lease node
+
+    @property
+    def instance(self) -> str:
+        return self.info.instance
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "instance": self.info.instance,
+            "ws_url": self.info.ws_url,
+            "http_url": self.info.http_url,
+            "epoch": self.epoch,
+            "since_ms": self.since_ms,
+        }
+
+
+def lease_data(info: InstanceInfo) -> bytes:
+    return info.to_json(acquired_at_ms=int(time.time() * 1000))
+
+
+def owner_from_node(data: bytes | None, stat: ZnodeStat | None) -> Owner | None:
+    if data is None or stat is None:
+        return None
+    info = InstanceInfo.from_json(data)
+    if info is None:
+        # Foreign or corrupt data still means "owned": never treat it as free.
+        info = InstanceInfo(instance="?", ws_url="", http_url="")
+    return Owner(info=info, epoch=stat.czxid, since_ms=stat.ctime, session_id=stat.ephemeralOwner)
+
+
+class OwnershipCache:
+    """A watched, client-side copy of every partition's owner.
+
+    Serves connection-url lookups without a ZooKeeper round trip. It may lag
+    behind ZooKeeper by a watch notification; correctness never depends on it
+    being current (the handshake checks the instance's own live leases).
+    """
+
+    def __init__(self, zk: ZooKeeper, paths: ZkPaths, partitions: int) -> None:
+        self._zk = zk
+        self._paths = paths
+        self._owners: list[AsyncValue[Owner | None]] = [AsyncValue(None) for _ in range(partitions)]
+        self.changed = AsyncValue(0)  # bumps on every change, for watchers of the whole map
+        self._stops: list[Callable[[], None]] = []
+
+    @property
+    def partitions(self) -> int:
+        return len(self._owners)
+
+    def owner(self, k: int) -> Owner | None:
+        return self._owners[k].value
+
+    def snapshot(self) -> list[Owner | None]:
+        return [v.value for v in self._owners]
+
+    def owned_count(self) -> int:
+        return sum(1 for v in self._owners if v.value is not None)
+
+    async def wait_owner(self, k: int, predicate: Callable[[Owner | None], bool]) -> Owner | None:
+        return await self._owners[k].wait_value(predicate)
+
+    def _update(self, k: int, data: bytes | None, stat: ZnodeStat | None) -> None:
+        owner = owner_from_node(data, stat)
+        if owner != self._owners[k].value:
+            self._owners[k].value = owner
+            self.changed.value += 1
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            for k in range(self.partitions):
+                self._stops.append(
+                    await self._zk.watch_data(
+                        self._paths.owner(k), functools.partial(self._update, k)
+                    )
+                )
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            for stop in self._stops:
+                stop()

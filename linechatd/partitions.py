@@ -1,0 +1,355 @@
+"""Partition subtrees: one nursery per held lease, and the supervisor that owns them.
+
+    partitions (PartitionSupervisor.run)
+    └── partition k (PartitionRuntime.run: its own cancel scope)
+        ├── lease watch   returns when the lease ends -> cancels this subtree
+        ├── consumer      topic-k -> bounded channel
+        ├── delivery      each record -> the sessions of its recipient
+        ├── committer     the next owner's starting point (a hint)
+        └── sessions      the sockets of k's users (closed with 1012)
+
+A lease is taken by creating the ephemeral node ``partitions/<k>/owner``; the
+subtree runs only while it exists and this ZooKeeper session is connected.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from .kafka import KafkaUnavailable, PartitionConsumer, Record
+from .ownership import lease_data
+from .protocol import RecordError, decode_record, encode_message
+from .replay import replay, replay_window
+from .session import Session
+from .zk import NodeExistsError, NoNodeError, SessionState, ZooKeeperError
+
+if TYPE_CHECKING:
+    from .context import Context
+
+log = logging.getLogger(__name__)
+
+COMMIT_INTERVAL_S = 1.0
+
+# Why a partition subtree ended; the reason decides whether it may still write.
+REASON_RELEASED = "released"  # the balancer gave it away: commit, then delete the lease
+REASON_DRAIN = "drain"  # the instance is draining: same as released
+REASON_LEASE_LOST = "lease_lost"  # the lock node is gone or belongs to another epoch
+REASON_SESSION = "zookeeper_session"  # suspended or expired: assume lost, write nothing
+_GRACEFUL = {REASON_RELEASED, REASON_DRAIN}
+
+
+class PartitionRuntime:
+    """Everything this instance runs for partition ``partition`` under one lease."""
+
+    def __init__(self, partition: int, epoch: int, ctx: Context) -> None:
+        self.partition = partition
+        self.epoch = epoch
+        self.since = time.time()
+        self._ctx = ctx
+        self.consumer = PartitionConsumer(
+            ctx.config.value.kafka.bootstrap_servers,
+            ctx.topic(partition),
+            ctx.group(partition),
+            fetch_wait_max_ms=ctx.config.value.kafka.fetch_wait_max_ms,
+            limiter=ctx.consumer_limiter,
+        )
+        self.sessions: dict[str, set[Session]] = {}
+        self.next_offset = 0  # the offset after the last one delivered
+        self._committed = -1
+        self._scope = trio.CancelScope()
+        self._reason = REASON_LEASE_LOST
+        self._nursery: trio.Nursery | None = None
+        self.running = False
+        self.started = False
+
+    def __repr__(self) -> str:
+        return f"<PartitionRuntime {self.partition} epoch={self.epoch}>"
+
+    @property
+    def session_count(self) -> int:
+        return sum(len(s) for s in self.sessions.values())
+
+    def cancel(self, reason: str) -> None:
+        if not self._scope.cancel_called:
+            self._reason = reason
+            self.running = False
+            self._scope.cancel()
+
+    # -- sessions -----------------------------------------------------------
+
+    def register(self, session: Session) -> None:
+        self.sessions.setdefault(session.uid, set()).add(session)
+
+    def unregister(self, session: Session) -> None:
+        devices = self.sessions.get(session.uid)
+        if devices is not None:
+            devices.discard(session)
+            if not devices:
+                del self.sessions[session.uid]
+
+    def devices_of(self, uid: str) -> int:
+        return len(self.sessions.get(uid, ()))
+
+    async def serve(self, session: Session) -> bool:
+        """Run ``session`` inside this partition's nursery; False if the partition ended.
+
+        This is the one deliberate nursery hand-off: a socket belongs to its
+        partition, so losing the lease closes it, whoever accepted it.
+        """
+        nursery = self._nursery
+        if nursery is None or not self.running:
+            return False
+        try:
+            await nursery.start(session.run)
+        except RuntimeError:
+            # The nursery closed (lease lost) between the check and the start.
+            return False
+        return True
+
+    async def resume_window(self, resume: int | None, high: int) -> bool | None:
+        """Whether a resume from ``resume`` can be served (None: none was asked)."""
+        if resume is None:
+            return None
+        return await replay_window(self._ctx, self.consumer, resume, high)
+
+    async def replay(self, session: Session, start: int, end: int) -> None:
+        """Send ``session`` its records in [start, end) before anything live."""
+        await replay(self._ctx, self, session, start, end)
+
+    # -- the subtree ----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        ctx, k = self._ctx, self.partition
+        started = False
+        try:
+            with self._scope:
+                self.next_offset = self._committed = await self.consumer.open()
+                records_send, records_recv = trio.open_memory_channel[list[Record]](8)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._watch_lease)
+                    nursery.start_soon(self.consumer.records, records_send)
+                    nursery.start_soon(self._deliver, records_recv)
+                    nursery.start_soon(self._commit_loop)
+                    self.running = True
+                    self.started = started = True
+                    ctx.metrics.partition_owned.labels(str(k)).set(1)
+                    log.info(
+                        "partition_started",
+                        extra={"partition": k, "epoch": self.epoch, "offset": self.next_offset},
+                    )
+                    task_status.started()
+        except KafkaUnavailable as exc:
+            log.warning("partition_start_failed", extra={"partition": k, "error": str(exc)})
+            self._reason = "kafka_unavailable"
+            if not started:
+                raise
+        finally:
+            self.running = False
+            with trio.CancelScope(shield=True):
+                await self._finish(started)
+
+    async def _finish(self, started: bool) -> None:
+        ctx, k = self._ctx, self.partition
+        graceful = self._reason in _GRACEFUL or not started
+        if graceful and started and ctx.zk.connected:
+            await self.consumer.commit(self.next_offset)
+        await self.consumer.close()
+        if graceful and ctx.zk.connected:
+            with trio.move_on_after(5):
+                try:
+                    await ctx.zk.delete_if_mine(ctx.paths.owner(k))
+                except (ZooKeeperError, NoNodeError) as exc:
+                    log.warning("lease_delete_failed", extra={"partition": k, "error": str(exc)})
+        ctx.metrics.partition_owned.labels(str(k)).set(0)
+        try:
+            ctx.metrics.consumer_lag.remove(str(k))
+        except KeyError:
+            pass
+        ctx.metrics.lease_losses.labels(self._reason).inc()
+        log.info(
+            "partition_stopped",
+            extra={
+                "partition": k,
+                "epoch": self.epoch,
+                "reason": self._reason,
+                "offset": self.next_offset,
+            },
+        )
+
+    async def _watch_lease(self) -> None:
+        """Return (cancelling the subtree) once the lease cannot be trusted."""
+        ctx, k, epoch = self._ctx, self.partition, self.epoch
+        reason = REASON_LEASE_LOST
+
+        async def node_gone() -> None:
+            # The cache may not have seen our own create yet: wait for it first,
+            # so that an older "no owner" view is not mistaken for a loss.
+            with trio.move_on_after(10):
+                await ctx.cache.wait_owner(k, lambda o: o is not None and o.epoch == epoch)
+            await ctx.cache.wait_owner(k, lambda o: o is None or o.epoch != epoch)
+
+        async def session_gone() -> None:
+            nonlocal reason
+            generation = ctx.zk.session.value.generation
+            await ctx.zk.session.wait_value(
+                lambda s: s.state is not SessionState.CONNECTED or s.generation != generation
+            )
+            reason = REASON_SESSION
+
+        async with trio.open_nursery() as nursery:
+
+            async def first(fn: Callable[[], object]) -> None:
+                await fn()  # type: ignore[misc]
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(first, node_gone)
+            nursery.start_soon(first, session_gone)
+        log.warning("lease_ended", extra={"partition": k, "epoch": epoch, "reason": reason})
+        self.cancel(reason)
+
+    async def _deliver(self, records: trio.MemoryReceiveChannel[list[Record]]) -> None:
+        ctx, k = self._ctx, self.partition
+        metrics = ctx.metrics
+        async for batch in records:
+            now = time.time()
+            for record in batch:
+                self.next_offset = record.offset + 1
+                try:
+                    chat = decode_record(record.value)
+                except RecordError as exc:
+                    # A poisoned record must never stop the partition.
+                    metrics.bad_records.labels(str(k)).inc()
+                    log.warning(
+                        "bad_record_skipped",
+                        extra={"partition": k, "offset": record.offset, "error": str(exc)},
+                    )
+                    continue
+                devices = self.sessions.get(chat.to)
+                if not devices:
+                    continue
+                frame = encode_message(chat, k, record.offset)
+                for session in list(devices):
+                    session.offer(record.offset, frame)
+                metrics.messages_delivered.inc(len(devices))
+                metrics.delivery_latency.observe(max(0.0, now - chat.ts / 1000))
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await trio.sleep(COMMIT_INTERVAL_S)
+            if self.next_offset != self._committed and self._ctx.zk.connected:
+                offset = self.next_offset
+                await self.consumer.commit(offset)
+                self._committed = offset
+            try:
+                _low, high = self.consumer.cached_watermarks()
+                self._ctx.metrics.consumer_lag.labels(str(self.partition)).set(
+                    max(0, high - self.next_offset)
+                )
+            except KafkaUnavailable:
+                pass
+
+
+class PartitionSupervisor:
+    """Owns the ``partitions`` nursery: takes leases and runs their subtrees."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._runtimes: dict[int, PartitionRuntime] = {}
+        self._nursery: trio.Nursery | None = None
+        self._lock = trio.Lock()  # one lease change at a time keeps the logic simple
+        self.changed = trio.Event()
+
+    def runtime(self, k: int) -> PartitionRuntime | None:
+        """The running subtree of partition ``k``, if this instance holds its lease."""
+        runtime = self._runtimes.get(k)
+        return runtime if runtime is not None and runtime.running else None
+
+    def held(self) -> list[int]:
+        return sorted(self._runtimes)
+
+    def runtimes(self) -> list[PartitionRuntime]:
+        return [self._runtimes[k] for k in sorted(self._runtimes)]
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+        self._ctx.metrics.partitions_held.set(len(self._runtimes))
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[PartitionSupervisor] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def acquire(self, k: int) -> bool:
+        """Try to take partition ``k``'s lease and start its subtree."""
+        ctx = self._ctx
+        async with self._lock:
+            if k in self._runtimes or self._nursery is None or ctx.draining.is_set():
+                return False
+            path = ctx.paths.owner(k)
+            try:
+                stat = await ctx.zk.create(
+                    path, lease_data(ctx.info), ephemeral=True, makepath=True
+                )
+            except NodeExistsError:
+                # Ours if this session made it: a lost create reply, or a lease
+                # that survived a SUSPENDED connection.
+                try:
+                    _data, stat = await ctx.zk.get(path)
+                except NoNodeError:
+                    return False
+                if stat.ephemeralOwner != ctx.zk.session_id:
+                    return False
+            except ZooKeeperError as exc:
+                log.warning("lease_create_failed", extra={"partition": k, "error": str(exc)})
+                return False
+            runtime = PartitionRuntime(k, stat.czxid, ctx)
+            self._runtimes[k] = runtime
+            try:
+                await self._nursery.start(self._run_runtime, runtime)
+            except KafkaUnavailable:
+                return False
+            except Exception:
+                log.exception("partition_start_failed", extra={"partition": k})
+                return False
+            ctx.metrics.lease_acquisitions.inc()
+            self._notify()
+            return True
+
+    async def _run_runtime(
+        self, runtime: PartitionRuntime, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        try:
+            await runtime.run(task_status=task_status)
+        except Exception:
+            if not runtime.started:
+                raise  # reported by acquire()
+            # A partition is a fault boundary: its failure ends its subtree
+            # (and lease) only; the balancer takes a partition again later.
+            log.exception("partition_failed", extra={"partition": runtime.partition})
+        finally:
+            if self._runtimes.get(runtime.partition) is runtime:
+                del self._runtimes[runtime.partition]
+            self._notify()
+
+    async def release(self, k: int, reason: str = REASON_RELEASED) -> None:
+        """End partition ``k``'s subtree and give its lease back; wait until done."""
+        runtime = self._runtimes.get(k)
+        if runtime is None:
+            return
+        runtime.cancel(reason)
+        while self._runtimes.get(k) is runtime:
+            await self.changed.wait()
+
+    def cancel_all(self, reason: str) -> None:
+        for runtime in list(self._runtimes.values()):
+            runtime.cancel(reason)

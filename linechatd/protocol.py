@@ -1,0 +1,557 @@
+"""Sans-IO protocol core: client frames, server frames, handshake query, Kafka records.
+
+Nothing here does I/O or imports trio, so every path can be unit-tested and
+fuzzed by feeding it strings and bytes.
+
+Errors share one root, split by side (as in h11):
+
+- :class:`RemoteProtocolError` -- the peer sent something wrong. It carries the
+  error ``code`` (and ``id`` of the offending frame when it could be read) to
+  answer with; :class:`HandshakeError` adds the HTTP ``status``.
+- :class:`LocalProtocolError` -- we were asked to encode something invalid: a bug
+  on our side.
+- :class:`RecordError` -- a Kafka record that cannot be decoded.
+
+JSON accepted from the outside (client frames and Kafka records) is strict:
+valid UTF-8, no duplicate keys, no ``NaN``/``Infinity`` (nor numbers that only
+fit a float as infinity), nesting at most :data:`MAX_JSON_DEPTH` containers
+deep, integers within Python's digit limit, and no unpaired UTF-16 surrogate
+escapes (``"\\ud800"``), since those could not be encoded again for delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+from urllib.parse import parse_qsl
+
+__all__ = [
+    "BAD_DEVICE",
+    "BAD_FRAME",
+    "BAD_RECIPIENT",
+    "BAD_REQUEST",
+    "BAD_RESUME",
+    "BAD_UID",
+    "MAX_ID_CHARS",
+    "MAX_JSON_DEPTH",
+    "MAX_QUERY_CHARS",
+    "MAX_RECORD_BYTES",
+    "RECORD_VERSION",
+    "UID_PATTERN",
+    "ChatRecord",
+    "HandshakeError",
+    "HandshakeParams",
+    "LocalProtocolError",
+    "Ping",
+    "ProtocolError",
+    "RecordError",
+    "RemoteProtocolError",
+    "Send",
+    "decode_client_frame",
+    "decode_record",
+    "encode_ack",
+    "encode_error",
+    "encode_message",
+    "encode_pong",
+    "encode_record",
+    "encode_welcome",
+    "is_valid_uid",
+    "new_device_id",
+    "parse_handshake_query",
+]
+
+# Error codes answered in error frames / handshake rejections.
+BAD_FRAME = "bad_frame"
+BAD_RECIPIENT = "bad_recipient"
+BAD_UID = "bad_uid"
+BAD_DEVICE = "bad_device"
+BAD_RESUME = "bad_resume"
+BAD_REQUEST = "bad_request"
+
+UID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+MAX_ID_CHARS = 64
+MAX_JSON_DEPTH = 64
+MAX_QUERY_CHARS = 8192
+RECORD_VERSION = 1
+# Bigger than anything a default-sized frame (64 KiB) can become once re-encoded
+# (number normalisation can grow "1e15" into "1000000000000000.0"), and in line
+# with Kafka's default 1 MB message size. Callers that raise limits.max_frame_bytes
+# pass a larger ``max_bytes``.
+MAX_RECORD_BYTES = 1 << 20
+
+_INT64_MAX = (1 << 63) - 1
+_RESUME_PATTERN = re.compile(r"^(?:-1|[0-9]{1,19})$")
+_UID_RULE = "1-128 characters of [A-Za-z0-9_.:@-]"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ProtocolError(Exception):
+    """Root of every error raised by this module."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something invalid; answer with ``code`` (and ``id``)."""
+
+    def __init__(self, code: str, message: str, *, id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, id={self.id!r})"
+        )
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to encode something invalid: a bug in the caller."""
+
+
+class RecordError(ProtocolError):
+    """A Kafka record value that cannot be decoded into a :class:`ChatRecord`."""
+
+
+class HandshakeError(RemoteProtocolError):
+    """A WebSocket handshake to reject with HTTP ``status`` and ``{"error": code}``."""
+
+    def __init__(self, code: str, message: str, *, status: int = 400) -> None:
+        super().__init__(code, message)
+        self.status = status
+
+
+# ----------------------------------------------------------------------- validation
+
+
+def is_valid_uid(s: object) -> bool:
+    """True if ``s`` is a str of 1-128 chars of ``[A-Za-z0-9_.:@-]`` (uids and devices)."""
+    # fullmatch rather than match: "$" would also accept a trailing newline.
+    return isinstance(s, str) and UID_PATTERN.fullmatch(s) is not None
+
+
+def _is_valid_id(s: object) -> bool:
+    return isinstance(s, str) and 1 <= len(s) <= MAX_ID_CHARS
+
+
+def new_device_id() -> str:
+    """A random device id (16 hex chars) for clients that do not name their device."""
+    return secrets.token_hex(8)
+
+
+# ------------------------------------------------------------------- strict JSON
+
+
+class _JSONRejected(ValueError):
+    """Raised from inside the json hooks; the message is meant for the peer."""
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise _JSONRejected(f"{name} is not allowed in JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # "1e400" parses to inf, which could never be encoded back as JSON.
+        raise _JSONRejected(f"number {text[:32]} is out of range")
+    return value
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                # ascii(): the key may hold an unpaired surrogate (not checked yet).
+                raise _JSONRejected(f"duplicate key {key[:64]!a}")
+            seen.add(key)
+    return obj
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_object,
+    parse_constant=_reject_constant,
+    parse_float=_finite_float,
+)
+
+# A string token (an unterminated one runs to the end, so a failed match never
+# restarts scanning inside it) or a bracket.
+_DEPTH_TOKEN = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
+# Only escapes in D800-DFFF can decode to an unpaired surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_depth(text: str) -> None:
+    """Reject nesting deeper than MAX_JSON_DEPTH before the recursive parser sees it."""
+    # Fast path: too few brackets to be too deep, whatever their order.
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return
+    depth = 0
+    for match in _DEPTH_TOKEN.finditer(text):
+        char = text[match.start()]
+        if char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise _JSONRejected(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        elif char in "]}":
+            depth -= 1
+
+
+def _loads_strict(text: str) -> Any:
+    """Parse one JSON document strictly; every failure is a ValueError.
+
+    The text itself must not contain surrogate code points (callers check).
+    """
+    _check_depth(text)
+    try:
+        value = _DECODER.decode(text)
+    except RecursionError:
+        # The depth scan should prevent this; stay safe if it ever does not.
+        raise _JSONRejected(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _JSONRejected("JSON string contains an unpaired surrogate escape") from None
+    return value
+
+
+def _json_reason(exc: ValueError) -> str:
+    if isinstance(exc, _JSONRejected):
+        return str(exc)
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON: {exc.msg} at position {exc.pos}"
+    # int() refusing a number with more digits than sys.get_int_max_str_digits().
+    return "invalid JSON: number too large"
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise LocalProtocolError(f"cannot encode as JSON: {exc}") from exc
+
+
+# ----------------------------------------------------------------- client frames
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """``{"type": "send", "id", "to", "body"}``: deliver ``body`` to uid ``to``."""
+
+    id: str
+    to: str
+    body: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``{"type": "ping"}``: answered with a pong."""
+
+
+def decode_client_frame(data: str | bytes) -> Send | Ping:
+    """Decode one client frame.
+
+    ``str`` is a text frame's payload; ``bytes`` are accepted as UTF-8 text (the
+    caller decides whether binary WebSocket messages are acceptable at all).
+    Raises :class:`RemoteProtocolError` (and nothing else) with code
+    ``bad_frame`` or ``bad_recipient``. Unknown keys are ignored.
+    """
+    if isinstance(data, bytes | bytearray | memoryview):
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError(BAD_FRAME, "frame is not valid UTF-8") from None
+    elif isinstance(data, str):
+        text = data
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RemoteProtocolError(BAD_FRAME, "frame is not valid UTF-8") from None
+    else:
+        raise RemoteProtocolError(BAD_FRAME, "frame must be text")
+
+    try:
+        obj = _loads_strict(text)
+    except ValueError as exc:
+        raise RemoteProtocolError(BAD_FRAME, _json_reason(exc)) from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(BAD_FRAME, "frame must be a JSON object")
+
+    raw_id = obj.get("id")
+    frame_id = raw_id if _is_valid_id(raw_id) else None
+
+    def bad(message: str, code: str = BAD_FRAME) -> RemoteProtocolError:
+        return RemoteProtocolError(code, message, id=frame_id)
+
+    if "type" not in obj:
+        raise bad("field 'type' is required")
+    kind = obj["type"]
+    if not isinstance(kind, str):
+        raise bad("field 'type' must be a string")
+    if kind == "ping":
+        return Ping()
+    if kind != "send":
+        raise bad(f"unknown frame type {kind[:32]!r}")
+
+    if "id" not in obj:
+        raise bad("field 'id' is required")
+    if not isinstance(raw_id, str):
+        raise bad("field 'id' must be a string")
+    if frame_id is None:
+        raise bad(f"field 'id' must be 1-{MAX_ID_CHARS} characters")
+    if "to" not in obj:
+        raise bad("field 'to' is required")
+    to = obj["to"]
+    if not isinstance(to, str):
+        raise bad("field 'to' must be a string")
+    if not is_valid_uid(to):
+        raise bad(f"field 'to' must be a uid: {_UID_RULE}", BAD_RECIPIENT)
+    if "body" not in obj:
+        raise bad("field 'body' is required")
+    return Send(id=frame_id, to=to, body=obj["body"])
+
+
+# ----------------------------------------------------------------- server frames
+
+
+def encode_welcome(
+    uid: str,
+    device: str,
+    partition: int,
+    instance: str,
+    offset: int,
+    resumed: bool | None,
+) -> str:
+    """The first frame after accept; ``offset`` is the partition's log end."""
+    return _dumps(
+        {
+            "type": "welcome",
+            "uid": uid,
+            "device": device,
+            "partition": partition,
+            "instance": instance,
+            "offset": offset,
+            "resumed": resumed,
+        }
+    )
+
+
+def encode_ack(id: str, partition: int, offset: int) -> str:
+    """Acknowledge a send once the broker has durably accepted it."""
+    return _dumps({"type": "ack", "id": id, "partition": partition, "offset": offset})
+
+
+def encode_error(id: str | None, code: str, message: str) -> str:
+    """An error frame; ``id`` is the offending frame's id or None."""
+    return _dumps({"type": "error", "id": id, "code": code, "message": message})
+
+
+_PONG = '{"type":"pong"}'
+
+
+def encode_pong() -> str:
+    """The answer to a ping."""
+    return _PONG
+
+
+def encode_message(record: ChatRecord, partition: int, offset: int) -> str:
+    """Deliver ``record``, read at ``offset`` of ``partition``, to a device of its recipient."""
+    return _dumps(
+        {
+            "type": "message",
+            "from": record.from_uid,
+            "from_device": record.from_device,
+            "to": record.to,
+            "id": record.id,
+            "body": record.body,
+            "partition": partition,
+            "offset": offset,
+            "ts": record.ts,
+        }
+    )
+
+
+# ---------------------------------------------------------------- handshake query
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeParams:
+    """The WebSocket URL's query parameters, validated."""
+
+    uid: str
+    device: str
+    token: str | None
+    resume: int | None
+
+
+_HANDSHAKE_KEYS = frozenset({"uid", "device", "token", "resume"})
+
+
+def parse_handshake_query(query: str, *, new_device_id: Callable[[], str]) -> HandshakeParams:
+    """Validate the raw query string (without the leading ``?``) of a connect request.
+
+    Raises :class:`HandshakeError` (status 400) with code ``bad_uid``,
+    ``bad_device``, ``bad_resume``, or ``bad_request`` for a query that is too
+    long, not ASCII, not UTF-8 once percent-decoded, or names one of the
+    parameters above more than once. Unknown parameters are ignored. An empty
+    ``token`` counts as no token; authentication is checked elsewhere.
+    """
+    if len(query) > MAX_QUERY_CHARS:
+        raise HandshakeError(BAD_REQUEST, f"query string longer than {MAX_QUERY_CHARS} characters")
+    if not query.isascii():
+        # A request target is ASCII; anything else must be percent-encoded.
+        raise HandshakeError(BAD_REQUEST, "query string must be ASCII (percent-encode the rest)")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False, errors="strict")
+    except ValueError:  # UnicodeDecodeError from a percent-escape that is not UTF-8
+        raise HandshakeError(BAD_REQUEST, "query string is not valid UTF-8") from None
+
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        if key not in _HANDSHAKE_KEYS:
+            continue
+        if key in params:
+            raise HandshakeError(BAD_REQUEST, f"parameter {key!r} given more than once")
+        params[key] = value
+
+    uid = params.get("uid")
+    if uid is None:
+        raise HandshakeError(BAD_UID, "parameter 'uid' is required")
+    if not is_valid_uid(uid):
+        raise HandshakeError(BAD_UID, f"parameter 'uid' must be {_UID_RULE}")
+
+    device = params.get("device")
+    if device is None:
+        device = new_device_id()
+    elif not is_valid_uid(device):
+        raise HandshakeError(BAD_DEVICE, f"parameter 'device' must be {_UID_RULE}")
+
+    resume: int | None = None
+    raw_resume = params.get("resume")
+    if raw_resume is not None:
+        if not _RESUME_PATTERN.fullmatch(raw_resume) or int(raw_resume) > _INT64_MAX:
+            raise HandshakeError(
+                BAD_RESUME, "parameter 'resume' must be an offset: -1 or a non-negative integer"
+            )
+        resume = int(raw_resume)
+
+    token = params.get("token") or None
+    return HandshakeParams(uid=uid, device=device, token=token, resume=resume)
+
+
+# ------------------------------------------------------------------- Kafka records
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRecord:
+    """One message as stored in the recipient's partition topic (Kafka key: ``to``)."""
+
+    from_uid: str
+    from_device: str
+    to: str
+    id: str
+    body: Any
+    ts: int  # milliseconds since the Unix epoch, set by the gateway that produced it
+
+
+def _record_problem(r: ChatRecord) -> str | None:
+    for name, value in (("from", r.from_uid), ("from_device", r.from_device), ("to", r.to)):
+        if not is_valid_uid(value):
+            return f"field {name!r} must be a uid"
+    if not _is_valid_id(r.id):
+        return f"field 'id' must be a string of 1-{MAX_ID_CHARS} characters"
+    if type(r.ts) is not int or not 0 <= r.ts <= _INT64_MAX:
+        return "field 'ts' must be a non-negative 64-bit integer"
+    return None
+
+
+def encode_record(r: ChatRecord, *, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
+    """Encode ``r`` as the Kafka record value (compact UTF-8 JSON with ``"v": 1``).
+
+    Raises :class:`LocalProtocolError` for an invalid record (the caller should
+    have validated it), and :class:`RemoteProtocolError` (``bad_frame``, with the
+    record's id) when the encoded record would exceed ``max_bytes``: the body
+    came from the client, which sent too much.
+    """
+    problem = _record_problem(r)
+    if problem is not None:
+        raise LocalProtocolError(f"invalid record: {problem}")
+    text = _dumps(
+        {
+            "v": RECORD_VERSION,
+            "from": r.from_uid,
+            "from_device": r.from_device,
+            "to": r.to,
+            "id": r.id,
+            "body": r.body,
+            "ts": r.ts,
+        }
+    )
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError("invalid record: body contains an unpaired surrogate") from exc
+    if len(data) > max_bytes:
+        raise RemoteProtocolError(
+            BAD_FRAME,
+            f"message too large: {len(data)} bytes once stored, limit {max_bytes}",
+            id=r.id,
+        )
+    return data
+
+
+def decode_record(data: bytes | None, *, max_bytes: int = MAX_RECORD_BYTES) -> ChatRecord:
+    """Decode a Kafka record value written by :func:`encode_record`.
+
+    Raises :class:`RecordError` for anything else: no value, more than
+    ``max_bytes``, not UTF-8, not strict JSON, not an object, a ``"v"`` other
+    than 1, a missing or mistyped field, or an invalid uid. Unknown keys are
+    ignored so that compatible additions do not need a new version.
+    """
+    if data is None:
+        raise RecordError("record has no value")
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise RecordError(f"record value must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise RecordError(f"record is {len(data)} bytes, limit {max_bytes}")
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecordError("record is not valid UTF-8") from None
+    try:
+        obj = _loads_strict(text)
+    except ValueError as exc:
+        raise RecordError(f"record is not valid: {_json_reason(exc)}") from None
+    if not isinstance(obj, dict):
+        raise RecordError("record must be a JSON object")
+
+    version = obj.get("v")
+    if type(version) is not int:
+        raise RecordError("record field 'v' must be an integer")
+    if version != RECORD_VERSION:
+        raise RecordError(f"unsupported record version {version}")
+    for name in ("from", "from_device", "to", "id", "body", "ts"):
+        if name not in obj:
+            raise RecordError(f"record field {name!r} is required")
+    record = ChatRecord(
+        from_uid=obj["from"],
+        from_device=obj["from_device"],
+        to=obj["to"],
+        id=obj["id"],
+        body=obj["body"],
+        ts=obj["ts"],
+    )
+    problem = _record_problem(record)
+    if problem is not None:
+        raise RecordError(f"record {problem}")
+    return record

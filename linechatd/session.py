@@ -1,0 +1,267 @@
+"""One device's WebSocket session, living inside its partition's nursery.
+
+Three tasks per session: the reader (this task: frames in, sends produced in
+order), the acker (delivery reports back as ``ack``/``error`` in send order)
+and the writer (the bounded outbox to the socket, with a send deadline). A
+session ends by cancelling its own scope after choosing a close code; when its
+partition is cancelled instead, it closes with 1012.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from .hashing import partition_for
+from .kafka import DeliveryReceipt, KafkaUnavailable
+from .protocol import (
+    ChatRecord,
+    Ping,
+    RemoteProtocolError,
+    Send,
+    decode_client_frame,
+    encode_ack,
+    encode_error,
+    encode_pong,
+    encode_record,
+    encode_welcome,
+)
+from .ratelimit import StrikeCounter, TokenBucket
+from .websocket import Connection, ConnectionClosed
+
+if TYPE_CHECKING:
+    from .auth import Identity
+    from .context import Context
+    from .partitions import PartitionRuntime
+    from .protocol import HandshakeParams
+
+log = logging.getLogger(__name__)
+
+# Close codes (CONTRACT.md §5).
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_MOVED = 1012
+CLOSE_BEHIND = 1013
+CLOSE_INTERNAL = 1011
+CLOSE_UNAVAILABLE = 1011
+CLOSE_TOKEN_EXPIRED = 4401
+
+# Sends waiting for their delivery report, per session: past this the reader
+# stops reading, which pushes back on the client through TCP.
+MAX_IN_FLIGHT = 256
+
+_Outgoing = tuple[int | None, str]  # (record offset or None, frame text)
+
+
+class Session:
+    def __init__(
+        self,
+        *,
+        conn: Connection,
+        params: HandshakeParams,
+        identity: Identity,
+        runtime: PartitionRuntime,
+        ctx: Context,
+    ) -> None:
+        self.uid = params.uid
+        self.device = params.device
+        self.resume = params.resume
+        self.partition = runtime.partition
+        self._conn = conn
+        self._identity = identity
+        self._runtime = runtime
+        self._ctx = ctx
+        limits = ctx.config.value.limits
+        self._outbox_send, self._outbox_recv = trio.open_memory_channel[_Outgoing](
+            limits.outbound_queue_messages
+        )
+        self._inflight_send, self._inflight_recv = trio.open_memory_channel[
+            tuple[str, int, DeliveryReceipt]
+        ](MAX_IN_FLIGHT)
+        now = trio.current_time()
+        self._bucket = TokenBucket(limits.sends_per_second, limits.send_burst, now)
+        self._strikes = StrikeCounter(limits.bad_frames_per_minute)
+        # Sustained flooding (not one burst) closes the session: a minute with
+        # more refused sends than a whole burst allowance.
+        self._flood_strikes = StrikeCounter(limits.send_burst)
+        # Records below this offset were sent before the session existed.
+        self._min_offset: int | None = None
+        self._last_offset = -1
+        self._close_code = CLOSE_MOVED
+        self._close_reason = "partition moved"
+        self._scope = trio.CancelScope()
+        self._peer_closed = False
+        self.finished = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Session uid={self.uid} device={self.device} partition={self.partition}>"
+
+    # -- called by the partition's delivery task ---------------------------
+
+    def offer(self, offset: int | None, frame: str) -> None:
+        """Queue a frame without waiting; a full outbox ends the session (1013)."""
+        try:
+            self._outbox_send.send_nowait((offset, frame))
+        except trio.WouldBlock:
+            self.end(CLOSE_BEHIND, "too far behind: reconnect with resume")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def end(self, code: int, reason: str) -> None:
+        """Close this session with ``code`` (the first reason given wins)."""
+        if not self._scope.cancel_called:
+            self._close_code = code
+            self._close_reason = reason
+            self._scope.cancel()
+
+    # -- the session task ---------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        ctx, runtime = self._ctx, self._runtime
+        metrics = ctx.metrics
+        runtime.register(self)
+        metrics.connections.labels(str(self.partition)).inc()
+        try:
+            with self._scope:
+                # Registered before the log end is read: a record that lands
+                # meanwhile is queued and kept or dropped by its offset.
+                _low, high = await runtime.consumer.watermarks()
+                self._min_offset = high
+                resumed = await runtime.resume_window(self.resume, high)
+                await self._conn.send(
+                    encode_welcome(
+                        self.uid, self.device, self.partition, ctx.info.instance, high, resumed
+                    )
+                )
+                if resumed and self.resume is not None:
+                    await runtime.replay(self, self.resume + 1, high)
+                task_status.started()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    nursery.start_soon(self._acker)
+                    if self._identity.expires_at is not None:
+                        nursery.start_soon(self._expire_at, self._identity.expires_at)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+        except ConnectionClosed:
+            self._peer_closed = True
+        except KafkaUnavailable as exc:
+            log.warning("session_start_failed", extra={"uid": self.uid, "error": str(exc)})
+            self._close_code, self._close_reason = CLOSE_UNAVAILABLE, "broker unavailable"
+        except Exception:
+            # A session is a fault boundary: its bug must not reach the partition.
+            log.exception("session_failed", extra={"uid": self.uid, "partition": self.partition})
+            self._close_code, self._close_reason = CLOSE_INTERNAL, "internal error"
+        finally:
+            runtime.unregister(self)
+            metrics.connections.labels(str(self.partition)).dec()
+            if not self._peer_closed:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await self._conn.close(self._close_code, self._close_reason)
+            code = self._conn.closed_code if self._peer_closed else self._close_code
+            metrics.closes.labels(str(code)).inc()
+            self.finished.set()
+
+    async def send_replayed(self, offset: int, frame: str) -> None:
+        """Send a replayed record now, ahead of the (still waiting) live outbox."""
+        if offset <= self._last_offset:
+            return
+        self._last_offset = offset
+        await self._conn.send(frame)
+
+    async def _reader(self) -> None:
+        """Read frames until the peer closes."""
+        while True:
+            try:
+                data = await self._conn.receive()
+            except ConnectionClosed:
+                self._peer_closed = True
+                return
+            if isinstance(data, bytes):
+                self._reject(None, "bad_frame", "binary frames are not accepted; send JSON text")
+                continue
+            try:
+                frame = decode_client_frame(data)
+            except RemoteProtocolError as exc:
+                self._reject(exc.id, exc.code, exc.message)
+                continue
+            if isinstance(frame, Ping):
+                self.offer(None, encode_pong())
+            elif isinstance(frame, Send):
+                await self._send(frame)
+
+    async def _send(self, frame: Send) -> None:
+        ctx = self._ctx
+        now = trio.current_time()
+        if not self._bucket.allow(now):
+            self._error(frame.id, "rate_limited", "too many sends; slow down and send again")
+            if self._flood_strikes.strike(now):
+                self.end(CLOSE_POLICY, "sustained flooding")
+            return
+        record = ChatRecord(
+            # The sender is who authenticated, never what the frame claims.
+            from_uid=self.uid,
+            from_device=self.device,
+            to=frame.to,
+            id=frame.id,
+            body=frame.body,
+            ts=int(time.time() * 1000),
+        )
+        k = partition_for(frame.to, ctx.partitions)
+        try:
+            receipt = ctx.producer.send(ctx.topic(k), frame.to.encode(), encode_record(record))
+        except KafkaUnavailable as exc:
+            self._error(frame.id, "unavailable", f"not accepted, send again: {exc}")
+            return
+        ctx.metrics.messages_sent.inc()
+        await self._inflight_send.send((frame.id, k, receipt))
+
+    async def _acker(self) -> None:
+        ctx = self._ctx
+        async for msg_id, k, receipt in self._inflight_recv:
+            try:
+                offset = await ctx.producer.wait(receipt)
+            except KafkaUnavailable as exc:
+                self._error(msg_id, "unavailable", f"not acknowledged, send again: {exc}")
+                continue
+            ctx.metrics.messages_acked.inc()
+            self.offer(None, encode_ack(msg_id, k, offset))
+
+    async def _writer(self) -> None:
+        conn = self._conn
+        async for offset, frame in self._outbox_recv:
+            if offset is not None:
+                # Never send one offset twice, nor one from before the session.
+                if offset <= self._last_offset or offset < (self._min_offset or 0):
+                    # (a resumed session's replay already covered [resume+1, min_offset))
+                    continue
+                self._last_offset = offset
+            deadline = self._ctx.config.value.limits.send_timeout_s
+            with trio.move_on_after(deadline) as scope:
+                try:
+                    await conn.send(frame)
+                except ConnectionClosed:
+                    self._peer_closed = True
+                    self._scope.cancel()
+                    return
+            if scope.cancelled_caught:
+                self.end(CLOSE_BEHIND, "send deadline exceeded: reconnect with resume")
+                return
+
+    async def _expire_at(self, expires_at: float) -> None:
+        await trio.sleep(max(0.0, expires_at - time.time()))
+        self.end(CLOSE_TOKEN_EXPIRED, "token expired")
+
+    def _error(self, msg_id: str | None, code: str, message: str) -> None:
+        self._ctx.metrics.errors.labels(code).inc()
+        self.offer(None, encode_error(msg_id, code, message))
+
+    def _reject(self, msg_id: str | None, code: str, message: str) -> None:
+        """Answer a bad frame; too many of them in a minute close the session."""
+        self._error(msg_id, code, message)
+        if self._strikes.strike(trio.current_time()):
+            self.end(CLOSE_POLICY, "too many bad frames")

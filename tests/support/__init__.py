@@ -1,0 +1,1 @@
+"""Helpers shared by the test suite: gateway processes and clusters, a fault-injecting proxy."""
