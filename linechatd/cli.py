@@ -41,6 +41,57 @@ def _dev(args: argparse.Namespace) -> int:
     )
 
 
+def _cluster_target(args: argparse.Namespace) -> tuple[str, str]:
+    """ZooKeeper hosts and cluster name: from --config, overridden by the flags."""
+    hosts, cluster = args.zookeeper, args.cluster
+    if args.config:
+        from .config import ConfigError, load_config
+
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            raise SystemExit(f"{args.config}: invalid configuration:\n{exc}") from None
+        hosts = hosts or config.zookeeper.hosts
+        cluster = cluster or config.cluster.name
+        if getattr(args, "admin_token_file", "") is None:
+            args.admin_token_file = config.http.admin_token_file
+    if not hosts:
+        raise SystemExit("linechatd: give --config PATH or --zookeeper HOSTS")
+    return hosts, cluster or "default"
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .admin import status_command
+
+    hosts, cluster = _cluster_target(args)
+    return status_command(hosts, cluster, as_json=args.json)
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from .admin import drain_command
+
+    hosts, cluster = _cluster_target(args)
+    token_file = Path(args.admin_token_file) if args.admin_token_file else None
+    return drain_command(hosts, cluster, args.instance, token_file=token_file, as_json=args.json)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from . import chat
+
+    return chat.run(args.http, args.uid, args.to)
+
+
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="PATH", help="an instance's TOML file (gives ZooKeeper and the cluster)"
+    )
+    parser.add_argument("--zookeeper", metavar="HOSTS", help="ZooKeeper hosts, e.g. 127.0.0.1:2181")
+    parser.add_argument(
+        "--cluster", metavar="NAME", help="cluster name (default: from --config, else 'default')"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linechatd", description="A distributed WebSocket chat gateway."
@@ -66,15 +117,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", default=None, help="where configs and logs go (default: a temporary directory)"
     )
     dev.set_defaults(func=_dev)
+
+    status = sub.add_parser(
+        "status", help="the cluster: instances, partition owners, lag, connections"
+    )
+    _add_cluster_flags(status)
+    status.set_defaults(func=_status)
+
+    drain = sub.add_parser(
+        "drain", help="gracefully drain one instance (its partitions move elsewhere)"
+    )
+    drain.add_argument("instance", metavar="INSTANCE", help="the instance id")
+    _add_cluster_flags(drain)
+    drain.add_argument(
+        "--admin-token-file", metavar="PATH", help="bearer token for the admin endpoint"
+    )
+    drain.set_defaults(func=_drain)
+
+    chat = sub.add_parser("chat", help="a terminal chat for trying the system by hand")
+    chat.add_argument("--uid", required=True, help="who you are")
+    chat.add_argument("--to", required=True, help="who you write to")
+    chat.add_argument("--http", default="http://127.0.0.1:8080", help="any instance's HTTP url")
+    chat.set_defaults(func=_chat)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .admin import AdminError
+
     try:
         return int(args.func(args))
+    except AdminError as exc:
+        print(f"linechatd: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into `head` and friends: not an error worth a traceback.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,215 @@
+"""Operating linechatd: systemd notifications, live reload, the admin CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+from support.cluster import (
+    ClusterNames,
+    GatewayProcess,
+    http_get,
+    merge_sections,
+    start_cluster,
+    write_config,
+)
+
+from linechatd.localservices import free_ports
+
+
+class NotifyListener:
+    """A NOTIFY_SOCKET of our own: collects what the daemon tells systemd."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.messages: list[dict[str, str]] = []
+        self.changed = trio.Event()
+
+    async def bind(self) -> None:
+        await self.sock.bind(str(self.path))
+
+    async def run(self) -> None:
+        while True:
+            data = await self.sock.recv(4096)
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append(fields)
+            self.changed.set()
+            self.changed = trio.Event()
+
+    def states(self) -> list[str]:
+        """The sequence of state changes, watchdog pings collapsed."""
+        out: list[str] = []
+        for fields in self.messages:
+            for key in ("READY", "RELOADING", "STOPPING", "WATCHDOG"):
+                if key in fields and (not out or out[-1] != key or key != "WATCHDOG"):
+                    out.append(key)
+        return out
+
+    def lifecycle(self) -> list[str]:
+        return [s for s in self.states() if s != "WATCHDOG"]
+
+    async def wait_for(self, predicate) -> None:  # type: ignore[no-untyped-def]
+        while not predicate(self):
+            await self.changed.wait()
+
+
+def _instance_config(
+    tmp_path: Path, names: ClusterNames, zookeeper_hosts: str, kafka_bootstrap: str, **extra: dict
+) -> tuple[Path, str]:
+    http_port, ws_port = free_ports(2)
+    sections = merge_sections(
+        {
+            "cluster": {"partitions": 4},
+            "instance": {"id": "notify-0"},
+            "http": {"listen": f"127.0.0.1:{http_port}"},
+            "websocket": {"listen": f"127.0.0.1:{ws_port}"},
+            "zookeeper": {"hosts": zookeeper_hosts, "session_timeout": 4.0},
+            "kafka": {"bootstrap_servers": kafka_bootstrap},
+            "shutdown": {"grace_period_s": 5.0},
+        },
+        names.config_sections(),
+        extra,
+    )
+    return write_config(tmp_path / "notify.toml", **sections), f"http://127.0.0.1:{http_port}"
+
+
+async def test_notify_ready_watchdog_reload_stopping(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    config_path, http_url = _instance_config(
+        tmp_path, cluster_names, zookeeper_hosts, kafka_bootstrap
+    )
+    listener = NotifyListener(tmp_path / "notify.sock")
+    await listener.bind()
+    env = dict(os.environ, NOTIFY_SOCKET=str(listener.path), WATCHDOG_USEC="600000")
+    gateway = GatewayProcess(config_path, http_url=http_url, env=env)
+    with listener.sock, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listener.run)
+            gateway.start()
+            await listener.wait_for(lambda ls: "READY" in ls.states())
+            # READY only once listening: the HTTP API answers at that point.
+            status, _, _ = await http_get(http_url + "/healthz")
+            assert status == 200
+            await listener.wait_for(
+                lambda ls: ls.states().count("WATCHDOG") >= 1 and len(ls.messages) >= 4
+            )
+            gateway.send_signal(signal.SIGHUP)
+            await listener.wait_for(lambda ls: ls.lifecycle()[-2:] == ["RELOADING", "READY"])
+            reloading = next(m for m in listener.messages if "RELOADING" in m)
+            assert int(reloading["MONOTONIC_USEC"]) > 0
+            gateway.terminate()
+            assert await gateway.wait_exit(30) == 0
+            await listener.wait_for(lambda ls: "STOPPING" in ls.states())
+            nursery.cancel_scope.cancel()
+    assert listener.lifecycle() == ["READY", "RELOADING", "READY", "STOPPING"], listener.states()
+    pings = sum(1 for m in listener.messages if "WATCHDOG" in m)
+    assert pings >= 2, listener.messages
+
+
+async def _held(http_url: str) -> list[int]:
+    status, _, doc = await http_get(http_url + "/api/status")
+    assert status == 200
+    return [p["partition"] for p in doc["partitions"]]
+
+
+async def _wait_held(http_url: str, count: int) -> list[int]:
+    while True:
+        held = await _held(http_url)
+        if len(held) == count:
+            return held
+        await trio.sleep(0.1)
+
+
+async def test_reload_moves_partitions_without_restart(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    async with start_cluster(
+        2,
+        workdir=tmp_path,
+        zookeeper_hosts=zookeeper_hosts,
+        kafka_bootstrap=kafka_bootstrap,
+        names=cluster_names,
+        partitions=8,
+    ) as cluster:
+        a, b = cluster[0], cluster[1]
+        with trio.fail_after(30):
+            before_a = await _wait_held(a.http_url, 4)
+            before_b = await _wait_held(b.http_url, 4)
+        pid = a.pid
+        # Cap gw-0 at 2: it gives two partitions back, gw-1 takes them.
+        text = a.config_path.read_text()
+        a.config_path.write_text(text + "\n[partitions]\nmax_per_instance = 2\n")
+        a.send_signal(signal.SIGHUP)
+        with trio.fail_after(30):
+            after_a = await _wait_held(a.http_url, 2)
+            after_b = await _wait_held(b.http_url, 6)
+        assert a.pid == pid and a.is_running()
+        assert set(after_a) <= set(before_a), "a reload must not move partitions needlessly"
+        assert set(before_b) <= set(after_b), "partitions that do not move stay where they are"
+
+        # An invalid file is rejected with its reasons and the running config stays.
+        a.config_path.write_text(text + "\n[partitions]\nmax_per_instanse = 1\n")
+        a.send_signal(signal.SIGHUP)
+        with trio.fail_after(10):
+            while "reload_rejected" not in a.log_text():  # noqa: ASYNC110 - polling a log file
+                await trio.sleep(0.1)
+        assert "partitions.max_per_instanse: unknown key" in a.log_text()
+        await trio.sleep(1.0)
+        assert len(await _held(a.http_url)) == 2
+        assert a.is_running()
+
+
+async def test_status_and_drain_commands(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    async with start_cluster(
+        2,
+        workdir=tmp_path,
+        zookeeper_hosts=zookeeper_hosts,
+        kafka_bootstrap=kafka_bootstrap,
+        names=cluster_names,
+        partitions=4,
+    ) as cluster:
+        with trio.fail_after(30):
+            await _wait_held(cluster[0].http_url, 2)
+            await _wait_held(cluster[1].http_url, 2)
+        config = str(cluster[0].config_path)
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "linechatd", *args],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+
+        result = await trio.to_thread.run_sync(cli, "status", "--config", config)
+        assert result.returncode == 0, result.stderr
+        assert (
+            f"cluster {cluster_names.cluster}: 2 instances, 4/4 partitions owned" in result.stdout
+        )
+        assert "gw-0" in result.stdout and "gw-1" in result.stdout
+
+        result = await trio.to_thread.run_sync(cli, "status", "--config", config, "--json")
+        view = json.loads(result.stdout)
+        assert {i["instance"] for i in view["instances"]} == {"gw-0", "gw-1"}
+        assert all(o["instance"] in ("gw-0", "gw-1") for o in view["owners"])
+
+        result = await trio.to_thread.run_sync(cli, "drain", "gw-9", "--config", config)
+        assert result.returncode == 1
+        assert "no live instance 'gw-9'" in result.stderr
+
+        result = await trio.to_thread.run_sync(cli, "drain", "gw-1", "--config", config)
+        assert result.returncode == 0, result.stderr
+        with trio.fail_after(30):
+            assert await cluster[1].wait_exit(30) == 0
+            await _wait_held(cluster[0].http_url, 4)
