@@ -22,6 +22,7 @@ from .auth import AuthError, bearer_token
 from .hashing import partition_for
 from .metrics import CONTENT_TYPE_LATEST
 from .protocol import is_valid_uid
+from .static import asset_for
 
 if TYPE_CHECKING:
     from .context import Context
@@ -114,6 +115,10 @@ class HttpApi:
     async def _dispatch(self, scope: Scope) -> Response:
         path, method = scope["path"], scope["method"]
         handler = self._routes.get((method, path))
+        if handler is None and method == "GET" and self._ctx.config.value.http.demo_page:
+            asset = asset_for(path)
+            if asset is not None:
+                return Response(200, asset.body, asset.content_type, asset.headers)
         if handler is None:
             if any(p == path for _m, p in self._routes):
                 return json_response(405, {"error": "method_not_allowed"})

@@ -29,6 +29,11 @@ APT_PACKAGES=(
     python3-pip
     default-jre-headless
     libzookeeper-java
+    # The browser end-to-end test (tests/integration/test_browser.py): headless
+    # Chromium driven through Debian's chromedriver; fonts so screenshots have text.
+    chromium
+    chromium-driver
+    fonts-liberation
 )
 
 log() { printf '==> %s\n' "$*"; }
