@@ -22,7 +22,7 @@ import trio
 from trio_util import AsyncValue, wait_any
 
 from .partitions import REASON_DRAIN, REASON_RELEASED, PartitionSupervisor
-from .zk import NodeExistsError, NoNodeError, SessionState, ZooKeeperError
+from .zk import NodeExistsError, NoNodeError, SessionInfo, SessionState, ZooKeeperError
 
 if TYPE_CHECKING:
     from .context import Context
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IDLE_RECHECK_S = 1.0
+ACQUIRED = "acquired"
+RELEASED = "released"
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,10 @@ class Balancer:
         self._member_ids: AsyncValue[tuple[str, ...]] = AsyncValue(())
         self._reconfigured = AsyncValue(0)
         self._random = random.Random()
+        # (session generation, data) of our registration as last written.
+        self._registered: tuple[int, bytes] | None = None
+        self._id_in_use_warned: int | None = None
+        self._members_known = trio.Event()
 
     def reconfigure(self) -> None:
         """The partition share settings changed (SIGHUP): re-register and re-balance."""
@@ -105,45 +111,49 @@ class Balancer:
         return self._ctx.info.to_json(weight=me.weight, max_partitions=me.max_partitions)
 
     async def _refresh_members(self) -> None:
+        # Polled, not watched: a member's weight or cap changes its node's
+        # data, which a children watch does not report.
         ctx = self._ctx
         members: dict[str, Member] = {}
         for member_id in self._member_ids.value:
             try:
                 data, _stat = await ctx.zk.get(ctx.paths.instance(member_id))
-                doc = json.loads(data)
-                members[member_id] = Member(
-                    weight=float(doc.get("weight", 1.0)),
-                    max_partitions=int(doc.get("max_partitions", 0)),
-                )
             except NoNodeError:
                 continue
-            except (ValueError, TypeError, AttributeError):
-                members[member_id] = Member()
+            members[member_id] = member_from_json(data)
         self.members.value = members
 
-    async def _ensure_registered(self) -> None:
+    async def _ensure_registered(self, info: SessionInfo) -> None:
         ctx = self._ctx
-        path = ctx.paths.instance(ctx.info.instance)
+        me = ctx.info.instance
         data = self._registration()
+        if self._registered == (info.generation, data) and me in self._member_ids.value:
+            return
+        path = ctx.paths.instance(me)
         try:
             await ctx.zk.create(path, data, ephemeral=True, makepath=True)
             log.info("instance_registered", extra={"path": path})
+            self._registered = (info.generation, data)
             return
         except NodeExistsError:
             pass
-        _data, stat = await ctx.zk.get(path)
-        if stat.ephemeralOwner == ctx.zk.session_id:
-            if _data != data:
+        current, stat = await ctx.zk.get(path)
+        if stat.ephemeralOwner == info.session_id:
+            if current != data:
                 await ctx.zk.set(path, data)
+                log.info("instance_registration_updated", extra={"path": path})
+            self._registered = (info.generation, data)
             return
         # An earlier incarnation's session (a crash moments ago) or a duplicate id.
-        log.warning(
-            "instance_id_in_use",
-            extra={
-                "path": path,
-                "hint": "waiting for the old session to expire; ids must be unique",
-            },
-        )
+        if self._id_in_use_warned != info.generation:
+            self._id_in_use_warned = info.generation
+            log.warning(
+                "instance_id_in_use",
+                extra={
+                    "path": path,
+                    "hint": "waiting for the old session to expire; ids must be unique",
+                },
+            )
 
     # -- the loop -------------------------------------------------------------
 
@@ -151,59 +161,74 @@ class Balancer:
         self, *, task_status: trio.TaskStatus[Balancer] = trio.TASK_STATUS_IGNORED
     ) -> None:
         ctx = self._ctx
-        await ctx.zk.ensure_path(ctx.paths.instances)
-        stop = await ctx.zk.watch_children(ctx.paths.instances, self._on_members)
-        try:
+        async with trio.open_nursery() as nursery:
+            # Never waits for ZooKeeper here: the watch copes with a missing
+            # node and a lost connection by itself, and the first
+            # registration creates the path.
+            nursery.start_soon(ctx.zk.watch_children, ctx.paths.instances, self._on_members)
             task_status.started(self)
+            # Shares computed without the member list would grab everything.
+            await self._members_known.wait()
             while not ctx.draining.is_set():
                 try:
-                    moved = await self._step()
-                except (ZooKeeperError, NoNodeError) as exc:
+                    move = await self._step()
+                except (ZooKeeperError, NoNodeError, NodeExistsError) as exc:
                     log.warning("balancer_step_failed", extra={"error": str(exc)})
-                    moved = False
-                if moved:
+                    move = None
+                if move == ACQUIRED:
+                    # Free partitions are taken without a pause: every moment
+                    # one has no owner its users cannot connect.
+                    continue
+                if move is not None:
+                    # A release: one at a time, so the others can pick it up
+                    # and the instance never sheds everything at once.
                     await trio.sleep(ctx.config.value.partitions.rebalance_pause_s)
                     continue
                 with trio.move_on_after(IDLE_RECHECK_S):
                     await wait_any(
                         ctx.cache.changed.wait_transition,
                         self.members.wait_transition,
+                        self._member_ids.wait_transition,
                         ctx.zk.session.wait_transition,
                         self._reconfigured.wait_transition,
+                        ctx.draining.wait,
                     )
-            await trio.sleep_forever()
-        finally:
-            stop()
+            # Draining: the watch of members stays on for drain().
 
     def _on_members(self, children: list[str]) -> None:
         self._member_ids.value = tuple(sorted(children))
+        self._members_known.set()
 
-    async def _step(self) -> bool:
-        """One move towards the target; True if a lease was taken or given back."""
+    async def _step(self) -> str | None:
+        """One move towards the target: ACQUIRED, RELEASED or None."""
         ctx, sup = self._ctx, self._supervisor
-        if ctx.zk.session.value.state is not SessionState.CONNECTED:
-            return False
-        await self._ensure_registered()
+        info = ctx.zk.session.value
+        if info.state is not SessionState.CONNECTED:
+            return None
+        await self._ensure_registered(info)
         await self._refresh_members()
         target = self.target()
         held = sup.held()
         owners = ctx.cache.snapshot()
-        my_session = ctx.zk.session_id
         # Leases this session still holds but does not run (they survived a
-        # SUSPENDED connection): re-take them while under target, else free them.
+        # SUSPENDED connection, or a create whose answer came too late):
+        # re-take them while under target, else free them.
         for k, owner in enumerate(owners):
-            if owner is not None and owner.session_id == my_session and k not in held:
+            if owner is not None and owner.session_id == info.session_id and k not in held:
                 if len(held) < target:
-                    return await sup.acquire(k)
-                await ctx.zk.delete_if_mine(ctx.paths.owner(k))
-                return True
+                    if await sup.acquire(k):
+                        return ACQUIRED
+                    continue
+                if await ctx.zk.delete_if_mine(ctx.paths.owner(k)):
+                    log.info("lease_released", extra={"partition": k, "epoch": owner.epoch})
+                return RELEASED
         if len(held) < target:
             free = [k for k, owner in enumerate(owners) if owner is None]
             self._random.shuffle(free)
             for k in free[:3]:
                 if await sup.acquire(k):
-                    return True
-            return False
+                    return ACQUIRED
+            return None
         if len(held) > target:
             counts = {r.partition: r.session_count for r in sup.runtimes()}
             k = pick_release(counts)
@@ -212,8 +237,8 @@ class Balancer:
                 extra={"partition": k, "held": len(held), "target": target},
             )
             await sup.release(k, REASON_RELEASED)
-            return True
-        return False
+            return RELEASED
+        return None
 
     # -- drain ----------------------------------------------------------------
 
@@ -221,16 +246,22 @@ class Balancer:
         """Give every partition back, one at a time, once someone can take it."""
         ctx, sup = self._ctx, self._supervisor
         ctx.draining.set()
+        me = ctx.info.instance
         try:
-            await ctx.zk.delete_if_mine(ctx.paths.instance(ctx.info.instance))
+            await ctx.zk.delete_if_mine(ctx.paths.instance(me))
         except ZooKeeperError:
             pass
-        me = ctx.info.instance
-        for k in sup.held():
+        # held() re-read each time: a lease still being acquired when the
+        # drain began is given back too.
+        while held := sup.held():
+            k = held[0]
             # Close a partition's sockets only when its users can reconnect
             # somewhere: wait (bounded by the caller) for another live instance.
             while ctx.zk.connected:
-                await self._refresh_members()
+                try:
+                    await self._refresh_members()
+                except (ZooKeeperError, NoNodeError) as exc:
+                    log.warning("drain_members_failed", extra={"error": str(exc)})
                 if any(m != me for m in self.members.value):
                     break
                 with trio.move_on_after(IDLE_RECHECK_S):
@@ -238,3 +269,16 @@ class Balancer:
             log.info("partition_drain_release", extra={"partition": k})
             await sup.release(k, REASON_DRAIN)
             await trio.sleep(stagger_s)
+
+
+def member_from_json(data: bytes) -> Member:
+    """A registration's share settings; anything unreadable counts as the defaults."""
+    try:
+        doc = json.loads(data)
+        weight = float(doc.get("weight", 1.0))
+        cap = int(doc.get("max_partitions", 0))
+    except (ValueError, TypeError, AttributeError):
+        return Member()
+    if not (math.isfinite(weight) and weight >= 0) or cap < 0:
+        return Member()
+    return Member(weight=weight, max_partitions=cap)

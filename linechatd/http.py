@@ -21,6 +21,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from .auth import AuthError, bearer_token
 from .hashing import partition_for
 from .metrics import CONTENT_TYPE_LATEST
+from .ownership import partition_view
 from .protocol import is_valid_uid
 from .static import asset_for
 
@@ -186,13 +187,7 @@ class HttpApi:
     ) -> Response:
         owners = self._ctx.cache.snapshot()
         return json_response(
-            200,
-            {
-                "partitions": [
-                    {"partition": k, **(o.as_dict() if o else {"instance": None})}
-                    for k, o in enumerate(owners)
-                ]
-            },
+            200, {"partitions": [partition_view(k, o) for k, o in enumerate(owners)]}
         )
 
     async def status(

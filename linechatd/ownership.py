@@ -99,13 +99,32 @@ class Owner:
         return self.info.instance
 
     def as_dict(self) -> dict[str, object]:
+        """The public view (GET /api/partitions): owner, epoch and since, plus the urls."""
         return {
+            "owner": self.info.instance,
             "instance": self.info.instance,
             "ws_url": self.info.ws_url,
             "http_url": self.info.http_url,
             "epoch": self.epoch,
+            "since": self.since_ms / 1000,
             "since_ms": self.since_ms,
         }
+
+
+def partition_view(k: int, owner: Owner | None) -> dict[str, object]:
+    """One partition in GET /api/partitions; a free one has every owner field null."""
+    if owner is None:
+        return {
+            "partition": k,
+            "owner": None,
+            "instance": None,
+            "ws_url": None,
+            "http_url": None,
+            "epoch": None,
+            "since": None,
+            "since_ms": None,
+        }
+    return {"partition": k, **owner.as_dict()}
 
 
 def lease_data(info: InstanceInfo) -> bytes:
@@ -135,7 +154,6 @@ class OwnershipCache:
         self._paths = paths
         self._owners: list[AsyncValue[Owner | None]] = [AsyncValue(None) for _ in range(partitions)]
         self.changed = AsyncValue(0)  # bumps on every change, for watchers of the whole map
-        self._stops: list[Callable[[], None]] = []
 
     @property
     def partitions(self) -> int:
@@ -160,15 +178,23 @@ class OwnershipCache:
             self.changed.value += 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            for k in range(self.partitions):
-                self._stops.append(
-                    await self._zk.watch_data(
-                        self._paths.owner(k), functools.partial(self._update, k)
-                    )
+        """Watch every partition's lease node; ``started`` once each has been read."""
+        async with trio.open_nursery() as nursery:
+            # All first reads in flight at once: thousands of partitions must
+            # not cost thousands of sequential round trips at startup.
+            pending = self.partitions
+            all_read = trio.Event()
+
+            async def watch(k: int) -> None:
+                nonlocal pending
+                await nursery.start(
+                    self._zk.watch_data, self._paths.owner(k), functools.partial(self._update, k)
                 )
+                pending -= 1
+                if pending == 0:
+                    all_read.set()
+
+            for k in range(self.partitions):
+                nursery.start_soon(watch, k)
+            await all_read.wait()
             task_status.started()
-            await trio.sleep_forever()
-        finally:
-            for stop in self._stops:
-                stop()

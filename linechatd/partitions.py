@@ -9,14 +9,18 @@
         └── sessions      the sockets of k's users (closed with 1012)
 
 A lease is taken by creating the ephemeral node ``partitions/<k>/owner``; the
-subtree runs only while it exists and this ZooKeeper session is connected.
+subtree starts only once that node is ours and runs only while it exists and
+the session that created it can be trusted (zk.py decides when it cannot: on
+SUSPENDED, early enough that the server has not yet expired the session).
+Whatever ends a lease, the subtree's cancel scope is cancelled with the reason,
+and nothing outside the subtree notices.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -26,7 +30,7 @@ from .ownership import lease_data
 from .protocol import RecordError, decode_record, encode_message
 from .replay import replay, replay_window
 from .session import Session
-from .zk import NodeExistsError, NoNodeError, SessionState, ZooKeeperError
+from .zk import NodeExistsError, NoNodeError, SessionState, ZnodeStat, ZooKeeperError
 
 if TYPE_CHECKING:
     from .context import Context
@@ -40,15 +44,22 @@ REASON_RELEASED = "released"  # the balancer gave it away: commit, then delete t
 REASON_DRAIN = "drain"  # the instance is draining: same as released
 REASON_LEASE_LOST = "lease_lost"  # the lock node is gone or belongs to another epoch
 REASON_SESSION = "zookeeper_session"  # suspended or expired: assume lost, write nothing
-_GRACEFUL = {REASON_RELEASED, REASON_DRAIN}
+REASON_SHUTDOWN = "shutdown"  # the process stops (after a drain ran out of time)
+REASON_FAILED = "failed"  # a bug or a fatal consumer error: hand the lease back, retry later
+_GRACEFUL = {REASON_RELEASED, REASON_DRAIN, REASON_SHUTDOWN, REASON_FAILED}
+
+
+class EndedBeforeStart(Exception):
+    """The lease ended (or was given back) while the subtree was starting."""
 
 
 class PartitionRuntime:
     """Everything this instance runs for partition ``partition`` under one lease."""
 
-    def __init__(self, partition: int, epoch: int, ctx: Context) -> None:
+    def __init__(self, partition: int, epoch: int, ctx: Context, *, generation: int) -> None:
         self.partition = partition
         self.epoch = epoch
+        self.generation = generation  # the ZooKeeper session that holds the lease
         self.since = time.time()
         self._ctx = ctx
         self.consumer = PartitionConsumer(
@@ -78,7 +89,7 @@ class PartitionRuntime:
         if not self._scope.cancel_called:
             self._reason = reason
             self.running = False
-            self._scope.cancel()
+            self._scope.cancel(reason=f"partition {self.partition}: {reason}")
 
     # -- sessions -----------------------------------------------------------
 
@@ -132,7 +143,11 @@ class PartitionRuntime:
                 records_send, records_recv = trio.open_memory_channel[list[Record]](8)
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    nursery.start_soon(self._watch_lease)
+                    confirmed = trio.Event()
+                    nursery.start_soon(self._watch_lease, confirmed)
+                    # Nothing runs until ZooKeeper has shown us our own node
+                    # (a lost lease cancels this wait).
+                    await confirmed.wait()
                     nursery.start_soon(self.consumer.records, records_send)
                     nursery.start_soon(self._deliver, records_recv)
                     nursery.start_soon(self._commit_loop)
@@ -144,11 +159,17 @@ class PartitionRuntime:
                         extra={"partition": k, "epoch": self.epoch, "offset": self.next_offset},
                     )
                     task_status.started()
+            if not started:
+                raise EndedBeforeStart(f"partition {k}: {self._reason}")
         except KafkaUnavailable as exc:
             log.warning("partition_start_failed", extra={"partition": k, "error": str(exc)})
             self._reason = "kafka_unavailable"
             if not started:
                 raise
+        except Exception:
+            if not self._scope.cancel_called:
+                self._reason = REASON_FAILED
+            raise
         finally:
             self.running = False
             with trio.CancelScope(shield=True):
@@ -160,57 +181,79 @@ class PartitionRuntime:
         if graceful and started and ctx.zk.connected:
             await self.consumer.commit(self.next_offset)
         await self.consumer.close()
-        if graceful and ctx.zk.connected:
-            with trio.move_on_after(5):
-                try:
-                    await ctx.zk.delete_if_mine(ctx.paths.owner(k))
-                except (ZooKeeperError, NoNodeError) as exc:
-                    log.warning("lease_delete_failed", extra={"partition": k, "error": str(exc)})
         ctx.metrics.partition_owned.labels(str(k)).set(0)
         try:
             ctx.metrics.consumer_lag.remove(str(k))
         except KeyError:
             pass
-        ctx.metrics.lease_losses.labels(self._reason).inc()
-        log.info(
-            "partition_stopped",
-            extra={
-                "partition": k,
-                "epoch": self.epoch,
-                "reason": self._reason,
-                "offset": self.next_offset,
-            },
-        )
+        if started:
+            ctx.metrics.lease_losses.labels(self._reason).inc()
+            # Logged before the lease is given back: from here on nothing of
+            # this subtree runs, and the next owner can only start after the
+            # delete below, so the log never shows two owners at once.
+            log.info(
+                "partition_stopped",
+                extra={
+                    "partition": k,
+                    "epoch": self.epoch,
+                    "reason": self._reason,
+                    "offset": self.next_offset,
+                },
+            )
+        if graceful and ctx.zk.connected:
+            try:
+                if await ctx.zk.delete_if_mine(ctx.paths.owner(k)):
+                    log.info("lease_released", extra={"partition": k, "epoch": self.epoch})
+            except (ZooKeeperError, NoNodeError) as exc:
+                # The node dies with the session at the latest; until then the
+                # balancer finds it (ours, not running) and deletes or re-takes it.
+                log.warning("lease_delete_failed", extra={"partition": k, "error": str(exc)})
 
-    async def _watch_lease(self) -> None:
-        """Return (cancelling the subtree) once the lease cannot be trusted."""
-        ctx, k, epoch = self._ctx, self.partition, self.epoch
+    async def _watch_lease(self, confirmed: trio.Event) -> None:
+        """Return (cancelling the subtree) once the lease cannot be trusted.
+
+        Watches the lease node itself rather than the ownership cache: this
+        session reads its own create first, so the first view is never stale.
+        """
+        ctx, k, epoch, generation = self._ctx, self.partition, self.epoch, self.generation
         reason = REASON_LEASE_LOST
+        detail = ""
+        node_gone = trio.Event()
 
-        async def node_gone() -> None:
-            # The cache may not have seen our own create yet: wait for it first,
-            # so that an older "no owner" view is not mistaken for a loss.
-            with trio.move_on_after(10):
-                await ctx.cache.wait_owner(k, lambda o: o is not None and o.epoch == epoch)
-            await ctx.cache.wait_owner(k, lambda o: o is None or o.epoch != epoch)
+        def on_node(_data: bytes | None, stat: ZnodeStat | None) -> None:
+            nonlocal detail
+            if node_gone.is_set():
+                return
+            if stat is None:
+                detail = "lease node deleted"
+                node_gone.set()
+            elif stat.czxid != epoch:
+                detail = f"lease node now has epoch {stat.czxid}"
+                node_gone.set()
+            else:
+                confirmed.set()
 
         async def session_gone() -> None:
-            nonlocal reason
-            generation = ctx.zk.session.value.generation
-            await ctx.zk.session.wait_value(
+            nonlocal reason, detail
+            info = await ctx.zk.session.wait_value(
                 lambda s: s.state is not SessionState.CONNECTED or s.generation != generation
             )
             reason = REASON_SESSION
+            detail = f"session {info.state.value}" + (" (degraded)" if info.degraded else "")
 
         async with trio.open_nursery() as nursery:
 
-            async def first(fn: Callable[[], object]) -> None:
-                await fn()  # type: ignore[misc]
+            async def first(fn: Callable[[], Awaitable[object]]) -> None:
+                await fn()
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(first, node_gone)
             nursery.start_soon(first, session_gone)
-        log.warning("lease_ended", extra={"partition": k, "epoch": epoch, "reason": reason})
+            nursery.start_soon(first, node_gone.wait)
+            nursery.start_soon(ctx.zk.watch_data, ctx.paths.owner(k), on_node)
+        log.warning(
+            "lease_ended",
+            extra={"partition": k, "epoch": epoch, "reason": reason, "detail": detail},
+        )
         self.cancel(reason)
 
     async def _deliver(self, records: trio.MemoryReceiveChannel[list[Record]]) -> None:
@@ -287,13 +330,21 @@ class PartitionSupervisor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started(self)
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:
+                # Cancelled from outside (the drain ran out of time): each
+                # subtree still says why it ended and hands its lease back.
+                self.cancel_all(REASON_SHUTDOWN)
 
     async def acquire(self, k: int) -> bool:
         """Try to take partition ``k``'s lease and start its subtree."""
         ctx = self._ctx
         async with self._lock:
             if k in self._runtimes or self._nursery is None or ctx.draining.is_set():
+                return False
+            before = ctx.zk.session.value
+            if before.state is not SessionState.CONNECTED:
                 return False
             path = ctx.paths.owner(k)
             try:
@@ -307,16 +358,28 @@ class PartitionSupervisor:
                     _data, stat = await ctx.zk.get(path)
                 except NoNodeError:
                     return False
-                if stat.ephemeralOwner != ctx.zk.session_id:
-                    return False
             except ZooKeeperError as exc:
+                # The create may still land later: the balancer then finds the
+                # node (ours, not running) and re-takes or deletes it.
                 log.warning("lease_create_failed", extra={"partition": k, "error": str(exc)})
                 return False
-            runtime = PartitionRuntime(k, stat.czxid, ctx)
+            session = ctx.zk.session.value
+            if (
+                session.state is not SessionState.CONNECTED
+                or session.generation != before.generation
+                or stat.ephemeralOwner != session.session_id
+            ):
+                # Another owner's node, or our session became untrustworthy
+                # while we asked: never start a subtree on such a lease.
+                return False
+            runtime = PartitionRuntime(k, stat.czxid, ctx, generation=session.generation)
             self._runtimes[k] = runtime
             try:
                 await self._nursery.start(self._run_runtime, runtime)
             except KafkaUnavailable:
+                return False
+            except EndedBeforeStart as exc:
+                log.info("partition_start_abandoned", extra={"partition": k, "reason": str(exc)})
                 return False
             except Exception:
                 log.exception("partition_start_failed", extra={"partition": k})

@@ -1,29 +1,71 @@
 """The one adapter between kazoo's threads and trio.
 
 Everything else awaits plain trio objects: the session state is an
-``AsyncValue``, calls are coroutines, watches deliver into trio callbacks.
-Kazoo invokes our callbacks on its own threads; they only hand the event over
-with ``TrioToken.run_sync_soon`` (never blocking, never doing work there).
+``AsyncValue``, calls are coroutines, watches are trio tasks. Kazoo invokes
+our callbacks on its own threads; they only hand the event over with
+``TrioToken.run_sync_soon`` (never blocking, never doing work there).
+
+When may we trust our ephemeral nodes (the partition leases)?
+---------------------------------------------------------------
+The server expires a session once it has heard nothing from it for the
+negotiated session timeout T; then it deletes the session's ephemeral nodes and
+another instance may take the leases. Every request the server receives
+restarts that clock. So if a request *sent* at time s got an answer, the
+session lives at least until s + T, and not necessarily a moment longer.
+
+Kazoo's own loss detection is not enough to stop in time: it declares the
+connection dead when a ping goes unanswered for T/3, but it only pings after
+T/3 *without sending*, and every request it sends counts as one. A request
+sent into a dead connection (a balancer step, a watch re-read) pushes the next
+ping out, so kazoo may say SUSPENDED at or after the moment the server expires
+the session.
+
+Hence our own lease clock: ``_call`` notes the send time of every answered
+request of the current session, a heartbeat sends one every T/6, and the
+session counts as SUSPENDED (``degraded``) once the newest answered request is
+older than T/2, whatever kazoo says. That leaves T/2 to cancel every partition
+before the earliest moment another instance could hold one; kazoo's SUSPENDED,
+when it comes earlier (a reset connection), is applied at once. T is the
+smaller of the configured and the negotiated timeout: a server clamps a request
+above its ``maxSessionTimeout`` and would expire us sooner than configured.
+
+A session that stays untrusted for a whole T although ZooKeeper could be
+reached meanwhile (``degraded``: connected, answers too late) is closed and
+replaced by a new one: over a link that slow kazoo keeps the session alive,
+and its lease nodes would keep the partitions from every healthy instance
+while we cannot use them. A server that cannot be reached at all is left to
+kazoo: once it is back, a surviving session keeps its leases.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import (
+    AuthFailedError,
+    ConnectionClosedError,
+    ConnectionLoss,
+    KazooException,
+    NodeExistsError,
+    NoNodeError,
+    OperationTimeoutError,
+    SessionExpiredError,
+)
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import ZnodeStat
-from trio_util import AsyncValue
+from trio_util import AsyncValue, wait_any
 
 __all__ = [
     "NoNodeError",
     "NodeExistsError",
+    "SessionInfo",
     "SessionState",
     "ZnodeStat",
     "ZooKeeper",
@@ -33,6 +75,21 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Fractions of the session timeout; see the module docstring.
+SUSPECT_AFTER = 1 / 2  # no answered request for this long: stop trusting our leases
+HEARTBEAT_EVERY = 1 / 6  # keeps the lease clock fresh on an idle connection
+ABANDON_AFTER = 1.0  # untrusted (and degraded) this long: close the session, open a new one
+# Answers that say nothing about the server having heard us.
+_NO_CONTACT = (
+    ConnectionLoss,
+    SessionExpiredError,
+    ConnectionClosedError,
+    AuthFailedError,
+    OperationTimeoutError,
+)
+_RETRY_MIN_S = 0.05
+_RETRY_MAX_S = 1.0
 
 
 class ZooKeeperError(Exception):
@@ -45,8 +102,8 @@ class ZooKeeperUnavailable(ZooKeeperError):
 
 class SessionState(enum.Enum):
     CONNECTING = "connecting"  # before the first session exists
-    CONNECTED = "connected"
-    SUSPENDED = "suspended"  # connection lost; the session may or may not survive
+    CONNECTED = "connected"  # leases of this session can be trusted
+    SUSPENDED = "suspended"  # they cannot: the session may or may not survive
     LOST = "lost"  # the session expired: every ephemeral node of ours is gone
     CLOSED = "closed"
 
@@ -54,12 +111,24 @@ class SessionState(enum.Enum):
 @dataclass(frozen=True)
 class SessionInfo:
     state: SessionState
-    session_id: int | None  # None while no session is established
+    session_id: int | None  # while SUSPENDED: the session that may still live
     generation: int  # grows by one for every new session
+    # SUSPENDED although the connection is up: ZooKeeper answers, but too late
+    # to trust our leases. Our nodes can (and should) still be deleted.
+    degraded: bool = False
 
 
-def _stat_owner(stat: ZnodeStat | None) -> int | None:
-    return None if stat is None else stat.ephemeralOwner
+@dataclass(frozen=True)
+class _Link:
+    """Kazoo's own view of the connection, in the order kazoo reported it."""
+
+    state: KazooState | None  # None before the first connection
+    session_id: int | None
+    connects: int  # bumps on every (re)connection
+
+
+def _session_hex(session_id: int | None) -> str | None:
+    return None if session_id is None else f"{session_id:#x}"
 
 
 class ZooKeeper:
@@ -67,22 +136,53 @@ class ZooKeeper:
 
     ``session`` holds a :class:`SessionInfo` that other tasks wait on
     (``wait_value``/``wait_transition``); every ephemeral node we create lives
-    exactly as long as one ``generation``.
+    at most as long as one ``generation``, and may be trusted only while the
+    state is CONNECTED.
     """
 
     def __init__(self, hosts: str, *, session_timeout_s: float, connect_timeout_s: float) -> None:
         self._hosts = hosts
         self._session_timeout_s = session_timeout_s
+        self._negotiated_timeout_s: float | None = None
         self._connect_timeout_s = connect_timeout_s
         self.session: AsyncValue[SessionInfo] = AsyncValue(
             SessionInfo(SessionState.CONNECTING, None, 0)
         )
+        self._link: AsyncValue[_Link] = AsyncValue(_Link(None, None, 0))
+        # trio clock: when the newest answered request of the current session was sent.
+        self._contact: AsyncValue[float] = AsyncValue(-math.inf)
+        self._contact_connects = 0  # the connection that answered last
+        self._link_up_at = -math.inf  # trio clock: when the current connection came up
+        self._generation_session: int | None = None
         self._client: KazooClient | None = None
         self._token: trio.lowlevel.TrioToken | None = None
+        self._closing = False
+        self._degraded_seen = False  # degraded at some point of the current suspension
 
     def __repr__(self) -> str:
         info = self.session.value
         return f"<ZooKeeper {self._hosts} {info.state.value} gen={info.generation}>"
+
+    # -- timing ------------------------------------------------------------
+
+    @property
+    def session_timeout_s(self) -> float:
+        """The timeout the server holds us to (as far as we know, the smaller one)."""
+        negotiated = self._negotiated_timeout_s
+        if negotiated is None:
+            return self._session_timeout_s
+        return min(self._session_timeout_s, negotiated)
+
+    @property
+    def suspect_after_s(self) -> float:
+        return self.session_timeout_s * SUSPECT_AFTER
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.session_timeout_s * HEARTBEAT_EVERY
+
+    def _fresh(self) -> bool:
+        return trio.current_time() < self._contact.value + self.suspect_after_s
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -99,6 +199,7 @@ class ZooKeeper:
             command_retry={"max_tries": 0},
         )
         self._client = client
+        self._capture_negotiated_timeout(client)
         client.add_listener(self._on_kazoo_state)
         try:
             try:
@@ -108,51 +209,227 @@ class ZooKeeper:
                     f"could not connect to ZooKeeper at {self._hosts} "
                     f"within {self._connect_timeout_s:g} s"
                 ) from exc
-            self._publish(client)
-            task_status.started(self)
-            await trio.sleep_forever()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._lease_clock)
+                nursery.start_soon(self._abandon_untrusted, client)
+                with trio.move_on_after(self._connect_timeout_s):
+                    await self.session.wait_value(lambda s: s.state is SessionState.CONNECTED)
+                if self.connected:
+                    task_status.started(self)
+                else:
+                    nursery.cancel_scope.cancel()
+            raise ZooKeeperUnavailable(
+                f"ZooKeeper at {self._hosts} accepted a session but did not answer "
+                f"within {self._connect_timeout_s:g} s"
+            )
         finally:
+            self._closing = True
             with trio.CancelScope(shield=True):
                 # A clean close deletes our ephemeral nodes at once, so other
                 # instances take over without waiting for the session timeout.
-                with trio.move_on_after(5):
-                    await trio.to_thread.run_sync(client.stop)
-                await trio.to_thread.run_sync(client.close)
-            self.session.value = SessionInfo(
-                SessionState.CLOSED, None, self.session.value.generation
+                # Bounded: against an unreachable server kazoo would wait for
+                # its own timeouts, and the process is leaving anyway.
+                with trio.move_on_after(5) as scope:
+                    await trio.to_thread.run_sync(client.stop, abandon_on_cancel=True)
+                if not scope.cancelled_caught:
+                    await trio.to_thread.run_sync(client.close)
+            self._publish(
+                SessionInfo(SessionState.CLOSED, None, self.session.value.generation), "closed"
             )
 
-    def _on_kazoo_state(self, state: str) -> None:
-        # Runs on a kazoo thread: hand over, never block here.
+    def _capture_negotiated_timeout(self, client: KazooClient) -> None:
+        """Learn the session timeout the server granted (kazoo keeps it to itself).
+
+        ``ConnectionHandler._connect`` returns (read timeout, connect timeout)
+        in ms with read timeout = 2/3 of the negotiated session timeout. If a
+        future kazoo changes that, we fall back to the configured timeout.
+        """
+        handler = getattr(client, "_connection", None)
+        connect = getattr(handler, "_connect", None)
+        if handler is None or connect is None:
+            return
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            result = connect(*args, **kwargs)
+            try:
+                negotiated_s = float(result[0]) * 1.5 / 1000.0
+            except (TypeError, ValueError, IndexError):
+                return result
+            token = self._token
+            if token is not None:
+                try:
+                    token.run_sync_soon(self._on_negotiated, negotiated_s)
+                except trio.RunFinishedError:
+                    pass
+            return result
+
+        handler._connect = wrapped
+
+    def _on_negotiated(self, negotiated_s: float) -> None:
+        if negotiated_s <= 0 or negotiated_s == self._negotiated_timeout_s:
+            return
+        self._negotiated_timeout_s = negotiated_s
+        if abs(negotiated_s - self._session_timeout_s) > 0.001:
+            log.warning(
+                "zookeeper_session_timeout_negotiated",
+                extra={
+                    "configured_s": self._session_timeout_s,
+                    "negotiated_s": negotiated_s,
+                    "hint": "the server clamps session timeouts to its min/maxSessionTimeout",
+                },
+            )
+        self._evaluate("timeout negotiated")
+
+    def _on_kazoo_state(self, state: KazooState) -> None:
+        # Runs on a kazoo thread: note what it says now, hand over, never block.
         token, client = self._token, self._client
         if token is None or client is None:
             return
+        client_id = client.client_id
+        session_id = client_id[0] if client_id else None
         try:
-            token.run_sync_soon(self._publish, client)
+            token.run_sync_soon(self._on_link, state, session_id)
         except trio.RunFinishedError:
             pass
 
-    def _publish(self, client: KazooClient) -> None:
-        current = self.session.value
-        kstate = client.state
-        if kstate == KazooState.CONNECTED and client.connected:
-            session_id = client.client_id[0] if client.client_id else None
-            generation = current.generation
-            if session_id != current.session_id:
-                generation += 1
-            new = SessionInfo(SessionState.CONNECTED, session_id, generation)
-        elif kstate == KazooState.SUSPENDED:
-            new = SessionInfo(SessionState.SUSPENDED, current.session_id, current.generation)
-        elif kstate == KazooState.LOST:
-            new = SessionInfo(SessionState.LOST, None, current.generation)
+    def _on_link(self, state: KazooState, session_id: int | None) -> None:
+        if self._closing:
+            return  # our own close: CLOSED is published once it is done
+        old = self._link.value
+        if state == KazooState.CONNECTED:
+            link = _Link(state, session_id, old.connects + 1)
+            self._link_up_at = trio.current_time()
+            if session_id != old.session_id:
+                # Contact with an earlier session says nothing about this one.
+                self._contact.value = -math.inf
+        elif state == KazooState.SUSPENDED:
+            link = _Link(state, old.session_id, old.connects)
         else:
+            link = _Link(state, None, old.connects)
+            self._contact.value = -math.inf
+        self._link.value = link
+        self._evaluate(f"connection {state.lower()}")
+
+    def _note_contact(self, sent: _Link, sent_at: float) -> None:
+        """An answer to a request sent at ``sent_at``: the server heard us then or later."""
+        now = self._link.value
+        if (
+            sent.state == KazooState.CONNECTED
+            and now.state == KazooState.CONNECTED
+            and sent.session_id == now.session_id
+            and sent_at > self._contact.value
+        ):
+            self._contact.value = sent_at
+            self._contact_connects = now.connects
+            self._evaluate("answer")
+
+    def _evaluate(self, cause: str) -> None:
+        """Derive the published state from kazoo's link and our lease clock."""
+        link = self._link.value
+        current = self.session.value
+        if current.state is SessionState.CLOSED or link.state is None:
             return
-        if new != current:
-            log.info(
-                "zookeeper_session",
-                extra={"state": new.state.value, "generation": new.generation},
+        if link.state == KazooState.LOST:
+            new = SessionInfo(SessionState.LOST, None, current.generation)
+        elif link.state == KazooState.SUSPENDED:
+            new = SessionInfo(SessionState.SUSPENDED, current.session_id, current.generation)
+        elif self._fresh():
+            generation = current.generation
+            if link.session_id != self._generation_session:
+                self._generation_session = link.session_id
+                generation += 1
+            new = SessionInfo(SessionState.CONNECTED, link.session_id, generation)
+        elif (
+            self._contact_connects != link.connects
+            and trio.current_time() < self._link_up_at + self.suspect_after_s
+        ):
+            # Just (re)connected, first answer not in yet: not trusted, but
+            # not degraded either (a surviving session's leases are kept).
+            if current.state is not SessionState.CONNECTED:
+                return
+            new = SessionInfo(SessionState.SUSPENDED, current.session_id, current.generation)
+        else:
+            new = SessionInfo(
+                SessionState.SUSPENDED, link.session_id, current.generation, degraded=True
             )
-            self.session.value = new
+            cause = f"no answer from ZooKeeper within {self.suspect_after_s:.3g} s"
+        self._publish(new, cause)
+
+    def _publish(self, new: SessionInfo, cause: str) -> None:
+        current = self.session.value
+        if new == current:
+            return
+        level = logging.INFO if new.state is SessionState.CONNECTED else logging.WARNING
+        if new.state is SessionState.CLOSED:
+            level = logging.INFO
+        log.log(
+            level,
+            "zookeeper_session",
+            extra={
+                "state": new.state.value,
+                "generation": new.generation,
+                "session": _session_hex(new.session_id),
+                "degraded": new.degraded,
+                "cause": cause,
+            },
+        )
+        if new.degraded:
+            self._degraded_seen = True
+        elif new.state is not SessionState.SUSPENDED:
+            self._degraded_seen = False
+        self.session.value = new
+
+    async def _heartbeat(self) -> None:
+        """Keep the lease clock fresh: one cheap request at a time, every T/6."""
+        while True:
+            link = await self._link.wait_value(lambda lk: lk.state == KazooState.CONNECTED)
+            try:
+                await self._call("exists_async", "/")
+            except (KazooException, ZooKeeperError):
+                pass
+            # Early on a reconnection, so that a surviving session is trusted
+            # again after one round trip.
+            with trio.move_on_after(self.heartbeat_interval_s):
+                await self._link.wait_value(lambda lk, n=link.connects: lk.connects != n)
+
+    async def _lease_clock(self) -> None:
+        """Publish SUSPENDED once the newest answer is older than T/2."""
+        while True:
+            deadline = self._contact.value + self.suspect_after_s
+            now = trio.current_time()
+            if now >= deadline:
+                self._evaluate("lease clock")
+                deadline = now + self.heartbeat_interval_s
+            with trio.move_on_at(deadline):
+                await self._contact.wait_transition()
+
+    async def _abandon_untrusted(self, client: KazooClient) -> None:
+        """Replace a session that stayed SUSPENDED for T while ZooKeeper was reachable."""
+        while True:
+            await self.session.wait_value(lambda s: s.state is SessionState.SUSPENDED)
+            with trio.move_on_after(self.session_timeout_s * ABANDON_AFTER):
+                await self.session.wait_value(lambda s: s.state is not SessionState.SUSPENDED)
+            while self.session.value.state is SessionState.SUSPENDED and not self._degraded_seen:
+                await self.session.wait_transition()
+            if self.session.value.state is not SessionState.SUSPENDED:
+                continue
+            info = self.session.value
+            log.warning(
+                "zookeeper_session_abandoned",
+                extra={
+                    "session": _session_hex(info.session_id),
+                    "generation": info.generation,
+                    "reason": f"not trusted for {self.session_timeout_s * ABANDON_AFTER:g} s "
+                    "although ZooKeeper answers",
+                },
+            )
+            # stop() asks the server to close the session (deleting our lease
+            # nodes at once if the request gets through) and ends kazoo's
+            # reconnection attempts; it reports LOST. start_async() then
+            # connects a new session in the background, retrying forever.
+            await trio.to_thread.run_sync(client.stop, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(client.start_async, abandon_on_cancel=True)
 
     @property
     def connected(self) -> bool:
@@ -160,6 +437,7 @@ class ZooKeeper:
 
     @property
     def session_id(self) -> int | None:
+        """The current session while its ephemeral nodes can be trusted, else None."""
         info = self.session.value
         return info.session_id if info.state is SessionState.CONNECTED else None
 
@@ -173,8 +451,13 @@ class ZooKeeper:
     async def _call(self, method: str, *args: Any, shield: bool = False, **kwargs: Any) -> Any:
         """Run one of kazoo's ``*_async`` calls and await its result.
 
+        Raises NoNodeError and NodeExistsError as they are (callers decide on
+        them) and ZooKeeperError for everything else, connection loss included.
+
         ``shield=True`` for writes that must not be abandoned halfway: the
-        caller's cancellation then waits for the server's answer.
+        caller's cancellation then waits for the server's answer. Every call
+        waits one session timeout at most; a write given up then may still be
+        applied later, which callers allow for.
         """
         client, token = self._require()
         done = trio.Event()
@@ -185,16 +468,32 @@ class ZooKeeper:
             except trio.RunFinishedError:
                 pass
 
+        link, sent_at = self._link.value, trio.current_time()
         result = getattr(client, method)(*args, **kwargs)
         result.rawlink(on_done)
+        # An answer later than a session timeout is of no use to anyone (and
+        # a request queued while disconnected might wait for ever).
         with trio.CancelScope(shield=shield):
-            await done.wait()
+            with trio.move_on_after(self.session_timeout_s):
+                await done.wait()
+        if not done.is_set():
+            raise ZooKeeperError(
+                f"{method}: no answer from ZooKeeper within {self.session_timeout_s:g} s"
+            )
         try:
-            return result.get_nowait()
-        except KazooException:
+            value = result.get_nowait()
+        except _NO_CONTACT as exc:
+            raise ZooKeeperError(f"{method}: {type(exc).__name__}") from exc
+        except (NoNodeError, NodeExistsError):
+            self._note_contact(link, sent_at)  # an error answer is an answer
             raise
+        except KazooException as exc:
+            self._note_contact(link, sent_at)
+            raise ZooKeeperError(f"{method}: {type(exc).__name__}") from exc
         except Exception as exc:  # kazoo surfaces some failures as plain exceptions
-            raise ZooKeeperError(f"{method} failed: {exc}") from exc
+            raise ZooKeeperError(f"{method} failed: {exc!r}") from exc
+        self._note_contact(link, sent_at)
+        return value
 
     async def create(
         self,
@@ -217,8 +516,7 @@ class ZooKeeper:
         return stat
 
     async def ensure_path(self, path: str) -> None:
-        client, _ = self._require()
-        await trio.to_thread.run_sync(client.ensure_path, path)
+        await self._call("ensure_path_async", path, shield=True)
 
     async def get(self, path: str) -> tuple[bytes, ZnodeStat]:
         data, stat = await self._call("get_async", path)
@@ -240,10 +538,13 @@ class ZooKeeper:
         await self._call("delete_async", path, version=version, shield=True)
 
     async def delete_if_mine(self, path: str) -> bool:
-        """Delete an ephemeral node only if this session owns it."""
+        """Delete an ephemeral node only if the current, trusted session owns it."""
+        owner = self.session_id
+        if owner is None:
+            return False
         try:
             stat = await self.exists(path)
-            if stat is None or _stat_owner(stat) != self.session_id:
+            if stat is None or stat.ephemeralOwner != owner:
                 return False
             await self.delete(path, version=stat.version)
             return True
@@ -252,53 +553,104 @@ class ZooKeeper:
 
     # -- watches -----------------------------------------------------------
 
-    async def watch_data(
-        self, path: str, callback: Callable[[bytes | None, ZnodeStat | None], None]
-    ) -> Callable[[], None]:
-        """Call ``callback(data, stat)`` in trio now and on every change of ``path``.
+    def _watcher(self, fired: trio.Event) -> Callable[[object], None]:
+        token = self._token
+        assert token is not None
 
-        Survives reconnects and session loss (kazoo re-arms the watch).
-        Returns a function that stops the watch.
-        """
-        client, token = self._require()
-        stopped = False
-
-        def on_change(data: bytes | None, stat: ZnodeStat | None, _event: object = None) -> bool:
-            if stopped:
-                return False
+        def on_event(_event: object) -> None:
+            # A kazoo thread: hand over only.
             try:
-                token.run_sync_soon(callback, data, stat)
+                token.run_sync_soon(fired.set)
             except trio.RunFinishedError:
-                return False
-            return True
+                pass
 
-        def stop() -> None:
-            nonlocal stopped
-            stopped = True
+        return on_event
 
-        # DataWatch reads the node once synchronously while it arms the watch.
-        await trio.to_thread.run_sync(lambda: client.DataWatch(path, on_change))
-        return stop
+    async def _wait_rearm(self, fired: trio.Event, link: _Link) -> None:
+        """Until the watch fired or kazoo reconnected (watches do not survive that)."""
+        await wait_any(
+            fired.wait,
+            lambda: self._link.wait_value(lambda lk: lk.connects != link.connects),
+        )
+
+    async def _backoff(self, delay: float) -> float:
+        await self._link.wait_value(lambda lk: lk.state == KazooState.CONNECTED)
+        await trio.sleep(delay)
+        return min(_RETRY_MAX_S, delay * 2)
+
+    async def watch_data(
+        self,
+        path: str,
+        callback: Callable[[bytes | None, ZnodeStat | None], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``callback(data, stat)`` after the first read and on every change; run until cancelled.
+
+        ``(None, None)`` means the node does not exist. A trio task rather than
+        kazoo's DataWatch: that recipe re-reads on a kazoo thread, retrying
+        with a backoff that can hold its lock for long after a reconnection,
+        so its view could lag. Here a read issued while disconnected is simply
+        answered right after the reconnection. ``started`` after the first read.
+        """
+        last: object = object()
+        started = False
+        delay = _RETRY_MIN_S
+        while True:
+            fired = trio.Event()
+            watcher = self._watcher(fired)
+            link = self._link.value
+            try:
+                try:
+                    data, stat = await self._call("get_async", path, watch=watcher)
+                except NoNodeError:
+                    data = None
+                    stat = await self._call("exists_async", path, watch=watcher)
+                    if stat is not None:
+                        continue  # created between the two reads
+            except (KazooException, ZooKeeperError):
+                delay = await self._backoff(delay)
+                continue
+            delay = _RETRY_MIN_S
+            view = None if stat is None else (data, stat.czxid, stat.mzxid, stat.ephemeralOwner)
+            if view != last:
+                last = view
+                callback(data, stat)
+            if not started:
+                started = True
+                task_status.started()
+            await self._wait_rearm(fired, link)
 
     async def watch_children(
-        self, path: str, callback: Callable[[list[str]], None]
-    ) -> Callable[[], None]:
-        """Call ``callback(children)`` in trio now and whenever they change."""
-        client, token = self._require()
-        stopped = False
-
-        def on_change(children: list[str]) -> bool:
-            if stopped:
-                return False
+        self,
+        path: str,
+        callback: Callable[[list[str]], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``callback(children)`` after the first read and whenever they change; run until cancelled."""
+        last: list[str] | None = None
+        started = False
+        delay = _RETRY_MIN_S
+        while True:
+            fired = trio.Event()
+            watcher = self._watcher(fired)
+            link = self._link.value
             try:
-                token.run_sync_soon(callback, list(children))
-            except trio.RunFinishedError:
-                return False
-            return True
-
-        def stop() -> None:
-            nonlocal stopped
-            stopped = True
-
-        await trio.to_thread.run_sync(lambda: client.ChildrenWatch(path, on_change))
-        return stop
+                try:
+                    children = sorted(await self._call("get_children_async", path, watch=watcher))
+                except NoNodeError:
+                    children = []
+                    if await self._call("exists_async", path, watch=watcher) is not None:
+                        continue
+            except (KazooException, ZooKeeperError):
+                delay = await self._backoff(delay)
+                continue
+            delay = _RETRY_MIN_S
+            if children != last:
+                last = children
+                callback(list(children))
+            if not started:
+                started = True
+                task_status.started()
+            await self._wait_rearm(fired, link)

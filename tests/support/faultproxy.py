@@ -202,8 +202,9 @@ class FaultProxy:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, source, send)
                 await self._write(conn, sink, receive)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            # Either side failed: the whole connection goes, as with a real one.
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            # Either side failed (the error arrives wrapped by the pump's
+            # nursery): the whole connection goes, as with a real one.
             conn.scope.cancel()
 
     async def _read(

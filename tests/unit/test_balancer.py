@@ -1,0 +1,207 @@
+"""The balancer's pure parts: fair shares, which partition to give back, registrations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from linechatd.balancer import Member, fair_shares, member_from_json, pick_release
+from linechatd.ownership import InstanceInfo, ZkPaths, owner_from_node, partition_view
+from linechatd.zk import ZnodeStat
+
+# -- fair_shares ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("partitions", "instances", "share"),
+    [(8, 1, 8), (8, 2, 4), (8, 3, 3), (4, 3, 2), (64, 5, 13), (1, 4, 1), (3, 3, 1)],
+)
+def test_equal_weights_get_ceil_of_partitions_over_live(
+    partitions: int, instances: int, share: int
+) -> None:
+    members = {f"gw-{i}": Member() for i in range(instances)}
+    assert fair_shares(partitions, members) == {m: share for m in members}
+    assert share == math.ceil(partitions / instances)
+
+
+def test_no_members_no_shares() -> None:
+    assert fair_shares(8, {}) == {}
+
+
+def test_a_cap_spreads_the_surplus_over_the_others() -> None:
+    members = {"a": Member(max_partitions=1), "b": Member(), "c": Member()}
+    assert fair_shares(8, members) == {"a": 1, "b": 4, "c": 4}
+
+
+def test_a_cap_above_the_share_changes_nothing() -> None:
+    members = {"a": Member(max_partitions=5), "b": Member()}
+    assert fair_shares(8, members) == {"a": 4, "b": 4}
+
+
+def test_caps_that_cannot_cover_every_partition() -> None:
+    members = {"a": Member(max_partitions=2), "b": Member(max_partitions=3)}
+    assert fair_shares(8, members) == {"a": 2, "b": 3}
+
+
+def test_weights_are_proportional() -> None:
+    members = {"big": Member(weight=3.0), "small": Member(weight=1.0)}
+    assert fair_shares(8, members) == {"big": 6, "small": 2}
+
+
+def test_weight_zero_holds_nothing() -> None:
+    members = {"a": Member(weight=0.0), "b": Member(), "c": Member()}
+    assert fair_shares(8, members) == {"a": 0, "b": 4, "c": 4}
+
+
+def test_only_weight_zero_members() -> None:
+    assert fair_shares(8, {"a": Member(weight=0.0)}) == {"a": 0}
+
+
+def test_same_result_whatever_the_member_order() -> None:
+    members = {"a": Member(weight=2.0, max_partitions=3), "b": Member(), "c": Member(weight=0.5)}
+    reordered = dict(reversed(list(members.items())))
+    assert fair_shares(16, members) == fair_shares(16, reordered)
+
+
+members_strategy = st.dictionaries(
+    st.text("abcdefgh", min_size=1, max_size=3),
+    st.builds(
+        Member,
+        weight=st.sampled_from([0.0, 0.5, 1.0, 1.0, 1.0, 2.0, 3.5]),
+        max_partitions=st.integers(min_value=0, max_value=20),
+    ),
+    max_size=8,
+)
+
+
+@given(partitions=st.integers(min_value=1, max_value=4096), members=members_strategy)
+def test_fair_share_invariants(partitions: int, members: dict[str, Member]) -> None:
+    shares = fair_shares(partitions, members)
+    assert set(shares) == set(members)
+    for name, member in members.items():
+        share = shares[name]
+        assert 0 <= share <= partitions
+        if member.weight == 0:
+            assert share == 0
+        if member.max_partitions:
+            assert share <= member.max_partitions
+    # Every partition can find an owner whenever the caps allow it.
+    capacity = sum((m.max_partitions or partitions) for m in members.values() if m.weight > 0)
+    assert sum(shares.values()) >= min(partitions, capacity)
+    # A heavier uncapped member never gets less than a lighter one.
+    uncapped = [(m.weight, shares[n]) for n, m in members.items() if not m.max_partitions]
+    for weight_a, share_a in uncapped:
+        for weight_b, share_b in uncapped:
+            if weight_a > weight_b:
+                assert share_a >= share_b
+
+
+@given(partitions=st.integers(min_value=1, max_value=512), n=st.integers(min_value=1, max_value=9))
+def test_equal_members_overshoot_by_less_than_one_each(partitions: int, n: int) -> None:
+    shares = fair_shares(partitions, {str(i): Member() for i in range(n)})
+    assert partitions <= sum(shares.values()) < partitions + n
+
+
+# -- pick_release -----------------------------------------------------------------
+
+
+def test_release_gives_back_the_partition_with_fewest_sessions() -> None:
+    assert pick_release({0: 5, 1: 0, 2: 3}) == 1
+
+
+def test_release_tie_breaks_deterministically() -> None:
+    assert pick_release({0: 1, 3: 1, 7: 2}) == 3
+
+
+# -- registrations ----------------------------------------------------------------
+
+
+def _registration(**extra: object) -> bytes:
+    return InstanceInfo("gw-1", "ws://h:1/ws", "http://h:2").to_json(**extra)
+
+
+def test_member_from_registration() -> None:
+    assert member_from_json(_registration(weight=2.5, max_partitions=7)) == Member(2.5, 7)
+
+
+def test_member_defaults_when_fields_missing() -> None:
+    assert member_from_json(_registration()) == Member()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not json",
+        b"[1, 2]",
+        json.dumps({"weight": "heavy"}).encode(),
+        json.dumps({"weight": -1}).encode(),
+        json.dumps({"max_partitions": -3}).encode(),
+        b'{"weight": NaN}',
+        b'{"weight": Infinity}',
+    ],
+)
+def test_unreadable_registrations_count_as_defaults(data: bytes) -> None:
+    assert member_from_json(data) == Member()
+
+
+# -- ownership records ------------------------------------------------------------
+
+
+def _stat(czxid: int, ctime: int = 1_700_000_000_123, owner: int = 0x1234) -> ZnodeStat:
+    return ZnodeStat(
+        czxid=czxid,
+        mzxid=czxid,
+        ctime=ctime,
+        mtime=ctime,
+        version=0,
+        cversion=0,
+        aversion=0,
+        ephemeralOwner=owner,
+        dataLength=0,
+        numChildren=0,
+        pzxid=czxid,
+    )
+
+
+def test_paths() -> None:
+    paths = ZkPaths("prod")
+    assert paths.meta == "/linechat/prod/meta"
+    assert paths.owner(3) == "/linechat/prod/partitions/3/owner"
+    assert paths.partition(3) == "/linechat/prod/partitions/3"
+    assert paths.instance("gw-1") == "/linechat/prod/instances/gw-1"
+
+
+def test_owner_epoch_is_the_creation_zxid() -> None:
+    owner = owner_from_node(_registration(acquired_at_ms=1), _stat(czxid=4711))
+    assert owner is not None
+    assert (owner.instance, owner.epoch, owner.session_id) == ("gw-1", 4711, 0x1234)
+    view = partition_view(5, owner)
+    assert view["partition"] == 5
+    assert view["owner"] == "gw-1"
+    assert view["epoch"] == 4711
+    assert view["since"] == pytest.approx(1_700_000_000.123)
+    assert view["ws_url"] == "ws://h:1/ws"
+
+
+def test_foreign_lease_data_still_counts_as_owned() -> None:
+    owner = owner_from_node(b"\xff garbage", _stat(czxid=9))
+    assert owner is not None and owner.instance == "?" and owner.epoch == 9
+
+
+def test_missing_node_means_no_owner() -> None:
+    assert owner_from_node(None, None) is None
+    assert partition_view(2, None) == {
+        "partition": 2,
+        "owner": None,
+        "instance": None,
+        "ws_url": None,
+        "http_url": None,
+        "epoch": None,
+        "since": None,
+        "since_ms": None,
+    }
