@@ -18,21 +18,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import ipaddress
 import json
 import logging
 import os
 import signal
+import ssl
+import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from trio_util import AsyncValue
 
 from . import logs, websocket
-from .auth import Authenticator, AuthError
+from .auth import Authenticator, AuthError, KeyFileError
 from .balancer import Balancer
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, HostPort, load_config
 from .context import Context
 from .hashing import partition_for
 from .http import HttpApi, serve_http
@@ -50,6 +56,11 @@ log = logging.getLogger(__name__)
 KAFKA_CHECK_INTERVAL_S = 5.0
 # Sections a reload applies to the running instance; the rest need a restart.
 LIVE_SECTIONS = ("partitions", "limits", "log", "auth", "replay", "shutdown")
+# Told to clients refused because an instance or an address has too many sockets.
+TOO_MANY_CONNECTIONS_RETRY_AFTER_S = 5
+# ALPN offered by each listener: the WebSocket upgrade is HTTP/1.1 only.
+WEBSOCKET_ALPN = ("http/1.1",)
+HTTP_ALPN = ("h2", "http/1.1")
 
 
 class StartupError(Exception):
@@ -70,6 +81,10 @@ class Gateway:
         self._drain_requested = trio.Event()
         self._drain_reason = ""
         self._started_at = time.time()
+        self.connections = ConnectionCounter()
+        # Listener section -> (cert file, key file, its live context); SIGHUP
+        # loads renewed certificates into the same context.
+        self._tls: dict[str, tuple[Path, Path, ssl.SSLContext]] = {}
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -77,6 +92,7 @@ class Gateway:
         self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
     ) -> None:
         config = self._initial
+        auth = self._check_startup(config)
         zk = ZooKeeper(
             config.zookeeper.hosts,
             session_timeout_s=config.zookeeper.session_timeout_s,
@@ -84,7 +100,6 @@ class Gateway:
         )
         paths = ZkPaths(config.cluster.name)
         metrics = Metrics()
-        auth = Authenticator(config.auth)
         async with trio.open_nursery() as infra:
             try:
                 await infra.start(zk.run)
@@ -120,8 +135,16 @@ class Gateway:
             )
             async with trio.open_nursery() as serving:
                 self.supervisor = await serving.start(PartitionSupervisor(ctx).run)
+                http_tls = self._tls.get("http")
+                # Passed only when configured, so that serve_http needs the
+                # parameter only once TLS can be configured.
+                http_options: dict[str, Any] = {}
+                if http_tls is not None:
+                    http_options["ssl_context"] = http_tls[2]
                 http_binds = await serving.start(
-                    serve_http, HttpApi(ctx, self), str(config.http.listen)
+                    functools.partial(
+                        serve_http, HttpApi(ctx, self), str(config.http.listen), **http_options
+                    )
                 )
                 ws_port = await serving.start(self._serve_websocket, config)
                 self.balancer = await serving.start(Balancer(ctx, self.supervisor).run)
@@ -132,6 +155,7 @@ class Gateway:
                     extra={
                         "http": http_binds,
                         "ws_port": ws_port,
+                        "tls": sorted(self._tls),
                         "cluster": config.cluster.name,
                         "partitions": config.cluster.partitions,
                     },
@@ -142,12 +166,68 @@ class Gateway:
             infra.cancel_scope.cancel()
         log.info("gateway_stopped")
 
+    def _check_startup(self, config: Config) -> Authenticator:
+        """Refuse to start insecurely; load keys and certificates before binding anything."""
+        problems = auth_exposure_problems(config, config)
+        if problems:
+            raise StartupError("; ".join(problems))
+        log_auth_warnings(config)
+        try:
+            auth = Authenticator(config.auth)
+        except (OSError, KeyFileError) as exc:
+            raise StartupError(f"auth.jwt_secret_file: cannot use the key: {exc}") from None
+        for section, alpn in (("websocket", WEBSOCKET_ALPN), ("http", HTTP_ALPN)):
+            files = tls_files(config, section)
+            if files is None:
+                continue
+            cert, key = files
+            try:
+                self._tls[section] = (cert, key, server_tls_context(cert, key, alpn))
+            except (OSError, ssl.SSLError) as exc:
+                raise StartupError(
+                    f"{section}.tls_cert_file/{section}.tls_key_file: "
+                    f"cannot load the certificate and key: {exc}"
+                ) from None
+        return auth
+
+    def _reload_tls(self, config: Config) -> list[str]:
+        """Load the (renewed) certificates ``config`` names into the running listeners.
+
+        Returns the problems; a listener whose files cannot be loaded keeps its
+        current certificate. Switching a listener between TCP and TLS needs a
+        restart.
+        """
+        problems = []
+        for section in ("websocket", "http"):
+            try:
+                files = tls_files(config, section)
+            except StartupError as exc:
+                problems.append(str(exc))
+                continue
+            running = self._tls.get(section)
+            if (files is None) != (running is None):
+                problems.append(f"{section}.tls_cert_file: turning TLS on or off needs a restart")
+                continue
+            if files is None or running is None:
+                continue
+            cert, key = files
+            try:
+                # Checked on a scratch context first: a failed load can leave
+                # a context with a certificate that does not match its key.
+                server_tls_context(cert, key, ())
+                running[2].load_cert_chain(cert, key)
+            except (OSError, ssl.SSLError) as exc:
+                problems.append(f"{section}.tls_cert_file: cannot load the certificate: {exc}")
+                continue
+            self._tls[section] = (cert, key, running[2])
+        return problems
+
     async def _serve_websocket(self, config: Config, *, task_status: trio.TaskStatus[int]) -> None:
         await websocket.serve(
             self._on_handshake,
             config.websocket.listen.host,
             config.websocket.listen.port,
-            ssl_context=None,
+            ssl_context=self._tls["websocket"][2] if "websocket" in self._tls else None,
             max_message_bytes=config.limits.max_frame_bytes,
             handshake_timeout_s=config.websocket.handshake_timeout_s,
             task_status=task_status,
@@ -286,35 +366,51 @@ class Gateway:
             return
         config = ctx.config.value
         metrics = ctx.metrics
+
+        async def refuse(
+            status: int, error: str, extra: dict[str, Any] | None = None, retry_after: int = 0
+        ) -> None:
+            metrics.handshakes.labels(error).inc()
+            # The query string only with its token redacted; no headers.
+            log.debug(
+                "handshake_rejected",
+                extra={
+                    "remote": hs.remote,
+                    "status": status,
+                    "error": error,
+                    "query": websocket.redact_query(hs.query),
+                },
+            )
+            headers = {"Retry-After": str(retry_after)} if retry_after else None
+            await hs.reject(status, {"error": error, **(extra or {})}, headers)
+
         expected_path = websocket_path(config.websocket.advertise)
         if hs.path != expected_path:
-            metrics.handshakes.labels("not_found").inc()
-            await hs.reject(
-                404, {"error": "not_found", "message": f"the WebSocket endpoint is {expected_path}"}
+            await refuse(
+                404, "not_found", {"message": f"the WebSocket endpoint is {expected_path}"}
             )
             return
-        # Checked in the contract's order: parameters, token, ownership.
+        # Checked in the contract's order: parameters, token, ownership; then
+        # the limits, which only count sockets that would otherwise be accepted.
         try:
             params = parse_handshake_query(hs.query, new_device_id=new_device_id)
         except HandshakeError as exc:
-            metrics.handshakes.labels(exc.code).inc()
-            await hs.reject(exc.status, {"error": exc.code, "message": exc.message})
+            await refuse(exc.status, exc.code, {"message": exc.message})
             return
         origins = config.websocket.allowed_origins
         origin = hs.headers.get("origin")
         if origins and origin is not None and origin.lower() not in origins:
-            metrics.handshakes.labels("forbidden_origin").inc()
-            await hs.reject(403, {"error": "forbidden_origin"})
+            # Browsers always send Origin: this stops other sites' pages from
+            # opening sockets with a user's token; other clients are unaffected.
+            await refuse(403, "forbidden_origin")
             return
         try:
             identity = ctx.auth.value.authenticate(params.token, params.uid)
         except AuthError as exc:
-            metrics.handshakes.labels(exc.code).inc()
-            await hs.reject(exc.status, {"error": exc.code})
+            await refuse(exc.status, exc.code)
             return
         if ctx.draining.is_set():
-            metrics.handshakes.labels("draining").inc()
-            await hs.reject(503, {"error": "draining"}, {"Retry-After": "1"})
+            await refuse(503, "draining", retry_after=1)
             return
         k = partition_for(params.uid, ctx.partitions)
         runtime = sup.runtime(k)
@@ -325,22 +421,37 @@ class Gateway:
                 if owner is not None and owner.instance != ctx.info.instance
                 else None
             )
-            metrics.handshakes.labels("wrong_instance").inc()
-            await hs.reject(421, {"error": "wrong_instance", "url": url, "partition": k})
+            await refuse(421, "wrong_instance", {"url": url, "partition": k})
             return
-        if runtime.devices_of(params.uid) >= config.limits.max_devices_per_uid:
-            metrics.handshakes.labels("too_many_devices").inc()
-            await hs.reject(429, {"error": "too_many_devices"})
+        limits = config.limits
+        address = address_key(hs.remote)
+        if self.connections.total >= limits.max_connections:
+            await refuse(
+                503, "too_many_connections", retry_after=TOO_MANY_CONNECTIONS_RETRY_AFTER_S
+            )
             return
-        conn = await hs.accept()
-        metrics.handshakes.labels("accepted").inc()
-        session = Session(conn=conn, params=params, identity=identity, runtime=runtime, ctx=ctx)
-        if not await runtime.serve(session):
-            await conn.close(1012, "partition moved")
+        if self.connections.of(address) >= limits.max_connections_per_address:
+            await refuse(
+                429,
+                "too_many_connections_from_address",
+                retry_after=TOO_MANY_CONNECTIONS_RETRY_AFTER_S,
+            )
             return
-        # The socket's task now lives in the partition's nursery; this handler
-        # only keeps the transport's connection open until that task ends.
-        await session.finished.wait()
+        if runtime.devices_of(params.uid) >= limits.max_devices_per_uid:
+            await refuse(429, "too_many_devices")
+            return
+        # Held from before the first await: concurrent handshakes cannot all
+        # pass the checks above and then all be accepted.
+        with self.connections.hold(address):
+            conn = await hs.accept()
+            metrics.handshakes.labels("accepted").inc()
+            session = Session(conn=conn, params=params, identity=identity, runtime=runtime, ctx=ctx)
+            if not await runtime.serve(session):
+                await conn.close(1012, "partition moved")
+                return
+            # The socket's task now lives in the partition's nursery; this handler
+            # only keeps the transport's connection open until that task ends.
+            await session.finished.wait()
 
     # -- signals, drain, reload -------------------------------------------------
 
@@ -403,11 +514,26 @@ class Gateway:
             for key in old.restart_required_changes(new):
                 log.warning("reload_needs_restart", extra={"key": key})
             applied = dataclasses.replace(old, **{s: getattr(new, s) for s in LIVE_SECTIONS})
+            # Independent of the rest: a renewed certificate applies even if
+            # another part of the reload is refused.
+            for problem in self._reload_tls(new):
+                log.error("reload_tls_failed", extra={"problem": problem})
+            # The listeners keep their running addresses until a restart.
+            exposure = auth_exposure_problems(applied, old)
+            for problem in exposure:
+                log.error("reload_rejected", extra={"problem": problem})
+            if exposure:
+                return False
             try:
                 auth = Authenticator(applied.auth)
             except (OSError, ValueError) as exc:
-                log.error("reload_rejected", extra={"problem": f"auth: cannot load key: {exc}"})
+                log.error(
+                    "reload_rejected",
+                    extra={"problem": f"auth.jwt_secret_file: cannot use the key: {exc}"},
+                )
                 return False
+            if applied.auth != old.auth:
+                log_auth_warnings(applied)
             ctx.auth.value = auth
             ctx.config.value = applied
             logs.set_level(applied.log.level)
@@ -423,9 +549,139 @@ class Gateway:
 
 
 def websocket_path(advertise: str) -> str:
-    from urllib.parse import urlsplit
-
     return urlsplit(advertise).path or "/"
+
+
+# -- startup checks ---------------------------------------------------------------
+
+
+def is_loopback(listen: HostPort) -> bool:
+    """True when only this host can reach ``listen`` (a name other than localhost may not)."""
+    if listen.host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(listen.host).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_exposure_problems(config: Config, listeners: Config) -> list[str]:
+    """Why ``config``'s [auth] may not serve ``listeners``' addresses ([] when it may)."""
+    if config.auth.mode != "none" or config.auth.allow_insecure_none:
+        return []
+    exposed = [
+        f"{name}.listen = {section.listen}"
+        for name, section in (("http", listeners.http), ("websocket", listeners.websocket))
+        if not is_loopback(section.listen)
+    ]
+    if not exposed:
+        return []
+    return [
+        f'auth.mode: "none" lets anyone connect as any uid, and {" and ".join(exposed)} '
+        f"{'is' if len(exposed) == 1 else 'are'} reachable from other hosts; "
+        'set auth.mode = "jwt" with auth.jwt_secret_file, or listen on 127.0.0.1, '
+        "or set auth.allow_insecure_none = true to accept the risk"
+    ]
+
+
+def log_auth_warnings(config: Config) -> None:
+    if config.auth.mode == "none":
+        public = [
+            str(s.listen) for s in (config.http, config.websocket) if not is_loopback(s.listen)
+        ]
+        log.warning(
+            "auth_disabled",
+            extra={
+                "hint": 'auth.mode = "none" lets anyone connect as any uid: for development only',
+                **({"public_listeners": public, "allow_insecure_none": True} if public else {}),
+            },
+        )
+        return
+    ws = config.websocket
+    if (
+        tls_files(config, "websocket") is None
+        and ws.advertise.startswith("ws://")
+        and not is_loopback(ws.listen)
+    ):
+        log.warning(
+            "tokens_in_cleartext",
+            extra={
+                "hint": "websocket.advertise is ws:// on a non-loopback listener: tokens cross "
+                "the network unencrypted; set websocket.tls_cert_file/tls_key_file or "
+                "terminate TLS in a proxy and advertise wss://"
+            },
+        )
+
+
+def tls_files(config: Config, section: str) -> tuple[Path, Path] | None:
+    """The (certificate, key) files of listener ``section``, or None for plain TCP."""
+    table = getattr(config, section)
+    cert = getattr(table, "tls_cert_file", None)
+    key = getattr(table, "tls_key_file", None)
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise StartupError(
+            f"{section}.tls_cert_file and {section}.tls_key_file: set both or neither"
+        )
+    return Path(cert), Path(key)
+
+
+def server_tls_context(cert: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContext:
+    """A server context: TLS 1.2 or later, the library's default ciphers, no client certificates."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # No compression (CRIME) and no client-initiated renegotiation (a CPU sink).
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    context.load_cert_chain(cert, key)
+    return context
+
+
+# -- connection accounting -----------------------------------------------------------
+
+
+def address_key(remote: str) -> str:
+    """What the per-address limit counts by: the IPv4 address, or the IPv6 /64.
+
+    One IPv6 subscriber usually holds a whole /64, so counting single IPv6
+    addresses would not limit anyone.
+    """
+    try:
+        ip = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class ConnectionCounter:
+    """This instance's accepted WebSocket connections, in total and per address key."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._by_address: dict[str, int] = {}
+
+    def of(self, address: str) -> int:
+        return self._by_address.get(address, 0)
+
+    @contextlib.contextmanager
+    def hold(self, address: str) -> Iterator[None]:
+        self.total += 1
+        self._by_address[address] = self._by_address.get(address, 0) + 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            left = self._by_address[address] - 1
+            if left:
+                self._by_address[address] = left
+            else:
+                del self._by_address[address]
 
 
 async def run_from_config(path: Path) -> int:
@@ -434,20 +690,27 @@ async def run_from_config(path: Path) -> int:
         config = load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(problem, file=__import__("sys").stderr)
+            print(problem, file=sys.stderr)
         return 2
     logs.configure(level=config.log.level, fmt=config.log.format, instance=config.instance.id)
-    if config.auth.mode == "none":
-        log.warning(
-            "auth_disabled",
-            extra={
-                "hint": 'auth.mode = "none" lets anyone connect as any uid: for development only'
-            },
-        )
     try:
         await Gateway(config, config_path=path).run()
-    except StartupError as exc:
-        log.error("startup_failed", extra={"reason": str(exc)})
-        print(f"linechatd: cannot start: {exc}", file=__import__("sys").stderr)
+    except (StartupError, BaseExceptionGroup) as exc:
+        # Raised inside a nursery, a StartupError arrives in an exception group.
+        startup = startup_error(exc)
+        if startup is None:
+            raise
+        log.error("startup_failed", extra={"reason": str(startup)})
+        print(f"linechatd: cannot start: {startup}", file=sys.stderr)
         return 1
     return 0
+
+
+def startup_error(exc: BaseException) -> StartupError | None:
+    """The StartupError that ``exc`` is or only carries (None if it holds anything else)."""
+    while isinstance(exc, BaseExceptionGroup):
+        match, rest = exc.split(StartupError)
+        if match is None or rest is not None:
+            return None
+        exc = match.exceptions[0]
+    return exc if isinstance(exc, StartupError) else None
