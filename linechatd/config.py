@@ -360,10 +360,14 @@ class HttpConfig:
     advertise: str = _setting("", _url("http", "https"))
     demo_page: bool = _setting(False, _boolean)
     admin_token_file: Path | None = _setting(None, _readable_file)
+    # PEM files; both or neither (see _tls_pair). Set: the listener speaks HTTPS.
+    tls_cert_file: Path | None = _setting(None, _readable_file)
+    tls_key_file: Path | None = _setting(None, _readable_file)
 
     def __post_init__(self) -> None:
         if not self.advertise:
-            object.__setattr__(self, "advertise", f"http://{self.listen}")
+            scheme = "https" if self.tls_cert_file is not None else "http"
+            object.__setattr__(self, "advertise", f"{scheme}://{self.listen}")
 
 
 @dataclass(frozen=True)
@@ -374,10 +378,14 @@ class WebSocketConfig:
     handshake_timeout_s: float = _setting(10.0, _number(0, 300, above=True))
     # Empty: no Origin check.
     allowed_origins: tuple[str, ...] = _setting((), _origins)
+    # PEM files; both or neither (see _tls_pair). Set: the listener speaks wss://.
+    tls_cert_file: Path | None = _setting(None, _readable_file)
+    tls_key_file: Path | None = _setting(None, _readable_file)
 
     def __post_init__(self) -> None:
         if not self.advertise:
-            object.__setattr__(self, "advertise", f"ws://{self.listen}/ws")
+            scheme = "wss" if self.tls_cert_file is not None else "ws"
+            object.__setattr__(self, "advertise", f"{scheme}://{self.listen}/ws")
 
 
 @dataclass(frozen=True)
@@ -462,10 +470,34 @@ def _auth_problems(raw: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def _tls_pair(table: str, secure_scheme: str) -> Callable[[Mapping[str, Any]], list[str]]:
+    """A listener's certificate and key come together, and it advertises its TLS."""
+
+    def check(raw: Mapping[str, Any]) -> list[str]:
+        has_cert, has_key = "tls_cert_file" in raw, "tls_key_file" in raw
+        if has_cert != has_key:
+            missing, given = (
+                ("tls_key_file", "tls_cert_file") if has_cert else ("tls_cert_file", "tls_key_file")
+            )
+            return [f"{missing}: required when {table}.{given} is set"]
+        advertise = raw.get("advertise")
+        plain_scheme = secure_scheme[:-1]
+        if has_cert and isinstance(advertise, str) and advertise.startswith(plain_scheme + ":"):
+            return [
+                f"advertise: must start with {secure_scheme}:// when {table}.tls_cert_file is set, "
+                f"got {advertise!r}"
+            ]
+        return []
+
+    return check
+
+
 # Checks that span keys of one table. They see the table's raw TOML values and
 # return problems as "<key>: <reason>", relative to the table.
 _TABLE_CHECKS: Final[Mapping[str, Callable[[Mapping[str, Any]], list[str]]]] = {
     "auth": _auth_problems,
+    "http": _tls_pair("http", "https"),
+    "websocket": _tls_pair("websocket", "wss"),
 }
 
 

@@ -27,7 +27,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,7 +49,7 @@ from .partitions import PartitionSupervisor
 from .protocol import HandshakeError, new_device_id, parse_handshake_query
 from .sdnotify import Notifier
 from .session import Session
-from .zk import NodeExistsError, ZooKeeper, ZooKeeperUnavailable
+from .zk import NodeExistsError, ZooKeeper, ZooKeeperError, ZooKeeperUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class Gateway:
         self.supervisor: PartitionSupervisor | None = None
         self.balancer: Balancer | None = None
         self._drain_requested = trio.Event()
+        self._ready = trio.Event()
         self._drain_reason = ""
         self._started_at = time.time()
         self.connections = ConnectionCounter()
@@ -100,71 +101,90 @@ class Gateway:
         )
         paths = ZkPaths(config.cluster.name)
         metrics = Metrics()
-        async with trio.open_nursery() as infra:
-            try:
-                await infra.start(zk.run)
-            except ZooKeeperUnavailable as exc:
-                raise StartupError(f"zookeeper.hosts: {exc}") from None
-            metrics.zk_connected.set(1)
-            await self._ensure_cluster(zk, paths, config)
-            await self._ensure_topics(config)
-            self.kafka_ok.value = True
-            producer = KafkaProducer(
-                config.kafka.bootstrap_servers,
-                linger_ms=config.kafka.linger_ms,
-                timeout_s=config.kafka.produce_timeout_s,
-            )
-            await infra.start(producer.run)
-            cache = OwnershipCache(zk, paths, config.cluster.partitions)
-            await infra.start(cache.run)
-            info = InstanceInfo(
-                config.instance.id, config.websocket.advertise, config.http.advertise
-            )
-            ctx = self.ctx = Context(
-                config=AsyncValue(config),
-                auth=AsyncValue(auth),
-                info=info,
-                paths=paths,
-                zk=zk,
-                cache=cache,
-                producer=producer,
-                metrics=metrics,
-                # One thread per partition consumer poll, plus replays.
-                consumer_limiter=trio.CapacityLimiter(config.cluster.partitions + 16),
-                draining=trio.Event(),
-            )
-            async with trio.open_nursery() as serving:
-                self.supervisor = await serving.start(PartitionSupervisor(ctx).run)
-                http_tls = self._tls.get("http")
-                # Passed only when configured, so that serve_http needs the
-                # parameter only once TLS can be configured.
-                http_options: dict[str, Any] = {}
-                if http_tls is not None:
-                    http_options["ssl_context"] = http_tls[2]
-                http_binds = await serving.start(
-                    functools.partial(
-                        serve_http, HttpApi(ctx, self), str(config.http.listen), **http_options
-                    )
-                )
-                ws_port = await serving.start(self._serve_websocket, config)
-                self.balancer = await serving.start(Balancer(ctx, self.supervisor).run)
-                serving.start_soon(self._monitor, zk, metrics)
-                serving.start_soon(self._watchdog)
-                log.info(
-                    "gateway_ready",
-                    extra={
-                        "http": http_binds,
-                        "ws_port": ws_port,
-                        "tls": sorted(self._tls),
-                        "cluster": config.cluster.name,
-                        "partitions": config.cluster.partitions,
-                    },
-                )
-                self.notifier.ready(f"serving cluster {config.cluster.name}")
-                task_status.started(self)
-                await self._serve_signals(serving)
-            infra.cancel_scope.cancel()
+        # Signals are ours from the first moment: a stop during startup is a
+        # clean exit, not the default action's death.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as infra:
+                infra.start_soon(self._listen_signals, signals, infra.cancel_scope)
+                await self._run_instance(infra, config, auth, zk, paths, metrics, task_status)
+                infra.cancel_scope.cancel()
         log.info("gateway_stopped")
+
+    async def _run_instance(
+        self,
+        infra: trio.Nursery,
+        config: Config,
+        auth: Authenticator,
+        zk: ZooKeeper,
+        paths: ZkPaths,
+        metrics: Metrics,
+        task_status: trio.TaskStatus[Gateway],
+    ) -> None:
+        try:
+            await infra.start(zk.run)
+        except ZooKeeperUnavailable as exc:
+            raise StartupError(f"zookeeper.hosts: {exc}") from None
+        metrics.zk_connected.set(1)
+        try:
+            await self._ensure_cluster(zk, paths, config)
+        except ZooKeeperError as exc:
+            raise StartupError(f"zookeeper.hosts: {exc}") from None
+        await self._ensure_topics(config)
+        self.kafka_ok.value = True
+        producer = KafkaProducer(
+            config.kafka.bootstrap_servers,
+            linger_ms=config.kafka.linger_ms,
+            timeout_s=config.kafka.produce_timeout_s,
+        )
+        await infra.start(producer.run)
+        cache = OwnershipCache(zk, paths, config.cluster.partitions)
+        await infra.start(cache.run)
+        info = InstanceInfo(config.instance.id, config.websocket.advertise, config.http.advertise)
+        ctx = self.ctx = Context(
+            config=AsyncValue(config),
+            auth=AsyncValue(auth),
+            info=info,
+            paths=paths,
+            zk=zk,
+            cache=cache,
+            producer=producer,
+            metrics=metrics,
+            # One thread per partition consumer poll, plus replays.
+            consumer_limiter=trio.CapacityLimiter(config.cluster.partitions + 16),
+            draining=trio.Event(),
+        )
+        async with trio.open_nursery() as serving:
+            self.supervisor = await serving.start(PartitionSupervisor(ctx).run)
+            http_tls = self._tls.get("http")
+            # Passed only when configured, so that serve_http needs the
+            # parameter only once TLS can be configured.
+            http_options: dict[str, Any] = {}
+            if http_tls is not None:
+                http_options["ssl_context"] = http_tls[2]
+            http_binds = await serving.start(
+                functools.partial(
+                    serve_http, HttpApi(ctx, self), str(config.http.listen), **http_options
+                )
+            )
+            ws_port = await serving.start(self._serve_websocket, config)
+            self.balancer = await serving.start(Balancer(ctx, self.supervisor).run)
+            serving.start_soon(self._monitor, zk, metrics)
+            serving.start_soon(self._watchdog)
+            log.info(
+                "gateway_ready",
+                extra={
+                    "http": http_binds,
+                    "ws_port": ws_port,
+                    "tls": sorted(self._tls),
+                    "cluster": config.cluster.name,
+                    "partitions": config.cluster.partitions,
+                },
+            )
+            self.notifier.ready(f"serving cluster {config.cluster.name}")
+            self._ready.set()
+            task_status.started(self)
+            await self._drain_requested.wait()
+            await self._drain(serving)
 
     def _check_startup(self, config: Config) -> Authenticator:
         """Refuse to start insecurely; load keys and certificates before binding anything."""
@@ -460,24 +480,26 @@ class Gateway:
             self._drain_reason = reason
             self._drain_requested.set()
 
-    async def _serve_signals(self, serving: trio.Nursery) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-
-            async def listen() -> None:
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        await self.reload()
-                    elif self._drain_requested.is_set():
-                        log.warning(
-                            "second_stop_signal", extra={"signal": signal.Signals(signum).name}
-                        )
-                        os._exit(1)
-                    else:
-                        self.request_drain(signal.Signals(signum).name)
-
-            serving.start_soon(listen)
-            await self._drain_requested.wait()
-            await self._drain(serving)
+    async def _listen_signals(
+        self, signals: AsyncIterator[int], startup_scope: trio.CancelScope
+    ) -> None:
+        """SIGTERM/SIGINT: drain (during startup: stop); again: exit at once. SIGHUP: reload."""
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not self._ready.is_set():
+                if signum == signal.SIGHUP:
+                    log.info("reload_ignored_while_starting")
+                    continue
+                log.info("stopped_while_starting", extra={"signal": name})
+                startup_scope.cancel()
+                return
+            if signum == signal.SIGHUP:
+                await self.reload()
+            elif self._drain_requested.is_set():
+                log.warning("second_stop_signal", extra={"signal": name})
+                os._exit(1)
+            else:
+                self.request_drain(name)
 
     async def _drain(self, serving: trio.Nursery) -> None:
         """Staged shutdown: refuse new sockets, hand partitions over, then stop."""

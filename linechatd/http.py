@@ -10,6 +10,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
@@ -223,13 +224,31 @@ class HttpApi:
         return json_response(202, {"draining": True, "instance": self._ctx.info.instance})
 
 
+class _HypercornConfig(HypercornConfig):
+    """Hypercorn's configuration with a TLS context made by the gateway, which
+    reloads its certificate in place on SIGHUP."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
+        super().__init__()
+        self._ssl_context = ssl_context
+
+    @property
+    def ssl_enabled(self) -> bool:
+        return self._ssl_context is not None
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        return self._ssl_context
+
+
 async def serve_http(
     app: HttpApi,
     bind: str,
     *,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    config = HypercornConfig()
+    """Serve ``app`` on ``bind`` (HTTPS when ``ssl_context`` is given) until cancelled."""
+    config = _HypercornConfig(ssl_context)
     config.bind = [bind]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")

@@ -203,7 +203,11 @@ class ZooKeeper:
         client.add_listener(self._on_kazoo_state)
         try:
             try:
-                await trio.to_thread.run_sync(client.start, self._connect_timeout_s)
+                # Abandoned on cancel (a stop during startup): the finally below
+                # stops the client, which ends the waiting thread too.
+                await trio.to_thread.run_sync(
+                    client.start, self._connect_timeout_s, abandon_on_cancel=True
+                )
             except KazooTimeoutError as exc:
                 raise ZooKeeperUnavailable(
                     f"could not connect to ZooKeeper at {self._hosts} "

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import datetime
 import functools
-import inspect
 import ipaddress
 import json
 import os
@@ -27,7 +26,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,7 +42,7 @@ from cryptography.x509.oid import NameOID
 from support.cluster import GatewayProcess, http_get, new_cluster_names, start_cluster
 
 from linechatd import websocket
-from linechatd.config import HttpConfig, WebSocketConfig, parse_config
+from linechatd.config import parse_config
 from linechatd.gateway import (
     ConnectionCounter,
     Gateway,
@@ -54,7 +52,6 @@ from linechatd.gateway import (
     startup_error,
 )
 from linechatd.hashing import partition_for
-from linechatd.http import serve_http
 
 PARTITIONS = 4
 SECRET = b"integration-secret-integration-secret-0123456789"
@@ -709,16 +706,6 @@ def minimal_config() -> Any:
     )
 
 
-HAS_WS_TLS_KEYS = "tls_cert_file" in {f.name for f in fields(WebSocketConfig)}
-HAS_HTTP_TLS = "tls_cert_file" in {f.name for f in fields(HttpConfig)} and (
-    "ssl_context" in inspect.signature(serve_http).parameters
-)
-
-
-@pytest.mark.skipif(
-    not HAS_WS_TLS_KEYS,
-    reason="needs [websocket] tls_cert_file/tls_key_file in linechatd/config.py (pending)",
-)
 async def test_gateway_serves_wss_from_config(
     tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
 ) -> None:
@@ -753,11 +740,6 @@ async def test_gateway_serves_wss_from_config(
         )
 
 
-@pytest.mark.skipif(
-    not HAS_HTTP_TLS,
-    reason="needs [http] tls_cert_file/tls_key_file in linechatd/config.py and "
-    "serve_http(ssl_context=...) in linechatd/http.py (pending)",
-)
 async def test_gateway_serves_https_from_config(
     tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
 ) -> None:

@@ -34,10 +34,14 @@ DEFAULTS: dict[str, Any] = {
     "http.advertise": "http://127.0.0.1:8080",
     "http.demo_page": False,
     "http.admin_token_file": None,
+    "http.tls_cert_file": None,
+    "http.tls_key_file": None,
     "websocket.listen": HostPort("127.0.0.1", 8765),
     "websocket.advertise": "ws://127.0.0.1:8765/ws",
     "websocket.handshake_timeout_s": 10.0,
     "websocket.allowed_origins": (),
+    "websocket.tls_cert_file": None,
+    "websocket.tls_key_file": None,
     "zookeeper.session_timeout": 10.0,
     "zookeeper.connect_timeout_s": 30.0,
     "kafka.topic_prefix": "topic-",
@@ -703,3 +707,59 @@ def test_restart_required_changes_lists_each_changed_key() -> None:
 def test_value_by_unknown_key() -> None:
     with pytest.raises(KeyError):
         parse_config(REQUIRED).value("zookeeper.session_timeout_s")
+
+
+# -- TLS listener keys ---------------------------------------------------------
+
+
+def _tls_files(tmp_path: Path) -> tuple[str, str]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("cert")
+    key.write_text("key")
+    return str(cert), str(key)
+
+
+def _required() -> dict[str, dict[str, object]]:
+    return {
+        "zookeeper": {"hosts": "127.0.0.1:2181"},
+        "kafka": {"bootstrap_servers": "127.0.0.1:9092"},
+    }
+
+
+def test_tls_keys_switch_default_advertise_to_secure_schemes(tmp_path: Path) -> None:
+    cert, key = _tls_files(tmp_path)
+    data = _required() | {
+        "http": {"listen": "127.0.0.1:8443", "tls_cert_file": cert, "tls_key_file": key},
+        "websocket": {"listen": "127.0.0.1:9443", "tls_cert_file": cert, "tls_key_file": key},
+    }
+    config = parse_config(data)
+    assert config.http.advertise == "https://127.0.0.1:8443"
+    assert config.websocket.advertise == "wss://127.0.0.1:9443/ws"
+
+
+def test_tls_cert_without_key_is_an_error(tmp_path: Path) -> None:
+    cert, _key = _tls_files(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        parse_config(_required() | {"websocket": {"tls_cert_file": cert}})
+    assert info.value.problems == [
+        "websocket.tls_key_file: required when websocket.tls_cert_file is set"
+    ]
+
+
+def test_tls_with_plain_advertise_is_an_error(tmp_path: Path) -> None:
+    cert, key = _tls_files(tmp_path)
+    table = {"tls_cert_file": cert, "tls_key_file": key, "advertise": "ws://x:1/ws"}
+    with pytest.raises(ConfigError) as info:
+        parse_config(_required() | {"websocket": table})
+    assert info.value.problems == [
+        "websocket.advertise: must start with wss:// when websocket.tls_cert_file is set, "
+        "got 'ws://x:1/ws'"
+    ]
+
+
+def test_tls_file_must_be_readable(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.pem")
+    with pytest.raises(ConfigError) as info:
+        parse_config(_required() | {"http": {"tls_cert_file": missing, "tls_key_file": missing}})
+    assert any(p.startswith("http.tls_cert_file: ") for p in info.value.problems)
+    assert any(p.startswith("http.tls_key_file: ") for p in info.value.problems)
