@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="a terminal chat for trying the system by hand")
     chat.add_argument("--uid", required=True, help="who you are")
     chat.add_argument("--to", required=True, help="who you write to")
-    chat.add_argument("--http", default="http://127.0.0.1:8080", help="any instance's HTTP url")
+    chat.add_argument(
+        "--http",
+        default="http://127.0.0.1:7110",
+        help="any instance's HTTP url (default: the first instance of `linechatd dev`)",
+    )
     chat.set_defaults(func=_chat)
     return parser
 

@@ -84,6 +84,9 @@ def consumer_settings(bootstrap: str, group: str, *, fetch_wait_max_ms: int) -> 
         "enable.partition.eof": False,
         # Bounded prefetch per partition consumer.
         "queued.max.messages.kbytes": 8192,
+        # When that prefetch queue is full librdkafka pauses fetching for this
+        # long (default 1000 ms): keep it short so a drained queue refills at once.
+        "fetch.queue.backoff.ms": 10,
     }
 
 
@@ -249,6 +252,7 @@ class PartitionConsumer:
         self._limiter = limiter
         self._batch_max = batch_max
         self._consumer: Consumer | None = None
+        self._watermarks: tuple[int, int] | None = None  # written by the poll thread only
 
     def __repr__(self) -> str:
         return f"<PartitionConsumer {self.topic} {self.group}>"
@@ -291,21 +295,25 @@ class PartitionConsumer:
         return int(low), int(high)
 
     def cached_watermarks(self) -> tuple[int, int]:
-        """(low, high) as last seen by fetches: no broker round trip."""
-        consumer = self._consumer
-        if consumer is None:
+        """(low, high) as last seen by fetches: no broker round trip, no waiting.
+
+        Read from what the poll thread recorded: any call on the consumer from
+        another thread would wait for the poll in progress.
+        """
+        if self._consumer is None:
             raise KafkaUnavailable("consumer is closed")
-        try:
-            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, 0), cached=True)
-        except KafkaException as exc:
-            raise KafkaUnavailable(str(exc)) from exc
-        return int(low), int(high)
+        if self._watermarks is None:
+            raise KafkaUnavailable("no fetch answered yet")
+        return self._watermarks
 
     def _poll_batch(self) -> list[Record]:
         # Block briefly for the first record, then take what is already there.
         consumer = self._consumer
         assert consumer is not None
         first = consumer.poll(0.1)
+        low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, 0), cached=True)
+        if high >= 0:
+            self._watermarks = (int(low), int(high))
         if first is None:
             return []
         messages = [first, *consumer.consume(self._batch_max - 1, 0)]

@@ -28,7 +28,6 @@ import trio
 from .kafka import KafkaUnavailable, PartitionConsumer, Record
 from .ownership import lease_data
 from .protocol import RecordError, decode_record, encode_message
-from .replay import replay, replay_window
 from .session import Session
 from .zk import NodeExistsError, NoNodeError, SessionState, ZnodeStat, ZooKeeperError
 
@@ -121,16 +120,6 @@ class PartitionRuntime:
             # The nursery closed (lease lost) between the check and the start.
             return False
         return True
-
-    async def resume_window(self, resume: int | None, high: int) -> bool | None:
-        """Whether a resume from ``resume`` can be served (None: none was asked)."""
-        if resume is None:
-            return None
-        return await replay_window(self._ctx, self.consumer, resume, high)
-
-    async def replay(self, session: Session, start: int, end: int) -> None:
-        """Send ``session`` its records in [start, end) before anything live."""
-        await replay(self._ctx, self, session, start, end)
 
     # -- the subtree ----------------------------------------------------------
 
@@ -262,6 +251,9 @@ class PartitionRuntime:
         async for batch in records:
             now = time.time()
             for record in batch:
+                # No await from here to the offers below: a session registering
+                # reads next_offset as its live split point and relies on every
+                # record at or above it being offered to it.
                 self.next_offset = record.offset + 1
                 try:
                     chat = decode_record(record.value)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections import deque
 
+# Refills are sums of float products: without a little slack, a sender exactly
+# at the rate would sometimes find 0.9999999999 tokens and be refused.
+_EPSILON = 1e-9
+
 
 class TokenBucket:
     """Allows ``rate`` events per second on average, bursts of up to ``burst``."""
@@ -19,7 +23,7 @@ class TokenBucket:
     def allow(self, now: float) -> bool:
         self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
         self._last = now
-        if self._tokens >= 1.0:
+        if self._tokens >= 1.0 - _EPSILON:
             self._tokens -= 1.0
             return True
         return False

@@ -5,6 +5,13 @@ order), the acker (delivery reports back as ``ack``/``error`` in send order)
 and the writer (the bounded outbox to the socket, with a send deadline). A
 session ends by cancelling its own scope after choosing a close code; when its
 partition is cancelled instead, it closes with 1012.
+
+Slow readers: the partition's delivery task never waits for a socket. It
+offers each frame to the session's outbox, bounded by
+``limits.outbound_queue_messages`` frames and :data:`OUTBOX_MAX_BYTES`; a full
+outbox, or one frame the socket has not taken within ``limits.send_timeout_s``,
+closes the session with 1013. The device reconnects with ``resume`` and gets
+what it missed from Kafka, not from this process's memory.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from .protocol import (
     encode_welcome,
 )
 from .ratelimit import StrikeCounter, TokenBucket
+from .replay import Replay
 from .websocket import Connection, ConnectionClosed
 
 if TYPE_CHECKING:
@@ -44,15 +52,20 @@ log = logging.getLogger(__name__)
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
-CLOSE_MOVED = 1012
-CLOSE_BEHIND = 1013
 CLOSE_INTERNAL = 1011
 CLOSE_UNAVAILABLE = 1011
+CLOSE_MOVED = 1012
+CLOSE_BEHIND = 1013
 CLOSE_TOKEN_EXPIRED = 4401
 
 # Sends waiting for their delivery report, per session: past this the reader
 # stops reading, which pushes back on the client through TCP.
 MAX_IN_FLIGHT = 256
+
+# The outbox's bound in characters of frame text (about bytes: frames are
+# mostly ASCII JSON), next to its bound in frames: a few large messages must
+# not hold as much memory as a thousand small ones.
+OUTBOX_MAX_BYTES = 4 << 20
 
 _Outgoing = tuple[int | None, str]  # (record offset or None, frame text)
 
@@ -79,6 +92,7 @@ class Session:
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[_Outgoing](
             limits.outbound_queue_messages
         )
+        self._outbox_bytes = 0
         self._inflight_send, self._inflight_recv = trio.open_memory_channel[
             tuple[str, int, DeliveryReceipt]
         ](MAX_IN_FLIGHT)
@@ -88,8 +102,8 @@ class Session:
         # Sustained flooding (not one burst) closes the session: a minute with
         # more refused sends than a whole burst allowance.
         self._flood_strikes = StrikeCounter(limits.send_burst)
-        # Records below this offset were sent before the session existed.
-        self._min_offset: int | None = None
+        # Live delivery starts here; what came before is replayed or not owed.
+        self.live_from: int | None = None
         self._last_offset = -1
         self._close_code = CLOSE_MOVED
         self._close_reason = "partition moved"
@@ -104,12 +118,17 @@ class Session:
 
     def offer(self, offset: int | None, frame: str) -> None:
         """Queue a frame without waiting; a full outbox ends the session (1013)."""
+        if self._outbox_bytes + len(frame) > OUTBOX_MAX_BYTES and self._outbox_bytes > 0:
+            self.end(CLOSE_BEHIND, "too far behind: reconnect with resume")
+            return
         try:
             self._outbox_send.send_nowait((offset, frame))
         except trio.WouldBlock:
             self.end(CLOSE_BEHIND, "too far behind: reconnect with resume")
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
+        else:
+            self._outbox_bytes += len(frame)
 
     def end(self, code: int, reason: str) -> None:
         """Close this session with ``code`` (the first reason given wins)."""
@@ -117,6 +136,17 @@ class Session:
             self._close_code = code
             self._close_reason = reason
             self._scope.cancel()
+            if code == CLOSE_BEHIND:
+                log.info(
+                    "session_behind",
+                    extra={
+                        "uid": self.uid,
+                        "partition": self.partition,
+                        "queued": self._outbox_send.statistics().current_buffer_used,
+                        "queued_bytes": self._outbox_bytes,
+                        "reason": reason,
+                    },
+                )
 
     # -- the session task ---------------------------------------------------
 
@@ -124,21 +154,14 @@ class Session:
         ctx, runtime = self._ctx, self._runtime
         metrics = ctx.metrics
         runtime.register(self)
+        # In the same step as registering (no checkpoint between): every record
+        # below this offset was offered to sessions before this one existed,
+        # every later one will be offered to it.
+        self.live_from = runtime.next_offset
         metrics.connections.labels(str(self.partition)).inc()
         try:
             with self._scope:
-                # Registered before the log end is read: a record that lands
-                # meanwhile is queued and kept or dropped by its offset.
-                _low, high = await runtime.consumer.watermarks()
-                self._min_offset = high
-                resumed = await runtime.resume_window(self.resume, high)
-                await self._conn.send(
-                    encode_welcome(
-                        self.uid, self.device, self.partition, ctx.info.instance, high, resumed
-                    )
-                )
-                if resumed and self.resume is not None:
-                    await runtime.replay(self, self.resume + 1, high)
+                await self._greet(self.live_from)
                 task_status.started()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
@@ -158,20 +181,51 @@ class Session:
             self._close_code, self._close_reason = CLOSE_INTERNAL, "internal error"
         finally:
             runtime.unregister(self)
+            self._outbox_send.close()
             metrics.connections.labels(str(self.partition)).dec()
             if not self._peer_closed:
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                # The transport bounds its closing handshake itself; this is a backstop.
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await self._conn.close(self._close_code, self._close_reason)
             code = self._conn.closed_code if self._peer_closed else self._close_code
             metrics.closes.labels(str(code)).inc()
             self.finished.set()
+
+    async def _greet(self, live_from: int) -> None:
+        """The welcome frame, then (when asked and possible) the missed records."""
+        ctx = self._ctx
+        # The welcome names the log end; live delivery may start a little lower
+        # when the partition's consumer lags, which costs the client nothing.
+        try:
+            log_end = max(live_from, self._runtime.consumer.cached_watermarks()[1])
+        except KafkaUnavailable:
+            log_end = live_from
+        welcome = encode_welcome(
+            self.uid, self.device, self.partition, ctx.info.instance, log_end, None
+        )
+        if self.resume is None:
+            await self._conn.send(welcome)
+            return
+        async with Replay(ctx, self.partition, self.uid, self.resume, live_from) as replay:
+            resumed = await replay.check()
+            await self._conn.send(
+                encode_welcome(
+                    self.uid, self.device, self.partition, ctx.info.instance, log_end, resumed
+                )
+            )
+            if resumed:
+                await replay.send_to(self)
 
     async def send_replayed(self, offset: int, frame: str) -> None:
         """Send a replayed record now, ahead of the (still waiting) live outbox."""
         if offset <= self._last_offset:
             return
         self._last_offset = offset
-        await self._conn.send(frame)
+        with trio.move_on_after(self._ctx.config.value.limits.send_timeout_s):
+            await self._conn.send(frame)
+            return
+        self.end(CLOSE_BEHIND, "send deadline exceeded during replay: reconnect with resume")
+        await trio.lowlevel.checkpoint()  # raises Cancelled: the session's scope ends it
 
     async def _reader(self) -> None:
         """Read frames until the peer closes."""
@@ -213,7 +267,13 @@ class Session:
         )
         k = partition_for(frame.to, ctx.partitions)
         try:
-            receipt = ctx.producer.send(ctx.topic(k), frame.to.encode(), encode_record(record))
+            value = encode_record(record)
+        except RemoteProtocolError as exc:
+            # Too large once stored: the client's mistake, answered like a bad frame.
+            self._reject(exc.id, exc.code, exc.message)
+            return
+        try:
+            receipt = ctx.producer.send(ctx.topic(k), frame.to.encode(), value)
         except KafkaUnavailable as exc:
             self._error(frame.id, "unavailable", f"not accepted, send again: {exc}")
             return
@@ -233,11 +293,12 @@ class Session:
 
     async def _writer(self) -> None:
         conn = self._conn
+        live_from = self.live_from if self.live_from is not None else 0
         async for offset, frame in self._outbox_recv:
+            self._outbox_bytes -= len(frame)
             if offset is not None:
-                # Never send one offset twice, nor one from before the session.
-                if offset <= self._last_offset or offset < (self._min_offset or 0):
-                    # (a resumed session's replay already covered [resume+1, min_offset))
+                # Never one offset twice, nor one the replay covered.
+                if offset <= self._last_offset or offset < live_from:
                     continue
                 self._last_offset = offset
             deadline = self._ctx.config.value.limits.send_timeout_s

@@ -828,10 +828,6 @@ async def test_frame_size_deflate_and_hostile_request_target(
         assert gateway_metric(metrics, "linechatd_closes_total", 'code="1009"') == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session.py does not catch encode_record's RemoteProtocolError (fix reported)",
-)
 async def test_a_frame_too_large_to_store_is_refused_not_a_crash(
     tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
 ) -> None:

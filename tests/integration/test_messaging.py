@@ -1,0 +1,803 @@
+"""The message path end to end: three gateways on a real ZooKeeper and broker.
+
+Sends, acks, delivery, multi-device fan-out, offline storage and resume, the
+answers to bad input, and a reader that stops reading. Latencies are printed
+(run with ``-s`` to see them), never asserted.
+
+LINECHAT_TEST_LINGER_MS and LINECHAT_TEST_FETCH_WAIT_MS set ``[kafka]
+linger_ms`` and ``fetch_wait_max_ms`` for every cluster started here, for
+measuring their effect on the 20x50 latencies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import pytest
+import trio
+import trio_websocket
+from confluent_kafka import Consumer, TopicPartition
+from support.cluster import Cluster, ClusterNames, http_get, merge_sections, start_cluster
+
+from linechatd.client import ChatClient, Message, connect, open_websocket
+from linechatd.hashing import partition_for
+from linechatd.protocol import decode_record
+
+PARTITIONS = 8
+INSTANCES = 3
+# Generous: a shared 2-core CI machine can be many times slower than a laptop.
+TEST_TIMEOUT_S = 90.0
+
+BASE_SECTIONS: dict[str, dict[str, Any]] = {
+    "zookeeper": {"session_timeout": 3.0},
+    "limits": {"bad_frames_per_minute": 5, "max_frame_bytes": 4096},
+    # Every instance stops at once at the end of a test: nobody is left to hand
+    # partitions to, so a drain would only wait out its grace period.
+    "shutdown": {"grace_period_s": 1.0, "drain_stagger_s": 0.0},
+}
+
+
+def _kafka_overrides() -> dict[str, dict[str, Any]]:
+    kafka: dict[str, Any] = {}
+    if linger := os.environ.get("LINECHAT_TEST_LINGER_MS"):
+        kafka["linger_ms"] = int(linger)
+    if fetch_wait := os.environ.get("LINECHAT_TEST_FETCH_WAIT_MS"):
+        kafka["fetch_wait_max_ms"] = int(fetch_wait)
+    return {"kafka": kafka} if kafka else {}
+
+
+# --- cluster helpers -------------------------------------------------------------------
+
+
+async def partition_owners(cluster: Cluster) -> list[str | None]:
+    """Owner instance id of each partition, as instance 0 sees it."""
+    status, _headers, doc = await http_get(cluster[0].http_url + "/api/partitions")
+    assert status == 200, doc
+    return [p["instance"] for p in doc["partitions"]]
+
+
+async def wait_balanced(cluster: Cluster) -> list[str | None]:
+    """Wait until every partition has an owner and no instance is above its share.
+
+    Past that point the balancer moves nothing, so sessions are not closed
+    with 1012 under a test's feet.
+    """
+    ids = {gateway.instance_id for gateway in cluster.instances}
+    share = math.ceil(PARTITIONS / len(ids))
+    while True:
+        owners = await partition_owners(cluster)
+        counts = {i: owners.count(i) for i in ids}
+        if None not in owners and all(0 < n <= share for n in counts.values()):
+            return owners
+        await trio.sleep(0.05)
+
+
+async def wait_serving(cluster: Cluster, owners: list[str | None]) -> None:
+    """Wait until each partition's owner accepts WebSockets for it.
+
+    A lease shows in ZooKeeper a little before its owner's consumer is open;
+    meanwhile the owner answers 421.
+    """
+    for k, owner in enumerate(owners):
+        assert owner is not None
+        url = f"{ws_url_of(cluster, owner)}?{ws_query(uid=uid_in(k, 'probe'))}"
+        while True:
+            try:
+                async with open_websocket(url) as ws:
+                    await expect_frame(ws, "welcome")
+                    break
+            except trio_websocket.ConnectionRejected as rejected:
+                assert rejected.status_code == 421, rejected
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def running_cluster(
+    tmp_path: Path,
+    zookeeper_hosts: str,
+    kafka_bootstrap: str,
+    names: ClusterNames,
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
+) -> AsyncIterator[tuple[Cluster, list[str | None]]]:
+    async with start_cluster(
+        INSTANCES,
+        workdir=tmp_path,
+        zookeeper_hosts=zookeeper_hosts,
+        kafka_bootstrap=kafka_bootstrap,
+        names=names,
+        partitions=PARTITIONS,
+        sections=merge_sections(BASE_SECTIONS, _kafka_overrides(), sections),
+    ) as cluster:
+        with trio.fail_after(30):
+            owners = await wait_balanced(cluster)
+            await wait_serving(cluster, owners)
+        yield cluster, owners
+
+
+def uid_in(partition: int, prefix: str) -> str:
+    """A fresh uid that hashes to ``partition``."""
+    while True:
+        uid = f"{prefix}-{secrets.token_hex(3)}"
+        if partition_for(uid, PARTITIONS) == partition:
+            return uid
+
+
+def uid_owned_by(owners: list[str | None], instance: str, prefix: str) -> str:
+    return uid_in(owners.index(instance), prefix)
+
+
+def ws_url_of(cluster: Cluster, instance: str) -> str:
+    return cluster.by_id(instance).ws_url
+
+
+def ws_query(**params: str | int) -> str:
+    return urlencode({k: str(v) for k, v in params.items()})
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def latency_line(label: str, seconds: list[float]) -> str:
+    ms = [s * 1000 for s in seconds]
+    return (
+        f"{label}: n={len(ms)} p50={percentile(ms, 0.50):.1f}ms "
+        f"p99={percentile(ms, 0.99):.1f}ms max={max(ms):.1f}ms"
+    )
+
+
+def read_kafka_record(bootstrap: str, topic: str, offset: int) -> tuple[bytes | None, bytes | None]:
+    """(key, value) of the record at ``offset`` of ``topic``, read with a plain consumer."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"{topic}-test-reader",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
+    try:
+        consumer.assign([TopicPartition(topic, 0, offset)])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is None:
+                continue
+            assert message.error() is None, message.error()
+            assert message.offset() == offset
+            return message.key(), message.value()
+        raise AssertionError(f"no record at {topic}@{offset} within 20 s")
+    finally:
+        consumer.close()
+
+
+async def metric_value(cluster: Cluster, instance: str, name: str) -> float:
+    """The value of one sample (``name`` with its labels) from an instance's /metrics."""
+    status, _headers, text = await http_get(cluster.by_id(instance).http_url + "/metrics")
+    assert status == 200
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def expect_frame(ws: trio_websocket.WebSocketConnection, kind: str) -> dict[str, Any]:
+    """The next frame that is not a message, which must be of type ``kind``."""
+    with trio.fail_after(10):
+        frame: dict[str, Any] = json.loads(await ws.get_message())
+    assert frame["type"] == kind, frame
+    return frame
+
+
+async def expect_close(ws: trio_websocket.WebSocketConnection, code: int) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+    reason = closed.value.reason
+    assert reason is not None and reason.code == code, reason
+
+
+def check_message(message: Message, sender: ChatClient, to: str, sent: dict[str, Any]) -> None:
+    """Every field of a delivered message against what was sent and acknowledged."""
+    assert message.from_uid == sender.uid
+    assert message.from_device == sender.device
+    assert message.to == to
+    assert message.id == sent["id"]
+    assert message.body == sent["body"]
+    assert (message.partition, message.offset) == (sent["partition"], sent["offset"])
+    assert message.partition == partition_for(to, PARTITIONS)
+    # ts is the gateway's wall clock when it produced the record.
+    assert sent["wall"] - 1000 <= message.ts <= time.time() * 1000 + 1000
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+async def test_users_on_different_instances_exchange_messages(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with running_cluster(tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names) as (
+            cluster,
+            owners,
+        ):
+            alice = uid_owned_by(owners, "gw-0", "alice")
+            bob = uid_owned_by(owners, "gw-1", "bob")
+            # Both ask the third instance: connection-url sends each to its owner.
+            async with (
+                connect(cluster[2].http_url, alice) as a,
+                connect(cluster[2].http_url, bob) as b,
+            ):
+                assert a.welcome.value is not None and a.welcome.value.instance == "gw-0"
+                assert b.welcome.value is not None and b.welcome.value.instance == "gw-1"
+                for sender, receiver in ((a, b), (b, a), (a, b)):
+                    body = {"text": f"hello {receiver.uid}", "n": [1, 2.5, None, True]}
+                    wall = time.time() * 1000
+                    ack = await sender.send(receiver.uid, body, id=f"m-{secrets.token_hex(4)}")
+                    message = await receiver.receive(timeout_s=10)
+                    check_message(
+                        message,
+                        sender,
+                        receiver.uid,
+                        {
+                            "id": ack.id,
+                            "body": body,
+                            "partition": ack.partition,
+                            "offset": ack.offset,
+                            "wall": wall,
+                        },
+                    )
+                assert a.duplicates_dropped == b.duplicates_dropped == 0
+
+                # One message at a time, across instances: the unloaded latency.
+                latencies = []
+                for n in range(50):
+                    started = trio.current_time()
+                    await a.send(bob, {"n": n})
+                    assert (await b.receive(timeout_s=10)).body == {"n": n}
+                    latencies.append(trio.current_time() - started)
+                print(f"\none pair, one at a time (kafka {_kafka_overrides() or 'defaults'})")
+                print(latency_line("send->received and acked", latencies))
+
+
+async def test_twenty_pairs_fifty_messages_each(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    pairs, per_sender = 20, 50
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with running_cluster(tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names) as (
+            cluster,
+            _owners,
+        ):
+            uids = [
+                (f"pa{i}-{secrets.token_hex(2)}", f"pb{i}-{secrets.token_hex(2)}")
+                for i in range(pairs)
+            ]
+            clients: dict[str, ChatClient] = {}
+            sent: dict[str, list[dict[str, Any]]] = {}  # recipient -> what was sent to it
+            received: dict[str, list[tuple[float, Message]]] = {}
+            ack_latency: list[float] = []
+
+            async def receive_all(client: ChatClient, expected: int) -> None:
+                inbox = received.setdefault(client.uid, [])
+                while len(inbox) < expected:
+                    message = await client.receive()
+                    inbox.append((trio.current_time(), message))
+
+            async def send_all(client: ChatClient, to: str) -> None:
+                log = sent.setdefault(to, [])
+                for n in range(per_sender):
+                    body = {"seq": n, "text": f"{client.uid} to {to} #{n}", "pad": "x" * (n % 7)}
+                    entry: dict[str, Any] = {
+                        "id": f"{client.uid}-{n}",
+                        "body": body,
+                        "t": trio.current_time(),
+                        "wall": time.time() * 1000,
+                    }
+                    log.append(entry)
+                    ack = await client.send(to, body, id=entry["id"])
+                    ack_latency.append(trio.current_time() - entry["t"])
+                    assert ack.id == entry["id"]
+                    entry["partition"], entry["offset"] = ack.partition, ack.offset
+
+            async with AsyncExitStack() as stack:
+                for i, (a, b) in enumerate(uids):
+                    for uid, gateway in ((a, i % INSTANCES), (b, (i + 1) % INSTANCES)):
+                        clients[uid] = await stack.enter_async_context(
+                            connect(cluster[gateway].http_url, uid)
+                        )
+
+                # Not measured: a fresh gateway's producer takes about half a second
+                # to be ready (its idempotent producer id) before its first ack.
+                async def warm_up(sender: ChatClient, receiver: ChatClient) -> None:
+                    await sender.send(receiver.uid, "warm-up")
+                    assert (await receiver.receive(timeout_s=20)).body == "warm-up"
+
+                async with trio.open_nursery() as warming:
+                    for a, b in uids:
+                        warming.start_soon(warm_up, clients[a], clients[b])
+                        warming.start_soon(warm_up, clients[b], clients[a])
+
+                started = trio.current_time()
+                async with trio.open_nursery() as traffic:
+                    for a, b in uids:
+                        traffic.start_soon(receive_all, clients[a], per_sender)
+                        traffic.start_soon(receive_all, clients[b], per_sender)
+                        traffic.start_soon(send_all, clients[a], b)
+                        traffic.start_soon(send_all, clients[b], a)
+                elapsed = trio.current_time() - started
+
+            latencies: list[float] = []
+            for a, b in uids:
+                for sender_uid, to in ((a, b), (b, a)):
+                    inbox = received[to]
+                    expected = sent[to]
+                    # Once each and in send order: the received ids are exactly the sent ids.
+                    assert [m.id for _t, m in inbox] == [e["id"] for e in expected]
+                    for (t, message), entry in zip(inbox, expected, strict=True):
+                        check_message(message, clients[sender_uid], to, entry)
+                        latencies.append(t - entry["t"])
+                    offsets = [m.offset for _t, m in inbox]
+                    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+            assert all(c.duplicates_dropped == 0 for c in clients.values())
+            total = 2 * pairs * per_sender
+            assert len(latencies) == total
+            print(
+                f"\n20x50 ({total} messages in {elapsed:.2f}s, {total / elapsed:.0f}/s, "
+                f"kafka {_kafka_overrides() or 'defaults'})"
+            )
+            print(latency_line("send->receive", latencies))
+            print(latency_line("send->ack", ack_latency))
+
+
+async def test_every_device_of_the_recipient_gets_the_message(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with running_cluster(tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names) as (
+            cluster,
+            owners,
+        ):
+            carol = uid_owned_by(owners, "gw-1", "carol")
+            dave = uid_owned_by(owners, "gw-2", "dave")
+            async with (
+                connect(cluster[0].http_url, carol, device="phone") as phone,
+                connect(cluster[2].http_url, carol, device="laptop") as laptop,
+                connect(cluster[0].http_url, dave) as sender,
+            ):
+                sent = []
+                for n in range(5):
+                    wall = time.time() * 1000
+                    ack = await sender.send(carol, {"n": n})
+                    sent.append(
+                        {
+                            "id": ack.id,
+                            "body": {"n": n},
+                            "partition": ack.partition,
+                            "offset": ack.offset,
+                            "wall": wall,
+                        }
+                    )
+                for device in (phone, laptop):
+                    for entry in sent:
+                        check_message(await device.receive(timeout_s=10), sender, carol, entry)
+                    assert device.duplicates_dropped == 0
+                # The sender's own devices are not recipients.
+                with trio.move_on_after(0.3):
+                    unexpected = await sender.receive()
+                    raise AssertionError(f"the sender received {unexpected}")
+
+
+async def test_offline_recipient_finds_the_message_in_kafka_and_by_resume(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with running_cluster(
+            tmp_path,
+            zookeeper_hosts,
+            kafka_bootstrap,
+            cluster_names,
+            {"replay": {"max_records": 3}},
+        ) as (cluster, owners):
+            erin = uid_owned_by(owners, "gw-0", "erin")
+            frank = uid_owned_by(owners, "gw-2", "frank")
+            async with connect(cluster[1].http_url, frank) as sender:
+                wall = time.time() * 1000
+                body = {"text": "are you there?", "unicode": "h\u00e9 \u2713"}
+                ack = await sender.send(erin, body, id="while-away")
+                # Something else for erin's partition after it, not for erin.
+                other = uid_in(ack.partition, "other")
+                later = await sender.send(other, "not for erin")
+            assert ack.partition == partition_for(erin, PARTITIONS)
+            topic = f"{cluster_names.topic_prefix}{ack.partition}"
+            key, value = await trio.to_thread.run_sync(
+                read_kafka_record, kafka_bootstrap, topic, ack.offset
+            )
+            assert key == erin.encode()
+            record = decode_record(value)
+            assert (record.from_uid, record.to, record.id, record.body) == (
+                frank,
+                erin,
+                "while-away",
+                body,
+            )
+
+            started = trio.current_time()
+            async with connect(cluster[2].http_url, erin, resume=ack.offset - 1) as client:
+                welcome = client.welcome.value
+                assert welcome is not None and welcome.resumed is True
+                message = await client.receive(timeout_s=10)
+                replay_s = trio.current_time() - started
+                assert (message.id, message.body, message.offset) == (
+                    "while-away",
+                    body,
+                    ack.offset,
+                )
+                assert message.from_uid == frank and message.ts >= wall - 1000
+                # "not for erin" is skipped; the next thing erin gets is live.
+                live = await sender_then_receive(cluster, frank, erin, client)
+                assert live.offset > later.offset
+                assert client.duplicates_dropped == 0
+            print(f"\nresume: connect + replay of 1 record in {replay_s * 1000:.0f}ms")
+
+            # A resume from before anything was written: everything still there, once.
+            async with connect(cluster[0].http_url, erin, resume=-1) as again:
+                assert again.welcome.value is not None and again.welcome.value.resumed is True
+                first = await again.receive(timeout_s=10)
+                second = await again.receive(timeout_s=10)
+                assert [first.id, second.offset] == ["while-away", live.offset]
+
+            # Past replay.max_records (3 here) a resume is refused: resumed is false,
+            # nothing is replayed, and live delivery goes on.
+            async with (
+                connect(cluster[1].http_url, frank) as sender,
+                connect(cluster[0].http_url, other) as bystander,
+            ):
+                await sender.send(other, "a fourth record in the partition")
+                # Delivered: the partition has read past it.
+                await bystander.receive(timeout_s=10)
+                async with connect(cluster[2].http_url, erin, resume=-1) as late:
+                    assert late.welcome.value is not None
+                    assert late.welcome.value.resumed is False
+                    ack = await sender.send(erin, "after the gap")
+                    message = await late.receive(timeout_s=10)
+                    assert (message.body, message.offset) == ("after the gap", ack.offset)
+
+
+async def sender_then_receive(
+    cluster: Cluster, sender_uid: str, to: str, receiver: ChatClient
+) -> Message:
+    async with connect(cluster[0].http_url, sender_uid) as sender:
+        ack = await sender.send(to, "live now")
+    message = await receiver.receive(timeout_s=10)
+    assert (message.body, message.offset) == ("live now", ack.offset)
+    return message
+
+
+class Chatter:
+    """Two users exchanging messages in a loop, to show other sessions are unaffected."""
+
+    def __init__(self, a: ChatClient, b: ChatClient) -> None:
+        self.a, self.b = a, b
+        self.latencies: list[float] = []
+        self.stop = trio.Event()
+
+    async def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            for sender, receiver in ((self.a, self.b), (self.b, self.a)):
+                started = trio.current_time()
+                ack = await sender.send(receiver.uid, {"n": n}, timeout_s=10)
+                message = await receiver.receive(timeout_s=10)
+                assert (message.body, message.offset) == ({"n": n}, ack.offset)
+                self.latencies.append(trio.current_time() - started)
+                n += 1
+            await trio.sleep(0.01)
+
+
+async def test_bad_input_gets_its_answer_and_other_sessions_carry_on(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with running_cluster(tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names) as (
+            cluster,
+            owners,
+        ):
+            home = ws_url_of(cluster, "gw-0")
+            mallory = uid_owned_by(owners, "gw-0", "mallory")
+            peggy = uid_owned_by(owners, "gw-0", "peggy")
+            victor = uid_owned_by(owners, "gw-0", "victor")
+            async with (
+                connect(cluster[0].http_url, peggy) as a,
+                connect(cluster[0].http_url, victor) as b,
+                trio.open_nursery() as nursery,
+            ):
+                chatter = Chatter(a, b)
+                nursery.start_soon(chatter.run)
+
+                # 400: a bad uid, at connection-url and at the handshake.
+                for bad in ("", "has space", "x" * 129, "caf\u00e9"):
+                    status, _h, doc = await http_get(
+                        f"{cluster[1].http_url}/api/connection-url?{ws_query(uid=bad)}"
+                    )
+                    assert (status, doc["error"]) == (400, "bad_uid"), (bad, doc)
+                    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                        async with open_websocket(f"{home}?{ws_query(uid=bad)}"):
+                            pass
+                    assert rejected.value.status_code == 400
+                    assert json.loads(rejected.value.body or b"")["error"] == "bad_uid"
+
+                # 421 from an instance that does not own the uid, naming the owner.
+                with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                    async with open_websocket(
+                        f"{ws_url_of(cluster, 'gw-1')}?{ws_query(uid=mallory)}"
+                    ):
+                        pass
+                assert rejected.value.status_code == 421
+                doc = json.loads(rejected.value.body or b"")
+                assert (doc["error"], doc["url"]) == ("wrong_instance", home)
+
+                async with open_websocket(f"{home}?{ws_query(uid=mallory)}") as ws:
+                    await expect_frame(ws, "welcome")
+                    # Five bad frames are tolerated (bad_frames_per_minute = 5) ...
+                    bad_frames: list[tuple[str | bytes, str, str | None]] = [
+                        ("not json", "bad_frame", None),
+                        ('{"type": "shout", "id": "s1"}', "bad_frame", "s1"),
+                        ('{"type": "send", "id": "m1", "to": "' + peggy + '"}', "bad_frame", "m1"),
+                        (
+                            '{"type": "send", "id": "m2", "to": "no spaces!", "body": 1}',
+                            "bad_recipient",
+                            "m2",
+                        ),
+                        (b'{"type": "ping"}', "bad_frame", None),
+                    ]
+                    for frame, code, frame_id in bad_frames:
+                        await ws.send_message(frame)
+                        error = await expect_frame(ws, "error")
+                        assert (error["code"], error["id"]) == (code, frame_id), (frame, error)
+                        assert error["message"]
+                    # ... and the connection keeps working ...
+                    await ws.send_message('{"type": "ping"}')
+                    await expect_frame(ws, "pong")
+                    await ws.send_message(
+                        json.dumps(
+                            {"type": "send", "id": "ok1", "to": "walter", "body": "still here"}
+                        )
+                    )
+                    ack = await expect_frame(ws, "ack")
+                    assert ack["id"] == "ok1"
+                    # ... until the sixth within a minute: 1008.
+                    await ws.send_message("{")
+                    await expect_close(ws, 1008)
+
+                # A frame over max_frame_bytes (4096): 1009.
+                async with open_websocket(
+                    f"{home}?{ws_query(uid=mallory)}", max_message_size=1 << 20
+                ) as ws:
+                    await expect_frame(ws, "welcome")
+                    body = "y" * 5000
+                    await ws.send_message(
+                        json.dumps({"type": "send", "id": "big", "to": peggy, "body": body})
+                    )
+                    await expect_close(ws, 1009)
+
+                await trio.sleep(0.3)
+                chatter.stop.set()
+            assert len(chatter.latencies) >= 4
+            print("\n" + latency_line("chatter beside bad input (round trip)", chatter.latencies))
+
+
+async def open_stalled_websocket(ws_url: str, uid: str) -> trio.SocketStream:
+    """A WebSocket client that completes the handshake and then never reads again.
+
+    Its receive buffer is made small (before connecting, so the TCP window
+    stays small) so that the server's socket fills up quickly.
+    """
+    parts = urlsplit(ws_url)
+    assert parts.hostname is not None and parts.port is not None
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((parts.hostname, parts.port))
+    stream = trio.SocketStream(sock)
+    request = (
+        f"GET {parts.path}?{ws_query(uid=uid, device='stalled')} HTTP/1.1\r\n"
+        f"Host: {parts.hostname}:{parts.port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await stream.send_all(request.encode())
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += await stream.receive_some(1)  # byte by byte: read nothing past it
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return stream
+
+
+async def test_a_reader_that_stops_reading_is_closed_and_stalls_nobody(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    queue_messages, send_timeout_s = 32, 1.0
+    limits = {
+        "outbound_queue_messages": queue_messages,
+        "send_timeout_s": send_timeout_s,
+        # The flood comes from a few senders as fast as they can.
+        "sends_per_second": 100_000.0,
+        "send_burst": 100_000,
+        # Large messages fill the socket buffers (up to 4 MiB by default) sooner.
+        "max_frame_bytes": 65536,
+    }
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with running_cluster(
+            tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names, {"limits": limits}
+        ) as (cluster, owners):
+            partition = owners.index("gw-0")
+            gateway = cluster.by_id("gw-0")
+            slow = uid_in(partition, "slow")
+            # Healthy users: the receiver shares the slow reader's partition.
+            neighbour = uid_in(partition, "neighbour")
+            friend = uid_owned_by(owners, "gw-1", "friend")
+            closes_1013 = f'linechatd_closes_total{{code="{1013}"}}'
+            before_1013 = await metric_value(cluster, "gw-0", closes_1013)
+            async with (
+                connect(cluster[1].http_url, neighbour) as a,
+                connect(cluster[1].http_url, friend) as b,
+                trio.open_nursery() as nursery,
+            ):
+                stalled = await open_stalled_websocket(gateway.ws_url, slow)
+                rss_before = rss_bytes(gateway.pid or 0)
+                chatter = Chatter(a, b)
+                nursery.start_soon(chatter.run)
+
+                # More than the socket buffers (up to 4 MiB each side by default)
+                # and the outbox (32 frames) can hold together.
+                body = "z" * 30_000
+                flood_total = 300
+                flooded = 0
+                acked: list[int] = []
+
+                async def flood(sender: ChatClient) -> None:
+                    nonlocal flooded
+                    while flooded < flood_total:
+                        flooded += 1
+                        acked.append((await sender.send(slow, body, timeout_s=20)).offset)
+
+                closed_at: float | None = None
+
+                async def watch_for_1013() -> None:
+                    nonlocal closed_at
+                    while await metric_value(cluster, "gw-0", closes_1013) == before_1013:  # noqa: ASYNC110 - another process
+                        await trio.sleep(0.05)
+                    closed_at = trio.current_time()
+
+                async with AsyncExitStack() as stack:
+                    senders = [
+                        await stack.enter_async_context(
+                            connect(cluster[i % INSTANCES].http_url, f"flooder{i}")
+                        )
+                        for i in range(4)
+                    ]
+                    started = trio.current_time()
+                    async with trio.open_nursery() as flooding:
+                        flooding.start_soon(watch_for_1013)
+                        for sender in senders:
+                            flooding.start_soon(flood, sender)
+                    flood_s = trio.current_time() - started
+                assert closed_at is not None
+                stall_s = closed_at - started
+                rss_after = rss_bytes(gateway.pid or 0)
+                # The device comes back with resume and gets the whole flood, once, in order.
+                replay_started = trio.current_time()
+                async with connect(
+                    cluster[2].http_url, slow, device="stalled", resume=min(acked) - 1
+                ) as back:
+                    assert back.welcome.value is not None and back.welcome.value.resumed is True
+                    offsets = [(await back.receive(timeout_s=20)).offset for _ in acked]
+                    assert offsets == sorted(acked)
+                    assert back.duplicates_dropped == 0
+                replay_s = trio.current_time() - replay_started
+                chatter.stop.set()
+
+            # The server closed the stalled socket: reading it now ends (EOF or reset).
+            received = 0
+            with trio.fail_after(10):
+                try:
+                    while chunk := await stalled.receive_some(65536):
+                        received += len(chunk)
+                except trio.BrokenResourceError:
+                    pass
+            await stalled.aclose()
+
+            behind = [
+                line for line in gateway.log_text().splitlines() if "event=session_behind" in line
+            ]
+            assert len(behind) == 1 and f"uid={slow}" in behind[0], behind
+            print(
+                f"\nslow reader: {flood_total} messages of {len(body)} chars sent to it, "
+                f"in {flood_s:.1f}s; closed 1013 {stall_s:.1f}s after the flood began; "
+                f"{received} bytes were left in its socket; resumed and got all {len(acked)} "
+                f"in {replay_s:.1f}s; "
+                f"gateway RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB\n{behind[0]}"
+            )
+            print(
+                latency_line(
+                    "same-partition chatter during the stall (round trip)", chatter.latencies
+                )
+            )
+            assert chatter.latencies
+            # Bounded: a queue of 32 frames and the socket buffers, not the whole flood.
+            assert rss_after - rss_before < 32 * 2**20
+
+
+async def test_ping_pong_and_every_ack_is_already_in_kafka(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with running_cluster(tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names) as (
+            cluster,
+            owners,
+        ):
+            grace = uid_owned_by(owners, "gw-1", "grace")
+            heidi = uid_owned_by(owners, "gw-2", "heidi")
+            async with open_websocket(
+                f"{ws_url_of(cluster, 'gw-1')}?{ws_query(uid=grace, device='d1')}"
+            ) as ws:
+                welcome = await expect_frame(ws, "welcome")
+                assert (welcome["uid"], welcome["device"], welcome["instance"]) == (
+                    grace,
+                    "d1",
+                    "gw-1",
+                )
+                assert welcome["resumed"] is None
+                assert welcome["partition"] == partition_for(grace, PARTITIONS)
+                for _ in range(3):
+                    await ws.send_message('{"type": "ping"}')
+                    assert await expect_frame(ws, "pong") == {"type": "pong"}
+
+                # Pipelined sends: acks come back in send order, offsets growing.
+                ids = [f"p{n}" for n in range(20)]
+                for msg_id in ids:
+                    await ws.send_message(
+                        json.dumps(
+                            {"type": "send", "id": msg_id, "to": heidi, "body": {"i": msg_id}}
+                        )
+                    )
+                acks = [await expect_frame(ws, "ack") for _ in ids]
+                assert [a["id"] for a in acks] == ids
+                offsets = [a["offset"] for a in acks]
+                assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+                assert {a["partition"] for a in acks} == {partition_for(heidi, PARTITIONS)}
+
+                # An ack means the broker has it: read it back right away.
+                topic = f"{cluster_names.topic_prefix}{acks[0]['partition']}"
+                for ack in (acks[0], acks[-1]):
+                    key, value = await trio.to_thread.run_sync(
+                        read_kafka_record, kafka_bootstrap, topic, ack["offset"]
+                    )
+                    record = decode_record(value)
+                    assert key == heidi.encode()
+                    assert (record.from_uid, record.from_device, record.id, record.body) == (
+                        grace,
+                        "d1",
+                        ack["id"],
+                        {"i": ack["id"]},
+                    )
