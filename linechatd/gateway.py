@@ -339,7 +339,8 @@ class Gateway:
         ctx, sup = self.ctx, self.supervisor
         assert ctx is not None and sup is not None
         partitions = []
-        for runtime in sup.runtimes():
+        # Only partitions that serve: a lease still starting would answer 421.
+        for runtime in (r for r in sup.runtimes() if r.running):
             try:
                 _low, high = runtime.consumer.cached_watermarks()
                 lag: int | None = max(0, high - runtime.next_offset)

@@ -1,0 +1,182 @@
+"""Chaos under traffic: SIGKILL one instance, SIGTERM another, start a new one.
+
+40 clients send continuously, each to the next one. At the end: no acked
+message lost, no duplicate seen by the application after the client's
+dedupe, per-sender order preserved. Takeover times are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import trio
+from support.cluster import ClusterNames, GatewayProcess, start_cluster
+
+from linechatd.client import ChatClient, SendFailed
+
+CLIENTS = 40
+PARTITIONS = 8
+SESSION_TIMEOUT_S = 3.0
+
+
+def _events(gateway: GatewayProcess, name: str) -> list[dict]:
+    out = []
+    for line in gateway.log_text().splitlines():
+        if line.startswith("{") and f'"event":"{name}"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+def _takeovers(
+    gateways: list[GatewayProcess], after: float, partitions: set[int]
+) -> dict[int, float]:
+    """Seconds from ``after`` until each partition started on a surviving owner."""
+    result: dict[int, float] = {}
+    for gateway in gateways:
+        for event in _events(gateway, "partition_started"):
+            k = event["partition"]
+            if k in partitions and event["ts"] >= after:
+                result[k] = min(result.get(k, float("inf")), event["ts"] - after)
+    return result
+
+
+async def test_chaos_no_acked_message_lost(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    rng = random.Random(20261129)
+    sections = {
+        "zookeeper": {"session_timeout": SESSION_TIMEOUT_S},
+        "log": {"format": "json"},
+        "shutdown": {"grace_period_s": 10.0, "drain_stagger_s": 0.1},
+        "partitions": {"rebalance_pause_s": 0.05},
+        "limits": {"sends_per_second": 1000.0, "send_burst": 1000},
+    }
+    async with start_cluster(
+        3,
+        workdir=tmp_path,
+        zookeeper_hosts=zookeeper_hosts,
+        kafka_bootstrap=kafka_bootstrap,
+        names=cluster_names,
+        partitions=PARTITIONS,
+        sections=sections,
+    ) as cluster:
+        urls = [g.http_url for g in cluster.instances]
+        clients = [
+            ChatClient(
+                rng.sample(urls, len(urls)), f"user-{i}", initial_backoff_s=0.05, max_backoff_s=1.0
+            )
+            for i in range(CLIENTS)
+        ]
+        acked: dict[str, list[tuple[int, str]]] = defaultdict(list)  # recipient -> (seq, id)
+        received: dict[str, list[tuple[str, int]]] = defaultdict(list)  # recipient -> (sender, seq)
+        stop_sending = trio.Event()
+        sent_total = 0
+
+        async def sender(i: int) -> None:
+            nonlocal sent_total
+            client, to = clients[i], f"user-{(i + 1) % CLIENTS}"
+            seq = 0
+            while not stop_sending.is_set():
+                msg_id = f"{client.device}-{seq}"
+                while True:
+                    try:
+                        await client.send(to, {"seq": seq}, id=msg_id, timeout_s=20)
+                        break
+                    except (SendFailed, trio.TooSlowError):
+                        # Not acked: resend with the same id (the recipient dedupes).
+                        await trio.sleep(0.05)
+                acked[to].append((seq, msg_id))
+                sent_total += 1
+                seq += 1
+                await trio.sleep(rng.uniform(0.01, 0.05))
+
+        async def receiver(i: int) -> None:
+            client = clients[i]
+            async for message in client.messages():
+                received[client.uid].append((message.from_uid, message.body["seq"]))
+
+        with trio.fail_after(150):
+            async with trio.open_nursery() as nursery:
+                for client in clients:
+                    await nursery.start(client.run)
+                for i in range(CLIENTS):
+                    nursery.start_soon(receiver, i)
+                    nursery.start_soon(sender, i)
+
+                await trio.sleep(3)
+                victim, drained = cluster[0], cluster[1]
+                victim_partitions = {e["partition"] for e in _events(victim, "partition_started")}
+                killed_at = time.time()
+                victim.kill()
+                await trio.sleep(2)
+                drained_at = time.time()
+                drained.terminate()
+                await trio.sleep(1)
+                newcomer = cluster.add_instance()
+                await newcomer.wait_ready(30)
+                assert await drained.wait_exit(30) == 0
+                await trio.sleep(6)
+                stop_sending.set()
+                # Let the last acked messages arrive.
+                deadline = trio.current_time() + 30
+                while trio.current_time() < deadline:
+                    if all(len(received[to]) >= len(acked[to]) for to in acked):
+                        break
+                    await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+
+        survivors = [cluster[2], newcomer]
+        crash = _takeovers(survivors, killed_at, victim_partitions)
+        print(
+            f"\nchaos: {sent_total} acked sends; crash takeover of {len(victim_partitions)} partitions: "
+            f"max {max(crash.values(), default=float('nan')):.2f} s after SIGKILL "
+            f"(session_timeout {SESSION_TIMEOUT_S} s)"
+        )
+        drained_partitions = {
+            e["partition"]
+            for e in _events(drained, "partition_stopped")
+            if e.get("reason") == "drain"
+        }
+        drain = _takeovers([cluster[2], newcomer, victim], drained_at, drained_partitions)
+        print(
+            f"chaos: drain handover of {len(drained_partitions)} partitions: max {max(drain.values(), default=float('nan')):.2f} s"
+        )
+        resent = sum(c.duplicates_dropped for c in clients)
+        print(
+            f"chaos: duplicates dropped by the clients' dedupe: {resent}; reconnects: {sum(c.connections for c in clients) - CLIENTS}"
+        )
+
+        lost = 0
+        for to, sends in acked.items():
+            got = {(sender, seq) for sender, seq in received[to]}
+            sender = f"user-{(int(to.split('-')[1]) - 1) % CLIENTS}"
+            lost += sum(1 for seq, _ in sends if (sender, seq) not in got)
+        if lost:
+            for c in clients:
+                to = c.uid
+                print(
+                    "DEBUG",
+                    to,
+                    len(acked[to]),
+                    len(received[to]),
+                    c.state.value,
+                    c.cursor,
+                    c.welcome.value,
+                    c.connections,
+                )
+        assert lost == 0, f"{lost} acked messages never arrived"
+        for to, messages in received.items():
+            per_sender: dict[str, list[int]] = defaultdict(list)
+            for sender, seq in messages:
+                per_sender[sender].append(seq)
+            for sender, seqs in per_sender.items():
+                assert len(seqs) == len(set(seqs)), f"{to} saw a duplicate from {sender}"
+                assert seqs == sorted(seqs), f"{to} got {sender}'s messages out of order"
+        assert sent_total > CLIENTS * 10
+        assert set(crash) == victim_partitions, (
+            "every partition of the killed instance got a new owner"
+        )
