@@ -85,5 +85,15 @@ class Metrics:
             "linechatd_replayed_records_total", "Records sent to sessions by replay", registry=r
         )
 
+        self.replay_scans = Counter(
+            "linechatd_replay_scans_total",
+            "Shared replay reads started: window probes and range scans",
+            ["kind"],
+            registry=r,
+        )
+        self.replay_consumers = Counter(
+            "linechatd_replay_consumers_total", "Kafka consumers opened for replay", registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

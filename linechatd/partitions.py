@@ -6,6 +6,7 @@
         ├── consumer      topic-k -> bounded channel
         ├── delivery      each record -> the sessions of its recipient
         ├── committer     the next owner's starting point (a hint)
+        ├── replay hub    shared reads for resuming sessions (replay.py)
         └── sessions      the sockets of k's users (closed with 1012)
 
 A lease is taken by creating the ephemeral node ``partitions/<k>/owner``; the
@@ -28,6 +29,7 @@ import trio
 from .kafka import KafkaUnavailable, PartitionConsumer, Record
 from .ownership import lease_data
 from .protocol import RecordError, decode_record, encode_message
+from .replay import ReplayHub
 from .session import Session
 from .zk import NodeExistsError, NoNodeError, SessionState, ZnodeStat, ZooKeeperError
 
@@ -68,6 +70,8 @@ class PartitionRuntime:
             fetch_wait_max_ms=ctx.config.value.kafka.fetch_wait_max_ms,
             limiter=ctx.consumer_limiter,
         )
+        # Resumes share its reads (one scan for a reconnect storm, not one consumer each).
+        self.replay_hub = ReplayHub(ctx, partition)
         self.sessions: dict[str, set[Session]] = {}
         self.next_offset = 0  # the offset after the last one delivered
         self._committed = -1
@@ -140,6 +144,7 @@ class PartitionRuntime:
                     nursery.start_soon(self.consumer.records, records_send)
                     nursery.start_soon(self._deliver, records_recv)
                     nursery.start_soon(self._commit_loop)
+                    nursery.start_soon(self.replay_hub.run)
                     self.running = True
                     self.started = started = True
                     ctx.metrics.partition_owned.labels(str(k)).set(1)

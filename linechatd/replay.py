@@ -8,17 +8,35 @@ records, none deleted by Kafka retention, and its first record no older than
 tells the client ``resumed``), and once it is, every record of the range is
 sent, in offset order, each once.
 
-Each replay reads with a consumer of its own, assigned at N+1, never joining a
-group nor committing: the partition's own consumer serves live delivery and
-must not be disturbed (nor waited for: librdkafka calls on one consumer
-serialize behind its poll).
+After a failover every user of a partition reconnects at about the same
+moment, so the reads are shared: each partition runs one :class:`ReplayHub`
+with two consumers of its own (never joining a group nor committing: the
+partition's consumer serves live delivery and must not be disturbed, nor
+waited for, as librdkafka calls on one consumer serialize behind its poll).
+
+- The probe answers window checks. Checks that arrive together are answered
+  together: one watermark request, then the first record at each asked start,
+  read forward in offset order (seeking only over wide gaps).
+- The scan serves ranges. One pass reads from the lowest start asked for and
+  hands each record to every request of its key whose range holds it, in
+  offset order. A request arriving during a pass joins it when its start is
+  not behind the pass; otherwise it waits for the next pass, which starts
+  from the lowest waiting start.
+
+Each request has a bounded channel to its session (in records and in bytes):
+the scan never waits for a socket. A request whose channel is full leaves the
+pass at the first record that did not fit; its session sends what it holds,
+then asks again from that record, so a slow reader costs extra passes, never
+the others' time nor unbounded memory. A socket that does not take one frame
+within ``limits.send_timeout_s`` still closes the session with 1013.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,8 +52,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCAN_BATCH = 500
-# A scan that makes no progress for this long gives up (the session closes
-# with 1011 and the client resumes again later).
+# The probe reads forward to the next asked start when it is this close, and
+# seeks (one more fetch round trip) when it is farther.
+PROBE_SEEK_GAP = 2000
+# Bytes of record values one request may hold for its session, next to the
+# record count bound (``limits.outbound_queue_messages``).
+REQUEST_MAX_BYTES = 4 << 20
+# A scan that makes no progress for this long gives up (the sessions close
+# with 1011 and the clients resume again later).
 STALL_TIMEOUT_S = 10.0
 _POLL_S = 0.2
 # Out of range at the assigned offset: retention deleted it after the window check.
@@ -58,32 +82,347 @@ class _Fetched:
     value: bytes | None
 
 
+@dataclass(eq=False)
+class _Check:
+    start: int
+    done: trio.Event = field(default_factory=trio.Event)
+    low: int = 0
+    first: _Fetched | None = None
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    key: bytes
+    start: int
+    end: int
+    send: trio.MemorySendChannel[_Fetched]
+    error: BaseException | None = None
+    queued_bytes: int = 0
+    # Set when the channel was full: the first offset it did not get.
+    resume_at: int | None = None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        self.send.close()
+
+
+class ReplayHub:
+    """The shared reads of one partition's resumes; runs in the partition's nursery."""
+
+    def __init__(self, ctx: Context, partition: int) -> None:
+        self._ctx = ctx
+        self.partition = partition
+        self._topic = ctx.topic(partition)
+        self._checks: list[_Check] = []
+        self._checks_added = trio.Event()
+        self._waiting: list[_Request] = []
+        self._waiting_added = trio.Event()
+        # The pass in progress, by key, and the offset it reads next.
+        self._active: dict[bytes, list[_Request]] = {}
+        self._position: int | None = None
+        self._joined = 0
+        self._consumers: list[Consumer] = []
+        # Sessions may ask before run() has had its first turn; only an ended hub refuses.
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<ReplayHub {self._topic}>"
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._probe_loop)
+                nursery.start_soon(self._scan_loop)
+        finally:
+            self._closed = True
+            failure = KafkaUnavailable(f"replay of {self._topic}: partition stopped")
+            for check in self._checks:
+                check.error = failure
+                check.done.set()
+            for request in [*self._waiting, *(r for rs in self._active.values() for r in rs)]:
+                request.finish(failure)
+            consumers, self._consumers = self._consumers, []
+            with trio.CancelScope(shield=True):
+                for consumer in consumers:
+                    await self._thread(consumer.close)
+
+    # -- what sessions call ----------------------------------------------------
+
+    async def probe(self, start: int) -> tuple[int, _Fetched | None]:
+        """(low watermark, first record at offset >= start or None at the log end)."""
+        if self._closed:
+            raise KafkaUnavailable(f"replay of {self._topic}: partition stopped")
+        check = _Check(start)
+        self._checks.append(check)
+        self._checks_added.set()
+        await check.done.wait()
+        if check.error is not None:
+            raise check.error
+        return check.low, check.first
+
+    def submit(
+        self, uid: str, start: int, end: int
+    ) -> tuple[_Request, trio.MemoryReceiveChannel[_Fetched]]:
+        """Ask for ``uid``'s records in [start, end); they arrive on the returned channel."""
+        if self._closed:
+            raise KafkaUnavailable(f"replay of {self._topic}: partition stopped")
+        capacity = self._ctx.config.value.limits.outbound_queue_messages
+        send, recv = trio.open_memory_channel[_Fetched](capacity)
+        request = _Request(uid.encode(), start, end, send)
+        if self._position is not None and start >= self._position:
+            self._active.setdefault(request.key, []).append(request)
+            self._joined += 1
+        else:
+            self._waiting.append(request)
+            self._waiting_added.set()
+        return request, recv
+
+    # -- the probe ---------------------------------------------------------------
+
+    async def _probe_loop(self) -> None:
+        consumer: Consumer | None = None
+        while True:
+            while not self._checks:
+                self._checks_added = trio.Event()
+                await self._checks_added.wait()
+            checks, self._checks = self._checks, []
+            self._ctx.metrics.replay_scans.labels("probe").inc()
+            try:
+                if consumer is None:
+                    consumer = self._open()
+                await self._answer(consumer, checks)
+            except KafkaUnavailable as exc:
+                for check in checks:
+                    if not check.done.is_set():
+                        check.error = exc
+                        check.done.set()
+
+    async def _answer(self, consumer: Consumer, checks: list[_Check]) -> None:
+        tp = TopicPartition(self._topic, 0)
+        try:
+            low, _high = await self._thread(
+                lambda: consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+            )
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"replay of {self._topic}: {exc}") from exc
+        by_start: dict[int, list[_Check]] = {}
+        for check in checks:
+            by_start.setdefault(check.start, []).append(check)
+        buffered: deque[_Fetched] = deque()
+        position: int | None = None  # every offset below it was read (since the last seek)
+        at_end = False
+        for start in sorted(by_start):
+            first: _Fetched | None = None
+            if start >= low:
+                if position is None or start > position + PROBE_SEEK_GAP:
+                    consumer.assign([TopicPartition(self._topic, 0, start)])
+                    position, at_end = start, False
+                    buffered.clear()
+                while buffered and buffered[0].offset < start:
+                    buffered.popleft()
+                while not buffered and not at_end:
+                    batch, log_end = await self._next_batch(consumer, limit=SCAN_BATCH)
+                    at_end = log_end is not None
+                    if batch:
+                        position = batch[-1].offset + 1
+                        buffered.extend(f for f in batch if f.offset >= start)
+                first = buffered[0] if buffered else None
+            for check in by_start[start]:
+                check.low, check.first = low, first
+                check.done.set()
+
+    # -- the scan ------------------------------------------------------------------
+
+    async def _scan_loop(self) -> None:
+        consumer: Consumer | None = None
+        while True:
+            while not self._waiting:
+                self._waiting_added = trio.Event()
+                await self._waiting_added.wait()
+            requests, self._waiting = self._waiting, []
+            for request in requests:
+                self._active.setdefault(request.key, []).append(request)
+            start = min(r.start for r in requests)
+            self._ctx.metrics.replay_scans.labels("scan").inc()
+            started = trio.current_time()
+            self._joined = 0
+            try:
+                if consumer is None:
+                    consumer = self._open()
+                consumer.assign([TopicPartition(self._topic, 0, start)])
+                self._position = start
+                while self._active:
+                    batch, log_end = await self._next_batch(consumer, limit=SCAN_BATCH)
+                    if batch:
+                        self._hand_out(batch)
+                    if log_end is not None:
+                        # The log end as one fetch saw it (perhaps before a request
+                        # joined): ranges ending at or below it are complete, and the
+                        # others wait for their records (or the stall timeout).
+                        self._position = max(self._position, log_end)
+                        for rs in list(self._active.values()):
+                            for request in list(rs):
+                                if request.end <= log_end:
+                                    self._drop(request)
+            except KafkaUnavailable as exc:
+                for rs in self._active.values():
+                    for request in rs:
+                        request.finish(exc)
+            finally:
+                for rs in self._active.values():
+                    for request in rs:
+                        request.finish()
+                self._active = {}
+                self._position = None
+            log.info(
+                "replay_scan_done",
+                extra={
+                    "partition": self.partition,
+                    "from": start,
+                    "requests": len(requests) + self._joined,
+                    "seconds": round(trio.current_time() - started, 3),
+                },
+            )
+
+    def _hand_out(self, batch: list[_Fetched]) -> None:
+        """Each record to the requests that want it; no await: joins see a whole batch or none."""
+        active = self._active
+        for fetched in batch:
+            requests = active.get(fetched.key) if fetched.key is not None else None
+            if not requests:
+                continue
+            for request in list(requests):
+                if fetched.offset < request.start:
+                    continue
+                if fetched.offset >= request.end:
+                    self._drop(request)
+                    continue
+                size = len(fetched.value or b"")
+                if request.queued_bytes > 0 and request.queued_bytes + size > REQUEST_MAX_BYTES:
+                    request.resume_at = fetched.offset
+                    self._drop(request)
+                    continue
+                try:
+                    request.send.send_nowait(fetched)
+                except trio.WouldBlock:
+                    request.resume_at = fetched.offset
+                    self._drop(request)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._drop(request)  # the session is gone
+                else:
+                    request.queued_bytes += size
+        self._position = batch[-1].offset + 1
+        # Requests whose range the pass has now passed are complete.
+        for requests in list(active.values()):
+            for request in list(requests):
+                if request.end <= self._position:
+                    self._drop(request)
+
+    def _drop(self, request: _Request) -> None:
+        request.finish()
+        requests = self._active.get(request.key)
+        if requests is not None and request in requests:
+            requests.remove(request)
+            if not requests:
+                del self._active[request.key]
+
+    # -- librdkafka, in threads ---------------------------------------------------
+
+    def _open(self) -> Consumer:
+        cfg = self._ctx.config.value
+        consumer = Consumer(
+            {
+                "bootstrap.servers": cfg.kafka.bootstrap_servers,
+                # Required by librdkafka; never joined nor committed to.
+                "group.id": f"{self._ctx.group(self.partition)}-replay",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                # A range deleted under us is an error, never a silent skip.
+                "auto.offset.reset": "error",
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": cfg.kafka.fetch_wait_max_ms,
+                "socket.nagle.disable": True,
+                "fetch.queue.backoff.ms": 10,
+            }
+        )
+        self._consumers.append(consumer)
+        self._ctx.metrics.replay_consumers.inc()
+        return consumer
+
+    async def _thread(self, fn: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, limiter=self._ctx.consumer_limiter)
+
+    async def _next_batch(
+        self, consumer: Consumer, *, limit: int
+    ) -> tuple[list[_Fetched], int | None]:
+        """The next records from the assigned position, and the log end if they reach it."""
+        deadline = trio.current_time() + STALL_TIMEOUT_S
+
+        def poll() -> tuple[list[_Fetched], int | None]:
+            first = consumer.poll(_POLL_S)
+            if first is None:
+                return [], None
+            messages: list[Message] = [first]
+            if limit > 1:
+                messages += consumer.consume(limit - 1, 0)
+            batch: list[_Fetched] = []
+            at_end: int | None = None
+            for m in messages:
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        # Records written since may follow in this same batch.
+                        at_end = m.offset()
+                        if at_end is None or at_end < 0:
+                            at_end = batch[-1].offset + 1 if batch else 0
+                        continue
+                    if err.code() in _GONE or err.fatal():
+                        raise KafkaException(err)
+                    continue  # transient: librdkafka retries by itself
+                offset = m.offset()
+                if offset is not None:
+                    at_end = None
+                    batch.append(_Fetched(offset, m.timestamp()[1], m.key(), m.value()))
+            return batch, at_end
+
+        while True:
+            try:
+                batch, at_end = await self._thread(poll)
+            except KafkaException as exc:
+                raise KafkaUnavailable(f"replay of {self._topic}: {exc}") from exc
+            if batch or at_end is not None:
+                return batch, at_end
+            if trio.current_time() > deadline:
+                raise KafkaUnavailable(
+                    f"replay of {self._topic}: no records for {STALL_TIMEOUT_S:g}s"
+                )
+
+
 class Replay:
     """One resume of one session: decide the window, then send the range.
 
-    async with Replay(ctx, partition, uid, resume, end) as replay:
+    async with Replay(ctx, hub, uid, resume, end) as replay:
         resumed = await replay.check()   # before the welcome frame
         ...
         if resumed:
             await replay.send_to(session)
     """
 
-    def __init__(self, ctx: Context, partition: int, uid: str, resume: int, end: int) -> None:
+    def __init__(self, ctx: Context, hub: ReplayHub, uid: str, resume: int, end: int) -> None:
         self._ctx = ctx
-        self.partition = partition
+        self._hub = hub
+        self.partition = hub.partition
         self.uid = uid
         self.start = resume + 1
         self.end = end
         self.sent = 0
-        self._topic = ctx.topic(partition)
-        self._key = uid.encode()
-        self._consumer: Consumer | None = None
-        self._first: _Fetched | None = None  # read by check(), sent first by send_to()
         self._checked: bool | None = None
         self._at_end = False  # check() already met the end of the log
 
     def __repr__(self) -> str:
-        return f"<Replay {self._topic} [{self.start}, {self.end}) uid={self.uid}>"
+        return f"<Replay {self._hub!r} [{self.start}, {self.end}) uid={self.uid}>"
 
     async def __aenter__(self) -> Replay:
         return self
@@ -94,13 +433,7 @@ class Replay:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            with trio.CancelScope(shield=True):
-                await self._thread(consumer.close)
+        return None
 
     # -- the window -----------------------------------------------------------
 
@@ -116,30 +449,20 @@ class Replay:
             metrics.replays.labels("out_of_window").inc()
             self._checked = False
             return False
-        consumer = self._open()
-        tp = TopicPartition(self._topic, 0)
-        try:
-            low, _high = await self._thread(
-                lambda: consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
-            )
-        except KafkaException as exc:
-            raise KafkaUnavailable(f"replay of {self._topic}: {exc}") from exc
+        low, first = await self._hub.probe(self.start)
         ok = self.start >= low
         if ok:
-            consumer.assign([TopicPartition(self._topic, 0, self.start)])
-            first = await self._next_batch(limit=1)
-            self._at_end = not first
-            if first:
-                self._first = first[0]
+            self._at_end = first is None
+            if first is not None:
                 # Timestamps grow along the log (to clock skew between instances),
                 # so the first record is the oldest the replay would send.
                 oldest_ms = (time.time() - cfg.max_age_s) * 1000
-                ok = self._first.timestamp_ms >= oldest_ms
+                ok = first.timestamp_ms >= oldest_ms
         metrics.replays.labels("replayed" if ok else "out_of_window").inc()
         self._checked = ok
         return ok
 
-    # -- the scan ---------------------------------------------------------------
+    # -- the range ---------------------------------------------------------------
 
     async def send_to(self, target: ReplayTarget) -> int:
         """Send ``target`` its records in [start, end), in offset order; return how many."""
@@ -148,21 +471,20 @@ class Replay:
         if self.start >= self.end or self._at_end:
             return 0
         started = trio.current_time()
-        pending = [self._first] if self._first is not None else []
-        self._first = None
-        position = self.start
+        start = self.start
         try:
-            while position < self.end:
-                batch = pending or await self._next_batch(limit=SCAN_BATCH)
-                pending = []
-                if not batch:
-                    break  # the end of the log: nothing more was written before ``end``
-                for fetched in batch:
-                    if fetched.offset >= self.end:
-                        position = self.end
-                        break
-                    position = fetched.offset + 1
-                    await self._send_one(target, fetched)
+            while True:
+                request, records = self._hub.submit(self.uid, start, self.end)
+                async with records:
+                    async for fetched in records:
+                        request.queued_bytes -= len(fetched.value or b"")
+                        await self._send_one(target, fetched)
+                if request.error is not None:
+                    raise request.error
+                if request.resume_at is None:
+                    break
+                # Our channel was full: the rest comes from a later pass.
+                start = request.resume_at
         finally:
             self._ctx.metrics.replayed_records.inc(self.sent)
             log.info(
@@ -179,8 +501,6 @@ class Replay:
         return self.sent
 
     async def _send_one(self, target: ReplayTarget, fetched: _Fetched) -> None:
-        if fetched.key != self._key:
-            return  # another user's: the key is the recipient, no need to decode
         try:
             chat = decode_record(fetched.value)
         except RecordError:
@@ -191,70 +511,3 @@ class Replay:
             fetched.offset, encode_message(chat, self.partition, fetched.offset)
         )
         self.sent += 1
-
-    # -- librdkafka, in threads ---------------------------------------------------
-
-    def _open(self) -> Consumer:
-        if self._consumer is None:
-            cfg = self._ctx.config.value
-            self._consumer = Consumer(
-                {
-                    "bootstrap.servers": cfg.kafka.bootstrap_servers,
-                    # Required by librdkafka; never joined nor committed to.
-                    "group.id": f"{self._ctx.group(self.partition)}-replay",
-                    "enable.auto.commit": False,
-                    "enable.auto.offset.store": False,
-                    # A range deleted under us is an error, never a silent skip.
-                    "auto.offset.reset": "error",
-                    "enable.partition.eof": True,
-                    "fetch.wait.max.ms": cfg.kafka.fetch_wait_max_ms,
-                    "socket.nagle.disable": True,
-                    # Many replays may run at once after a failover: small prefetch each,
-                    # and a short pause (not librdkafka's default second) when it is full.
-                    "queued.max.messages.kbytes": 2048,
-                    "fetch.queue.backoff.ms": 10,
-                }
-            )
-        return self._consumer
-
-    async def _thread(self, fn: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, limiter=self._ctx.consumer_limiter)
-
-    async def _next_batch(self, *, limit: int) -> list[_Fetched]:
-        """The next records from the assigned position; [] at the end of the log."""
-        consumer = self._consumer
-        assert consumer is not None
-        deadline = trio.current_time() + STALL_TIMEOUT_S
-
-        def poll() -> tuple[list[_Fetched], bool]:
-            first = consumer.poll(_POLL_S)
-            if first is None:
-                return [], False
-            messages: list[Message] = [first]
-            if limit > 1:
-                messages += consumer.consume(limit - 1, 0)
-            batch: list[_Fetched] = []
-            for m in messages:
-                err = m.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        return batch, True
-                    if err.code() in _GONE or err.fatal():
-                        raise KafkaException(err)
-                    continue  # transient: librdkafka retries by itself
-                offset = m.offset()
-                if offset is not None:
-                    batch.append(_Fetched(offset, m.timestamp()[1], m.key(), m.value()))
-            return batch, False
-
-        while True:
-            try:
-                batch, at_end = await self._thread(poll)
-            except KafkaException as exc:
-                raise KafkaUnavailable(f"replay of {self._topic}: {exc}") from exc
-            if batch or at_end:
-                return batch
-            if trio.current_time() > deadline:
-                raise KafkaUnavailable(
-                    f"replay of {self._topic}: no records for {STALL_TIMEOUT_S:g}s"
-                )

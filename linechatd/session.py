@@ -206,7 +206,9 @@ class Session:
         if self.resume is None:
             await self._conn.send(welcome)
             return
-        async with Replay(ctx, self.partition, self.uid, self.resume, live_from) as replay:
+        # The partition's shared replay reads: one scan serves every resume at once.
+        hub = self._runtime.replay_hub
+        async with Replay(ctx, hub, self.uid, self.resume, live_from) as replay:
             resumed = await replay.check()
             await self._conn.send(
                 encode_welcome(
