@@ -29,3 +29,25 @@ lint: install
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# --- benchmarks (see docs/performance.md) ---------------------------------------------
+# `make bench` takes 10-20 minutes on 2 cores and writes bench-results/;
+# `make bench-smoke` runs every phase with tiny counts in about a minute.
+#   make bench BENCH_ARGS='--systems linechatd --no-failover'
+# scripts/install.sh installs the `bench` extra and Debian's redis-server (the peer).
+BENCH_ARGS ?=
+BENCH_OUT ?= bench-results
+# Hard stop for a wedged run (every phase is bounded on its own as well).
+BENCH_TIMEOUT_S ?= 3600
+
+.PHONY: bench bench-smoke bench-transport
+
+bench: install
+	timeout --foreground -k 30 $(BENCH_TIMEOUT_S) $(VENV)/bin/python -m benchmarks.run --out $(BENCH_OUT) $(BENCH_ARGS)
+
+bench-smoke: install
+	timeout --foreground -k 30 600 $(VENV)/bin/python -m benchmarks.run --smoke --out $(BENCH_OUT)-smoke $(BENCH_ARGS)
+
+# The WebSocket transports alone (echo, CPU per message, RSS per idle connection).
+bench-transport: install
+	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.transport --out $(BENCH_OUT)/transport.json

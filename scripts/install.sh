@@ -34,6 +34,8 @@ APT_PACKAGES=(
     chromium
     chromium-driver
     fonts-liberation
+    # The benchmark's peer (python-socketio with its Redis manager).
+    redis-server
 )
 
 log() { printf '==> %s\n' "$*"; }
@@ -123,7 +125,7 @@ install_venv() {
         pip_install+=(--progress-bar off)
     fi
     log "installing python packages into $VENV"
-    retry "${pip_install[@]}" -e '.[test]'
+    retry "${pip_install[@]}" -e '.[test,bench]'
     printf '%s\n' "$want" >"$STAMP"
 }
 

@@ -1,0 +1,1 @@
+"""Benchmarks: linechatd against a python-socketio peer and a plain asyncio gateway."""
