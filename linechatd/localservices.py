@@ -11,6 +11,7 @@ own process group, logging to files in a work directory, and are always reaped.
 
 from __future__ import annotations
 
+import abc
 import os
 import shutil
 import signal
@@ -271,7 +272,7 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
-class LocalService:
+class LocalService(abc.ABC):
     """One child process serving on ``host:port``; see LocalZooKeeper and LocalBroker."""
 
     name = "service"
@@ -349,11 +350,13 @@ class LocalService:
     ) -> None:
         self.stop()
 
+    @abc.abstractmethod
     def _command(self) -> list[str]:
-        raise NotImplementedError
+        """The argv that starts the service."""
 
+    @abc.abstractmethod
     def _ready(self, deadline: float) -> bool:
-        raise NotImplementedError
+        """Whether the started service answers, waiting until ``deadline`` at most."""
 
     def _accepts(self) -> bool:
         try:
