@@ -42,7 +42,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -597,33 +597,19 @@ class ZooKeeper:
         so its view could lag. Here a read issued while disconnected is simply
         answered right after the reconnection. ``started`` after the first read.
         """
-        last: object = object()
-        started = False
-        delay = _RETRY_MIN_S
-        while True:
-            fired = trio.Event()
-            watcher = self._watcher(fired)
-            link = self._link.value
+
+        async def read(watcher: Callable[[object], None]) -> tuple[object, Any] | None:
             try:
-                try:
-                    data, stat = await self._call("get_async", path, watch=watcher)
-                except NoNodeError:
-                    data = None
-                    stat = await self._call("exists_async", path, watch=watcher)
-                    if stat is not None:
-                        continue  # created between the two reads
-            except (KazooException, ZooKeeperError):
-                delay = await self._backoff(delay)
-                continue
-            delay = _RETRY_MIN_S
+                data, stat = await self._call("get_async", path, watch=watcher)
+            except NoNodeError:
+                stat = await self._call("exists_async", path, watch=watcher)
+                if stat is not None:
+                    return None  # created between the two reads
+                data = None
             view = None if stat is None else (data, stat.czxid, stat.mzxid, stat.ephemeralOwner)
-            if view != last:
-                last = view
-                callback(data, stat)
-            if not started:
-                started = True
-                task_status.started()
-            await self._wait_rearm(fired, link)
+            return view, (data, stat)
+
+        await self._watch(read, lambda node: callback(*node), task_status)
 
     async def watch_children(
         self,
@@ -633,7 +619,30 @@ class ZooKeeper:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Call ``callback(children)`` after the first read and whenever they change; run until cancelled."""
-        last: list[str] | None = None
+
+        async def read(watcher: Callable[[object], None]) -> tuple[object, Any] | None:
+            try:
+                children = sorted(await self._call("get_children_async", path, watch=watcher))
+            except NoNodeError:
+                if await self._call("exists_async", path, watch=watcher) is not None:
+                    return None  # created between the two reads
+                children = []
+            return children, children
+
+        await self._watch(read, lambda children: callback(list(children)), task_status)
+
+    async def _watch(
+        self,
+        read: Callable[[Callable[[object], None]], Awaitable[tuple[object, Any] | None]],
+        deliver: Callable[[Any], None],
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        """What every watch does: read with a watcher, deliver on change, wait, read again.
+
+        ``read`` returns (what identifies this state, what to deliver), or None
+        to read again at once. Failed reads back off and retry.
+        """
+        last: object = object()
         started = False
         delay = _RETRY_MIN_S
         while True:
@@ -641,19 +650,17 @@ class ZooKeeper:
             watcher = self._watcher(fired)
             link = self._link.value
             try:
-                try:
-                    children = sorted(await self._call("get_children_async", path, watch=watcher))
-                except NoNodeError:
-                    children = []
-                    if await self._call("exists_async", path, watch=watcher) is not None:
-                        continue
+                result = await read(watcher)
             except (KazooException, ZooKeeperError):
                 delay = await self._backoff(delay)
                 continue
+            if result is None:
+                continue
             delay = _RETRY_MIN_S
-            if children != last:
-                last = children
-                callback(list(children))
+            view, value = result
+            if view != last:
+                last = view
+                deliver(value)
             if not started:
                 started = True
                 task_status.started()
