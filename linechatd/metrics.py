@@ -55,6 +55,18 @@ class Metrics:
             ["partition"],
             registry=r,
         )
+        self.handover_gap = Histogram(
+            "linechatd_handover_gap_seconds",
+            "From a partition losing its owner to this instance serving it (as seen by this instance)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+            registry=r,
+        )
+        self.lease_start = Histogram(
+            "linechatd_lease_start_seconds",
+            "From creating a partition's lock node to its subtree serving",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
         self.lease_acquisitions = Counter(
             "linechatd_lease_acquisitions_total", "Partition leases acquired", registry=r
         )

@@ -153,6 +153,8 @@ class OwnershipCache:
         self._zk = zk
         self._paths = paths
         self._owners: list[AsyncValue[Owner | None]] = [AsyncValue(None) for _ in range(partitions)]
+        # When each partition was last seen losing its owner (trio clock).
+        self._free_since: dict[int, float] = {}
         self.changed = AsyncValue(0)  # bumps on every change, for watchers of the whole map
 
     @property
@@ -161,6 +163,11 @@ class OwnershipCache:
 
     def owner(self, k: int) -> Owner | None:
         return self._owners[k].value
+
+    def ownerless_for(self, k: int) -> float | None:
+        """Seconds since partition ``k`` was seen losing its owner (None: never seen owned)."""
+        since = self._free_since.get(k)
+        return None if since is None else trio.current_time() - since
 
     def snapshot(self) -> list[Owner | None]:
         return [v.value for v in self._owners]
@@ -174,6 +181,8 @@ class OwnershipCache:
     def _update(self, k: int, data: bytes | None, stat: ZnodeStat | None) -> None:
         owner = owner_from_node(data, stat)
         if owner != self._owners[k].value:
+            if owner is None:
+                self._free_since[k] = trio.current_time()
             self._owners[k].value = owner
             self.changed.value += 1
 

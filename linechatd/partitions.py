@@ -344,6 +344,8 @@ class PartitionSupervisor:
             if before.state is not SessionState.CONNECTED:
                 return False
             path = ctx.paths.owner(k)
+            asked_at = trio.current_time()
+            ownerless_for = ctx.cache.ownerless_for(k)
             try:
                 stat = await ctx.zk.create(
                     path, lease_data(ctx.info), ephemeral=True, makepath=True
@@ -382,6 +384,10 @@ class PartitionSupervisor:
                 log.exception("partition_start_failed", extra={"partition": k})
                 return False
             ctx.metrics.lease_acquisitions.inc()
+            started_in = trio.current_time() - asked_at
+            ctx.metrics.lease_start.observe(started_in)
+            if ownerless_for is not None:
+                ctx.metrics.handover_gap.observe(ownerless_for + started_in)
             self._notify()
             return True
 

@@ -154,6 +154,14 @@ async def test_reload_moves_partitions_without_restart(
         assert a.pid == pid and a.is_running()
         assert set(after_a) <= set(before_a), "a reload must not move partitions needlessly"
         assert set(before_b) <= set(after_b), "partitions that do not move stay where they are"
+        # The two moved partitions were taken over by gw-1: their handover gap is recorded.
+        _status, _headers, metrics = await http_get(b.http_url + "/metrics")
+        count = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("linechatd_handover_gap_seconds_count")
+        )
+        assert count >= 2, metrics
 
         # An invalid file is rejected with its reasons and the running config stays.
         a.config_path.write_text(text + "\n[partitions]\nmax_per_instanse = 1\n")
