@@ -4,6 +4,11 @@ Its per-message cost bounds the gateway's throughput, so nothing outside this
 module touches the WebSocket library: sessions see ``Handshake`` and
 ``Connection`` only, and a faster transport can replace this one without
 touching routing or partition code.
+
+wsproto is driven directly on the trio stream: the task that calls
+``receive()`` does the reading (pings are answered there), so a connection
+costs no task of its own, and writes share one lock that sends whatever else
+was queued meanwhile in the same system call.
 """
 
 from __future__ import annotations
@@ -11,14 +16,30 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from urllib.parse import unquote_plus
 
 import trio
-import trio_websocket
+from wsproto import ConnectionState, ConnectionType
+from wsproto.connection import Connection as _WsConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.handshake import H11Handshake
+from wsproto.utilities import RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
+CLOSE_NORMAL = 1000
+CLOSE_ABNORMAL = 1006
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 # How long a closing handshake may take before the socket is dropped.
@@ -26,6 +47,10 @@ DISCONNECT_TIMEOUT_S = 2.0
 # A peer closed for abuse is not waited for: until its close reply arrives
 # every byte it keeps sending would still be read and parsed.
 ABUSE_CLOSE_WAIT_S = 0.1
+# Per read: large enough for a burst of frames in one call, and the bytes
+# object is shrunk to what arrived, so an idle socket holds none of it.
+RECEIVE_BYTES = 65536
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class ConnectionClosed(Exception):
@@ -40,43 +65,181 @@ class ConnectionClosed(Exception):
 class Connection:
     """An accepted WebSocket: text frames in and out, and a close with a code."""
 
-    __slots__ = ("_ws", "_max_bytes", "_local_close_code")
+    __slots__ = (
+        "_stream",
+        "_ws",
+        "_max_bytes",
+        "_events",
+        "_parts",
+        "_part_bytes",
+        "_send_lock",
+        "_pending",
+        "_reading",
+        "_socket",
+        "_broken",
+        "_dropped",
+        "_local_close_code",
+        "_closed_code",
+        "_closed_reason",
+    )
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, max_message_bytes: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, ws: _WsConnection, max_message_bytes: int) -> None:
+        self._stream = stream
         self._ws = ws
         self._max_bytes = max_message_bytes
-        # The library records 1000 for every close we start; keep the real code.
+        # Events parsed but not yet handed out (several frames can arrive in one read).
+        self._events: Iterator[Event] | None = None
+        # A fragmented message so far, and its size in bytes.
+        self._parts: list[str | bytes] = []
+        self._part_bytes = 0
+        self._send_lock = trio.Lock()
+        self._pending: list[bytes] = []
+        self._reading = False
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # The stream failed: nothing more can be sent.
+        self._broken = False
+        self._dropped = False
         self._local_close_code: int | None = None
+        self._closed_code: int | None = None
+        self._closed_reason: str | None = None
+
+    # -- receiving -----------------------------------------------------------
 
     async def receive(self) -> str | bytes:
+        ws = self._ws
+        while True:
+            if self._closed_code is not None or self._local_close_code is not None:
+                raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
+            events = self._events
+            if events is not None:
+                for event in events:
+                    if type(event) is TextMessage or type(event) is BytesMessage:
+                        message = self._message(event)  # type: ignore[arg-type]
+                        if message is None:
+                            continue
+                        if message is _TOO_BIG:
+                            await self.close(
+                                CLOSE_TOO_BIG, f"message larger than {self._max_bytes} bytes"
+                            )
+                            raise ConnectionClosed(CLOSE_TOO_BIG, "message too big")
+                        return message  # type: ignore[return-value]
+                    if isinstance(event, Ping):
+                        await self._write(ws.send(event.response()))
+                    elif isinstance(event, CloseConnection):
+                        await self._on_close(event)
+                        raise ConnectionClosed(self.closed_code, self._closed_reason)
+                self._events = None
+            await self._read()
+
+    def _message(self, event: TextMessage | BytesMessage) -> str | bytes | object | None:
+        data = event.data
+        if isinstance(data, str):
+            # Bytes, not characters: isascii() is O(1), so ASCII costs no encoding.
+            size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+        else:
+            data = bytes(data)
+            size = len(data)
+        if event.message_finished and not self._parts:
+            return data if size <= self._max_bytes else _TOO_BIG
+        self._part_bytes += size
+        if self._part_bytes > self._max_bytes:
+            self._parts.clear()
+            return _TOO_BIG
+        self._parts.append(data)
+        if not event.message_finished:
+            return None
+        parts, self._parts, self._part_bytes = self._parts, [], 0
+        return "".join(parts) if type(data) is str else b"".join(parts)  # type: ignore[arg-type]
+
+    async def _read(self) -> None:
+        """One read from the stream into wsproto; a dead stream becomes a close event."""
+        self._reading = True
         try:
-            message = await self._ws.get_message()
-        except trio_websocket.ConnectionClosed as exc:
-            reason = exc.reason
-            raise ConnectionClosed(
-                getattr(reason, "code", None), getattr(reason, "reason", None)
-            ) from None
-        # The library bounds a text message by characters, which lets through
-        # up to four times the limit in bytes; the limit is in bytes. (isascii
-        # is O(1), so the common case costs no encoding.)
-        if (
-            isinstance(message, str)
-            and len(message) * 4 > self._max_bytes
-            and not message.isascii()
-            and len(message.encode("utf-8", "surrogatepass")) > self._max_bytes
-        ):
-            await self.close(CLOSE_TOO_BIG, f"message larger than {self._max_bytes} bytes")
-            raise ConnectionClosed(CLOSE_TOO_BIG, "message too big")
-        return message
+            data = await self._stream.receive_some(RECEIVE_BYTES)
+        except _STREAM_ERRORS:
+            data = b""
+        finally:
+            self._reading = False
+        self._ws.receive_data(bytes(data) if data else None)
+        self._events = self._ws.events()
+
+    async def _on_close(self, event: CloseConnection) -> None:
+        state = self._ws.state
+        if state is ConnectionState.REMOTE_CLOSING:
+            # The peer started it: answer, then drop the TCP connection (the server closes first).
+            self._closed_code, self._closed_reason = int(event.code), event.reason
+            with trio.move_on_after(DISCONNECT_TIMEOUT_S):
+                try:
+                    await self._write(self._ws.send(event.response()))
+                except ConnectionClosed:
+                    pass
+            await self._drop()
+        elif state is ConnectionState.OPEN:
+            # A protocol violation (bad UTF-8, bad framing): wsproto reports it
+            # as a close event but leaves it to us to fail the connection.
+            await self._fail(int(event.code), event.reason or "")
+            self._closed_reason = event.reason
+        else:
+            # The reply to our close, or the stream's end.
+            if self._closed_code is None:
+                self._closed_code, self._closed_reason = int(event.code), event.reason
+            await self._drop()
+
+    # -- sending -------------------------------------------------------------
 
     async def send(self, text: str) -> None:
+        if self._ws.state is not ConnectionState.OPEN or self._broken:
+            raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
+        await self._write(self._ws.send(TextMessage(data=text)))
+
+    async def _write(self, data: bytes) -> None:
+        """Send ``data`` after anything queued before it, coalescing what waits."""
+        pending = self._pending
+        pending.append(data)
+        lock = self._send_lock
         try:
-            await self._ws.send_message(text)
-        except trio_websocket.ConnectionClosed as exc:
-            reason = exc.reason
-            raise ConnectionClosed(
-                getattr(reason, "code", None), getattr(reason, "reason", None)
-            ) from None
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            if self._broken:
+                pending.clear()
+                raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
+            if not pending:
+                return  # sent by the writer before us, with its own bytes
+            out = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            try:
+                await self._send_all(out)
+            except _STREAM_ERRORS:
+                self._broken = True
+                if self._closed_code is None:
+                    self._closed_code = CLOSE_ABNORMAL
+                raise ConnectionClosed(self.closed_code, self._closed_reason) from None
+        finally:
+            lock.release()
+
+    async def _send_all(self, data: bytes) -> None:
+        sock = self._socket
+        if sock is None:
+            # TLS: a cancelled write breaks the SSLStream, and later writes say so.
+            await self._stream.send_all(data)
+            return
+        # Plain TCP: a write cancelled part way (a send deadline) keeps what is
+        # left at the head of the queue, so the next write (the close frame)
+        # still lands on a frame boundary.
+        sent = 0
+        size = len(data)
+        with memoryview(data) as view:
+            try:
+                while sent < size:
+                    sent += await sock.send(view[sent:])
+            except trio.Cancelled:
+                if sent < size:
+                    self._pending.insert(0, data[sent:])
+                raise
+
+    # -- closing -------------------------------------------------------------
 
     async def close(self, code: int, reason: str = "") -> None:
         """Send a close frame and wait for the peer's (bounded); then drop the TCP connection.
@@ -84,24 +247,63 @@ class Connection:
         After 1008/1009 the wait is short: the peer misbehaves, so the
         connection is failed (RFC 6455 §7.1.7) rather than closed politely.
         """
-        if self._ws.closed is None and self._local_close_code is None:
-            self._local_close_code = code
-        wait_s = (
-            ABUSE_CLOSE_WAIT_S if code in (CLOSE_POLICY, CLOSE_TOO_BIG) else DISCONNECT_TIMEOUT_S
-        )
-        # Cancelled mid-close, the library still closes the TCP stream.
-        with trio.move_on_after(wait_s):
-            try:
-                await self._ws.aclose(code, reason[:120])
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+        abusive = code in (CLOSE_POLICY, CLOSE_TOO_BIG)
+        await self._close(code, reason, ABUSE_CLOSE_WAIT_S if abusive else DISCONNECT_TIMEOUT_S)
+
+    async def _fail(self, code: int, reason: str) -> None:
+        """Close after a protocol violation: the peer is not waited for either."""
+        await self._close(code, reason, ABUSE_CLOSE_WAIT_S)
+
+    async def _close(self, code: int, reason: str, wait_s: float) -> None:
+        if self._dropped:
+            return
+        try:
+            with trio.move_on_after(wait_s):
+                if self._ws.state is ConnectionState.OPEN and self._local_close_code is None:
+                    self._local_close_code = code
+                    if not self._broken:
+                        frame = self._ws.send(CloseConnection(code=code, reason=reason[:120]))
+                        try:
+                            await self._write(frame)
+                        except ConnectionClosed:
+                            return
+                await self._await_close_reply()
+        finally:
+            await self._drop()
+
+    async def _await_close_reply(self) -> None:
+        while self._ws.state is ConnectionState.LOCAL_CLOSING and not self._dropped:
+            if self._reading:
+                # Another task's receive() reads the reply; it drops the stream then.
+                await trio.sleep(0.01)
+                continue
+            events = self._events
+            self._events = None
+            if events is not None:
+                for event in events:
+                    if isinstance(event, CloseConnection):
+                        if self._closed_code is None:
+                            self._closed_code, self._closed_reason = int(event.code), event.reason
+                        return
+            await self._read()
+
+    async def _drop(self) -> None:
+        if self._dropped:
+            return
+        self._dropped = True
+        self._events = None
+        if self._closed_code is None:
+            self._closed_code = CLOSE_ABNORMAL
+        await trio.aclose_forcefully(self._stream)
 
     @property
     def closed_code(self) -> int | None:
-        closed = self._ws.closed
-        if closed is None:
+        if self._closed_code is None and not self._dropped:
             return None
-        return self._local_close_code if self._local_close_code is not None else closed.code
+        return self._local_close_code if self._local_close_code is not None else self._closed_code
+
+
+_TOO_BIG = object()
 
 
 class Handshake:
@@ -111,47 +313,107 @@ class Handshake:
     request target or a peer already gone must not reach the listener.
     """
 
-    __slots__ = ("_request", "_max_bytes", "path", "query", "headers", "remote")
+    __slots__ = (
+        "_stream",
+        "_handshake",
+        "_max_bytes",
+        "connection",
+        "path",
+        "query",
+        "headers",
+        "remote",
+    )
 
-    def __init__(self, request: trio_websocket.WebSocketRequest, max_message_bytes: int) -> None:
-        self._request = request
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        handshake: H11Handshake,
+        request: Request,
+        remote: str,
+        max_message_bytes: int,
+    ) -> None:
+        self._stream = stream
+        self._handshake: H11Handshake | None = handshake
         self._max_bytes = max_message_bytes
+        self.connection: Connection | None = None
         # Split by hand: urlsplit() raises on targets like "//[x" (h11 lets
         # any visible characters through).
-        path, _, query = request.path.partition("?")
+        path, _, query = request.target.partition("?")
         self.path = path
         self.query, _, _fragment = query.partition("#")
         self.headers: Mapping[str, str] = {
-            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers
+            bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
+            for k, v in request.extra_headers
         }
-        self.remote = _remote_address(request)
+        self.remote = remote
 
     def __repr__(self) -> str:
         # Never the query string: it carries the bearer token.
         return f"<Handshake {self.path} from {self.remote}>"
 
+    def _take(self) -> H11Handshake:
+        handshake = self._handshake
+        if handshake is None:
+            raise RuntimeError("the handshake was already answered")
+        self._handshake = None
+        return handshake
+
     async def accept(self) -> Connection:
-        return Connection(await self._request.accept(), self._max_bytes)
+        handshake = self._take()
+        # No extensions: permessage-deflate invites compression oracles and zip bombs.
+        response = handshake.send(AcceptConnection())
+        ws = handshake.connection
+        assert ws is not None
+        # Frames the client sent right behind its request wait in h11's buffer.
+        trailing = _trailing_data(handshake)
+        conn = Connection(self._stream, ws, self._max_bytes)
+        self.connection = conn
+        if trailing:
+            ws.receive_data(trailing)
+            conn._events = ws.events()
+        try:
+            await conn._write(response)
+        except ConnectionClosed:
+            pass  # the first receive() or send() reports it
+        return conn
 
     async def reject(
         self, status: int, body: Mapping[str, object], headers: Mapping[str, str] | None = None
     ) -> None:
-        extra = [(b"content-type", b"application/json")]
+        try:
+            handshake = self._take()
+        except RuntimeError:
+            return
+        payload = json.dumps(body).encode()
+        extra = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+        ]
         extra += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
         try:
-            await self._request.reject(status, extra_headers=extra, body=json.dumps(body).encode())
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            data = handshake.send(
+                RejectConnection(status_code=status, headers=extra, has_body=True)
+            )
+            data += handshake.send(RejectData(data=payload, body_finished=True))
+            await self._stream.send_all(data)
+        except _STREAM_ERRORS:
             pass
 
 
-def _remote_address(request: trio_websocket.WebSocketRequest) -> str:
+def _trailing_data(handshake: H11Handshake) -> bytes:
+    h11_connection = getattr(handshake, "_h11_connection", None)
+    if h11_connection is None:
+        return b""
+    return bytes(h11_connection.trailing_data[0])
+
+
+def _remote_address(stream: trio.SocketStream) -> str:
     """The peer's IP address ("" when it cannot be known, e.g. already disconnected)."""
     try:
-        remote = request.remote
+        peer = stream.socket.getpeername()
     except OSError:  # getpeername() after the peer reset the connection
         return ""
-    address = getattr(remote, "address", None)
-    return str(address) if address is not None else ""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
 def redact_query(query: str, limit: int = 512) -> str:
@@ -170,6 +432,38 @@ def redact_query(query: str, limit: int = 512) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+async def _read_request(stream: trio.abc.Stream, handshake: H11Handshake) -> Request | None:
+    """The upgrade request, or None once a bad one was answered (or the peer left)."""
+    if isinstance(stream, trio.SSLStream):
+        await stream.do_handshake()
+    while True:
+        data = await stream.receive_some(RECEIVE_BYTES)
+        try:
+            handshake.receive_data(bytes(data) if data else None)
+            for event in handshake.events():
+                if isinstance(event, Request):
+                    return event
+        except RemoteProtocolError as exc:
+            hint = exc.event_hint
+            if isinstance(hint, RejectConnection):
+                body = json.dumps({"error": "bad_request"}).encode()
+                extra = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ]
+                try:
+                    answer = handshake.send(
+                        RejectConnection(status_code=hint.status_code, headers=extra, has_body=True)
+                    )
+                    answer += handshake.send(RejectData(data=body, body_finished=True))
+                    await stream.send_all(answer)
+                except Exception:
+                    pass
+            return None
+        if not data:
+            return None
+
+
 async def serve(
     handler: Callable[[Handshake], Awaitable[None]],
     host: str,
@@ -186,30 +480,35 @@ async def serve(
     complete, TLS handshake included: a socket that never finishes is closed.
     """
 
-    async def on_request(request: trio_websocket.WebSocketRequest) -> None:
-        # A fault boundary per connection: the library runs every connection
-        # in the listener's nursery, so one that raised would stop the listener.
+    async def on_connection(tcp: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = tcp
+        if ssl_context is not None:
+            stream = trio.SSLStream(tcp, ssl_context, server_side=True, https_compatible=True)
+        hs: Handshake | None = None
+        # A fault boundary per connection: one that raised would stop the listener.
         try:
-            await handler(Handshake(request, max_message_bytes))
+            remote = _remote_address(tcp)
+            handshake = H11Handshake(ConnectionType.SERVER)
+            request: Request | None = None
+            with trio.move_on_after(handshake_timeout_s):
+                try:
+                    request = await _read_request(stream, handshake)
+                except _STREAM_ERRORS:
+                    pass
+            if request is None:
+                return
+            hs = Handshake(stream, handshake, request, remote, max_message_bytes)
+            await handler(hs)
+            conn = hs.connection
+            if conn is not None:
+                await conn.close(CLOSE_NORMAL)
         except Exception:
             log.exception("websocket_connection_failed")
+        finally:
+            await trio.aclose_forcefully(stream)
 
-    async def run(*, task_status: trio.TaskStatus[trio_websocket.WebSocketServer]) -> None:
-        await trio_websocket.serve_websocket(
-            on_request,
-            host,
-            port,
-            ssl_context,
-            # Larger messages are refused by the library with close code 1009.
-            max_message_size=max_message_bytes,
-            connect_timeout=handshake_timeout_s,
-            disconnect_timeout=DISCONNECT_TIMEOUT_S,
-            # Inbound backpressure: one complete message waits at most.
-            message_queue_size=1,
-            receive_buffer_size=65536,
-            task_status=task_status,
-        )
-
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(run)
-        task_status.started(server.port)
+        await nursery.start(trio.serve_listeners, on_connection, listeners)
+        task_status.started(bound)
