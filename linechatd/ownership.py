@@ -172,9 +172,6 @@ class OwnershipCache:
     def snapshot(self) -> list[Owner | None]:
         return [v.value for v in self._owners]
 
-    def owned_count(self) -> int:
-        return sum(1 for v in self._owners if v.value is not None)
-
     async def wait_owner(self, k: int, predicate: Callable[[Owner | None], bool]) -> Owner | None:
         return await self._owners[k].wait_value(predicate)
 

@@ -223,11 +223,16 @@ class Session:
         if offset <= self._last_offset:
             return
         self._last_offset = offset
+        if not await self._send_within_deadline(frame, " during replay"):
+            await trio.lowlevel.checkpoint()  # raises Cancelled: the session's scope ends it
+
+    async def _send_within_deadline(self, frame: str, during: str = "") -> bool:
+        """Send one frame within ``send_timeout_s``; past it the session ends with 1013."""
         with trio.move_on_after(self._ctx.config.value.limits.send_timeout_s):
             await self._conn.send(frame)
-            return
-        self.end(CLOSE_BEHIND, "send deadline exceeded during replay: reconnect with resume")
-        await trio.lowlevel.checkpoint()  # raises Cancelled: the session's scope ends it
+            return True
+        self.end(CLOSE_BEHIND, f"send deadline exceeded{during}: reconnect with resume")
+        return False
 
     async def _reader(self) -> None:
         """Read frames until the peer closes."""
@@ -294,7 +299,6 @@ class Session:
             self.offer(None, encode_ack(msg_id, k, offset))
 
     async def _writer(self) -> None:
-        conn = self._conn
         live_from = self.live_from if self.live_from is not None else 0
         async for offset, frame in self._outbox_recv:
             self._outbox_bytes -= len(frame)
@@ -303,16 +307,12 @@ class Session:
                 if offset <= self._last_offset or offset < live_from:
                     continue
                 self._last_offset = offset
-            deadline = self._ctx.config.value.limits.send_timeout_s
-            with trio.move_on_after(deadline) as scope:
-                try:
-                    await conn.send(frame)
-                except ConnectionClosed:
-                    self._peer_closed = True
-                    self._scope.cancel()
+            try:
+                if not await self._send_within_deadline(frame):
                     return
-            if scope.cancelled_caught:
-                self.end(CLOSE_BEHIND, "send deadline exceeded: reconnect with resume")
+            except ConnectionClosed:
+                self._peer_closed = True
+                self._scope.cancel()
                 return
 
     async def _expire_at(self, expires_at: float) -> None:

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import trio
-from confluent_kafka import Producer
 from support.cluster import ClusterNames, http_get, start_cluster
 
+from benchmarks.resume_storm import produce_offline
 from linechatd.client import open_websocket
-from linechatd.protocol import ChatRecord, encode_record
 
 USERS = 200
 PER_USER = 10
@@ -30,31 +28,6 @@ SECTIONS: dict[str, dict[str, Any]] = {
     "zookeeper": {"session_timeout": 3.0},
     "shutdown": {"grace_period_s": 1.0, "drain_stagger_s": 0.0},
 }
-
-
-def produce_offline(
-    bootstrap: str, topic: str, uids: list[str], per_user: int
-) -> dict[str, list[int]]:
-    """Write ``per_user`` records to each uid, interleaved; the offsets each uid is owed."""
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
-    offsets: dict[str, list[int]] = {uid: [] for uid in uids}
-    failures: list[str] = []
-
-    def on_delivery(err: Any, msg: Any) -> None:
-        if err is not None:
-            failures.append(str(err))
-        else:
-            offsets[msg.key().decode()].append(msg.offset())
-
-    now = int(time.time() * 1000)
-    for n in range(per_user):
-        for uid in uids:
-            record = ChatRecord("sender", "dev", uid, f"{uid}-{n}", {"n": n}, now)
-            producer.produce(topic, encode_record(record), uid.encode(), on_delivery=on_delivery)
-            producer.poll(0)
-    assert producer.flush(30) == 0
-    assert not failures, failures
-    return {uid: sorted(o) for uid, o in offsets.items()}
 
 
 async def resume_one(ws_url: str, uid: str, resume: int, owed: list[int]) -> list[int]:
