@@ -9,7 +9,7 @@ from trio_util import AsyncValue
 
 from .auth import Authenticator
 from .config import Config
-from .kafka import KafkaProducer
+from .kafka import KafkaAdmin, KafkaFetcher, KafkaProducer
 from .metrics import Metrics
 from .ownership import InstanceInfo, OwnershipCache, ZkPaths
 from .zk import ZooKeeper
@@ -25,8 +25,12 @@ class Context:
     zk: ZooKeeper
     cache: OwnershipCache
     producer: KafkaProducer
+    # The one consumer fetching every held partition's topic.
+    fetcher: KafkaFetcher
+    # Committed offsets, end offsets, topics.
+    admin: KafkaAdmin
     metrics: Metrics
-    # Bounds the threads that block in librdkafka consumer calls.
+    # Bounds the threads that block in the replay consumers' librdkafka calls.
     consumer_limiter: trio.CapacityLimiter
     # Set once a drain starts: no new sockets, no new leases.
     draining: trio.Event

@@ -4,6 +4,7 @@ gateway (Gateway.run)
 ├── infrastructure nursery (outlives everything that uses it)
 │   ├── zookeeper session          zk.ZooKeeper.run
 │   ├── kafka producer             kafka.KafkaProducer.run
+│   ├── kafka fetcher              kafka.KafkaFetcher.run (every held partition's topic)
 │   └── ownership cache            ownership.OwnershipCache.run
 └── serving nursery (cancelled first on shutdown)
     ├── partitions                 partitions.PartitionSupervisor.run
@@ -42,7 +43,7 @@ from .config import Config, ConfigError, HostPort, load_config
 from .context import Context
 from .hashing import partition_for
 from .http import HttpApi, serve_http
-from .kafka import KafkaAdmin, KafkaProducer, KafkaUnavailable
+from .kafka import KafkaAdmin, KafkaFetcher, KafkaProducer, KafkaUnavailable
 from .metrics import Metrics
 from .ownership import InstanceInfo, OwnershipCache, ZkPaths
 from .partitions import PartitionSupervisor
@@ -129,7 +130,8 @@ class Gateway:
             await self._ensure_cluster(zk, paths, config)
         except ZooKeeperError as exc:
             raise StartupError(f"zookeeper.hosts: {exc}") from None
-        await self._ensure_topics(config)
+        admin = KafkaAdmin(config.kafka.bootstrap_servers)
+        await self._ensure_topics(admin, config)
         self.kafka_ok.value = True
         producer = KafkaProducer(
             config.kafka.bootstrap_servers,
@@ -137,6 +139,12 @@ class Gateway:
             timeout_s=config.kafka.produce_timeout_s,
         )
         await infra.start(producer.run)
+        fetcher = KafkaFetcher(
+            config.kafka.bootstrap_servers,
+            f"{config.kafka.group_prefix}fetcher",
+            fetch_wait_max_ms=config.kafka.fetch_wait_max_ms,
+        )
+        await infra.start(fetcher.run)
         cache = OwnershipCache(zk, paths, config.cluster.partitions)
         await infra.start(cache.run)
         info = InstanceInfo(config.instance.id, config.websocket.advertise, config.http.advertise)
@@ -148,9 +156,11 @@ class Gateway:
             zk=zk,
             cache=cache,
             producer=producer,
+            fetcher=fetcher,
+            admin=admin,
             metrics=metrics,
-            # One thread per partition consumer poll, plus replays.
-            consumer_limiter=trio.CapacityLimiter(config.cluster.partitions + 16),
+            # Threads blocked in the replay consumers' calls.
+            consumer_limiter=trio.CapacityLimiter(16),
             draining=trio.Event(),
         )
         async with trio.open_nursery() as serving:
@@ -168,7 +178,7 @@ class Gateway:
             )
             ws_port = await serving.start(self._serve_websocket, config)
             self.balancer = await serving.start(Balancer(ctx, self.supervisor).run)
-            serving.start_soon(self._monitor, zk, metrics)
+            serving.start_soon(self._monitor, admin, zk, metrics)
             serving.start_soon(self._watchdog)
             log.info(
                 "gateway_ready",
@@ -282,8 +292,7 @@ class Gateway:
                 ) from None
         await zk.ensure_path(paths.partitions)
 
-    async def _ensure_topics(self, config: Config) -> None:
-        admin = KafkaAdmin(config.kafka.bootstrap_servers)
+    async def _ensure_topics(self, admin: KafkaAdmin, config: Config) -> None:
         topics = [f"{config.kafka.topic_prefix}{k}" for k in range(config.cluster.partitions)]
         try:
             if config.kafka.create_topics:
@@ -301,8 +310,7 @@ class Gateway:
 
     # -- readiness and status -------------------------------------------------
 
-    async def _monitor(self, zk: ZooKeeper, metrics: Metrics) -> None:
-        admin = KafkaAdmin(self._initial.kafka.bootstrap_servers)
+    async def _monitor(self, admin: KafkaAdmin, zk: ZooKeeper, metrics: Metrics) -> None:
         while True:
             metrics.zk_connected.set(1 if zk.connected else 0)
             try:
@@ -342,7 +350,7 @@ class Gateway:
         # Only partitions that serve: a lease still starting would answer 421.
         for runtime in (r for r in sup.runtimes() if r.running):
             try:
-                _low, high = runtime.consumer.cached_watermarks()
+                _low, high = runtime.cached_watermarks()
                 lag: int | None = max(0, high - runtime.next_offset)
             except KafkaUnavailable:
                 lag = None

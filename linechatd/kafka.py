@@ -1,12 +1,14 @@
 """The one adapter between librdkafka (confluent-kafka) and trio.
 
 * ``KafkaProducer``: ``produce()`` enqueues on the trio thread (a cheap C call,
-  no thread hop per message); one poll thread serves delivery reports and hands
-  each back to trio with ``TrioToken.run_sync_soon``.
-* ``PartitionConsumer``: one consumer per chat partition, ``assign()``-ed at the
-  committed offset of its group (no group join: ownership is fenced by the
-  ZooKeeper lease, not by Kafka group membership).
-* ``KafkaAdmin``: topic creation and metadata checks.
+  no thread hop per message); one poll thread collects delivery reports and
+  hands each poll's worth to trio at once with ``TrioToken.run_sync_soon``.
+* ``KafkaFetcher``: the instance's one consumer, fetching every held
+  partition's topic; each partition reads a bounded ``TopicFeed`` of it,
+  assigned at the committed offset of its group (no group join: ownership is
+  fenced by the ZooKeeper lease, not by Kafka group membership).
+* ``KafkaAdmin``: topic creation, metadata checks, end offsets and the
+  committed offset of each partition's consumer group.
 
 The settings that matter for latency are chosen here, with the reasons; see
 docs/performance.md for the measurements.
@@ -15,33 +17,43 @@ docs/performance.md for the measurements.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from typing import Any, NamedTuple
 
 import trio
 from confluent_kafka import (
-    OFFSET_END,
     Consumer,
+    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Message,
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 log = logging.getLogger(__name__)
+
+
+# How often the fetch thread refreshes every feed's (low, high) watermarks.
+WATERMARKS_EVERY_S = 0.1
 
 
 class KafkaUnavailable(Exception):
     """The broker did not answer, or did not accept a record in time."""
 
 
-@dataclass(frozen=True)
-class Record:
-    """One consumed record, detached from librdkafka's Message object."""
+class Record(NamedTuple):
+    """One consumed record, detached from librdkafka's Message object.
+
+    A named tuple: hundreds are built per fetched batch, on the fetch thread.
+    """
 
     offset: int
     value: bytes | None
@@ -91,19 +103,36 @@ def consumer_settings(bootstrap: str, group: str, *, fetch_wait_max_ms: int) -> 
 
 
 class DeliveryReceipt:
-    """A delivery report on its way from librdkafka's thread to trio."""
+    """A delivery report on its way from librdkafka's thread to trio.
 
-    __slots__ = ("done", "error", "offset")
+    Resolved on the trio thread; ``on_resolved`` (if set) is called right
+    then, so a session can answer its acks without a task or an event per send.
+    """
+
+    __slots__ = ("error", "offset", "on_resolved", "resolved")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.resolved = False
         self.error: KafkaError | None = None
         self.offset = -1
+        self.on_resolved: Callable[[], object] | None = None
 
     def resolve(self, error: KafkaError | None, offset: int | None) -> None:
         self.error = error
         self.offset = -1 if offset is None else offset
-        self.done.set()
+        self.resolved = True
+        if self.on_resolved is not None:
+            self.on_resolved()
+
+
+def _resolve_all(reports: list[tuple[DeliveryReceipt, KafkaError | None, int | None]]) -> None:
+    # Runs as a trio run_sync_soon callback, where an exception would end the
+    # whole run: one receiver's bug is logged and the others still hear.
+    for receipt, error, offset in reports:
+        try:
+            receipt.resolve(error, offset)
+        except Exception:
+            log.exception("delivery_report_failed")
 
 
 class KafkaProducer:
@@ -113,6 +142,8 @@ class KafkaProducer:
         self._producer: Producer | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop = threading.Event()
+        # Filled by delivery callbacks, which run only inside poll() on the poll thread.
+        self._reports: list[tuple[DeliveryReceipt, KafkaError | None, int | None]] = []
 
     async def run(
         self, *, task_status: trio.TaskStatus[KafkaProducer] = trio.TASK_STATUS_IGNORED
@@ -126,34 +157,42 @@ class KafkaProducer:
             await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):
-                # Give in-flight sends a bounded chance to be acknowledged.
-                await trio.to_thread.run_sync(self._producer.flush, 5.0)
                 self._stop.set()
                 await trio.to_thread.run_sync(poller.join)
+                # Give in-flight sends a bounded chance to be acknowledged
+                # (flush() serves their callbacks now that the poller is gone).
+                await trio.to_thread.run_sync(self._producer.flush, 5.0)
+                reports, self._reports = self._reports, []
+                _resolve_all(reports)
 
     def _poll_loop(self) -> None:
-        # The only thread that runs delivery callbacks.
-        assert self._producer is not None
+        # The only thread that runs delivery callbacks. Every report served by
+        # one poll() goes to trio in one hand-over, not one per message.
+        assert self._producer is not None and self._token is not None
         while not self._stop.is_set():
             self._producer.poll(0.05)
+            if self._reports:
+                reports, self._reports = self._reports, []
+                try:
+                    self._token.run_sync_soon(_resolve_all, reports)
+                except trio.RunFinishedError:
+                    return
 
     def send(self, topic: str, key: bytes, value: bytes) -> DeliveryReceipt:
-        """Enqueue one record now (so calls keep their order); await ``wait()`` for the ack.
+        """Enqueue one record now (so calls keep their order); the receipt resolves on the ack.
 
-        Raises KafkaUnavailable at once when the local queue is full.
+        Raises KafkaUnavailable at once when the local queue is full. Every
+        record gets its report within ``message.timeout.ms`` (set just under
+        ``produce_timeout_s``): librdkafka reports a timeout as an error.
         """
-        producer, token = self._producer, self._token
-        if producer is None or token is None:
+        producer = self._producer
+        if producer is None:
             raise KafkaUnavailable("producer is not running")
         receipt = DeliveryReceipt()
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            # librdkafka's poll thread: hand over only.
-            offset = msg.offset() if err is None else -1
-            try:
-                token.run_sync_soon(receipt.resolve, err, offset)
-            except trio.RunFinishedError:
-                pass
+            # The poll thread, inside poll(): collect only.
+            self._reports.append((receipt, err, msg.offset() if err is None else -1))
 
         try:
             producer.produce(topic, value=value, key=key, partition=0, on_delivery=on_delivery)
@@ -169,9 +208,12 @@ class KafkaProducer:
         Raises KafkaUnavailable when the broker did not accept it in time: the
         record was not acknowledged and may be sent again.
         """
-        with trio.move_on_after(self._timeout_s):
-            await receipt.done.wait()
-        if not receipt.done.is_set():
+        if not receipt.resolved:
+            done = trio.Event()
+            receipt.on_resolved = done.set
+            with trio.move_on_after(self._timeout_s):
+                await done.wait()
+        if not receipt.resolved:
             raise KafkaUnavailable("no acknowledgement from the broker in time")
         if receipt.error is not None:
             raise KafkaUnavailable(receipt.error.str())
@@ -181,9 +223,63 @@ class KafkaProducer:
         return await self.wait(self.send(topic, key, value))
 
 
+async def _result(future: Future[Any], timeout_s: float, what: str) -> Any:
+    """Await a librdkafka admin future without a thread: its callback wakes trio."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_future: Future[Any]) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+
+    future.add_done_callback(wake)
+    with trio.move_on_after(timeout_s):
+        await done.wait()
+    if not future.done():
+        raise KafkaUnavailable(f"{what}: no answer from the broker in {timeout_s:g} s")
+    try:
+        return future.result()
+    except KafkaException as exc:
+        raise KafkaUnavailable(f"{what}: {exc}") from exc
+
+
 class KafkaAdmin:
+    """Topics, metadata, end offsets and each partition's committed offset."""
+
     def __init__(self, bootstrap: str) -> None:
         self._admin = AdminClient({"bootstrap.servers": bootstrap})
+
+    async def committed(self, group: str, topic: str, timeout_s: float = 10.0) -> int:
+        """The offset ``group`` committed for ``topic``, or -1 when none was."""
+        [future] = self._admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])],
+            request_timeout=timeout_s,
+        ).values()
+        answer = await _result(future, timeout_s, f"{topic}: committed offset of {group}")
+        offset = int(answer.topic_partitions[0].offset)
+        return offset if offset >= 0 else -1
+
+    async def commit(self, group: str, topic: str, offset: int, timeout_s: float = 5.0) -> None:
+        """Record ``offset`` as where ``group``'s next reader of ``topic`` starts."""
+        [future] = self._admin.alter_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0, offset)])],
+            request_timeout=timeout_s,
+        ).values()
+        answer = await _result(future, timeout_s, f"{topic}: commit for {group}")
+        error = answer.topic_partitions[0].error
+        if error is not None:
+            raise KafkaUnavailable(f"{topic}: commit for {group}: {error.str()}")
+
+    async def end_offset(self, topic: str, timeout_s: float = 10.0) -> int:
+        """The offset the next record of ``topic`` will get."""
+        futures = self._admin.list_offsets(
+            {TopicPartition(topic, 0): OffsetSpec.latest()}, request_timeout=timeout_s
+        )
+        [future] = futures.values()
+        answer = await _result(future, timeout_s, f"{topic}: end offset")
+        return int(answer.offset)
 
     async def check(self, timeout_s: float = 5.0) -> None:
         """Raise KafkaUnavailable unless the cluster answers a metadata request."""
@@ -233,130 +329,254 @@ class KafkaAdmin:
             raise KafkaUnavailable(str(exc)) from exc
 
 
-class PartitionConsumer:
-    """Reads one chat partition's topic into trio, from a chosen offset."""
+class TopicFeed:
+    """One assigned topic's records, from the fetch thread to one trio reader.
+
+    Bounded: once ``limit`` records are handed over and not yet read, the
+    fetch thread pauses the topic in librdkafka at once (it then fetches
+    nothing more for it, and later resumes from the next offset not handed
+    over); the reader asks for a resume once half is read. A feed holds at
+    most ``limit`` + one poll's batch.
+    """
+
+    def __init__(self, fetcher: KafkaFetcher, topic: str, start: int, limit: int) -> None:
+        self.topic = topic
+        self.start = start
+        self._fetcher = fetcher
+        self._limit = limit
+        self._batches: deque[list[Record]] = deque()
+        self._buffered = 0
+        self._next = start  # drops anything handed over twice
+        self._arrived = trio.Event()
+        # Counted by the fetch thread (handed, paused) and the reader (taken,
+        # resume_asked); each is written by one side only, and a stale read
+        # costs at most one needless resume command.
+        self._handed = 0
+        self._taken = 0
+        self._paused = False
+        self._resume_asked = False
+        self.closed = False
+        # Written by the fetch thread only (one tuple assignment).
+        self._watermarks: tuple[int, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"<TopicFeed {self.topic} next={self._next} buffered={self._buffered}>"
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    def cached_watermarks(self) -> tuple[int, int]:
+        """(low, high) as last seen by fetches: no broker round trip, no waiting."""
+        if self.closed:
+            raise KafkaUnavailable(f"{self.topic}: no longer assigned")
+        watermarks = self._watermarks
+        if watermarks is None:
+            raise KafkaUnavailable(f"{self.topic}: no fetch answered yet")
+        return watermarks
+
+    def _push(self, records: list[Record]) -> None:
+        # Trio thread (the fetcher's hand-over).
+        if self.closed:
+            return
+        if records[0].offset < self._next:
+            records = [r for r in records if r.offset >= self._next]
+            if not records:
+                return
+        self._next = records[-1].offset + 1
+        self._batches.append(records)
+        self._buffered += len(records)
+        self._arrived.set()
+
+    async def receive(self) -> list[Record]:
+        """The next batch, in offset order; waits until one arrives."""
+        while not self._batches:
+            self._arrived = trio.Event()
+            await self._arrived.wait()
+        batch = self._batches.popleft()
+        self._buffered -= len(batch)
+        self._taken += len(batch)
+        if (
+            self._paused
+            and not self._resume_asked
+            and self._handed - self._taken <= self._limit // 2
+        ):
+            self._resume_asked = True
+            self._fetcher._command("resume", self)
+        return batch
+
+
+class KafkaFetcher:
+    """The instance's one consumer: fetches every held partition's topic.
+
+    One librdkafka client with one fetch request per broker per
+    ``fetch.wait.max.ms`` covers every topic assigned to it, where a consumer
+    per partition sent one fetch per partition (measured: 64 partitions cost
+    the broker about half a core at idle). It never joins a group or commits:
+    each partition's committed offset, in its own ``consumer-group-k``, is
+    read and written by :class:`KafkaAdmin`.
+
+    Only the fetch thread calls the consumer (librdkafka serializes calls on a
+    consumer behind its poll); trio asks for assign/unassign/pause/resume
+    through a queue the thread drains between polls.
+    """
 
     def __init__(
         self,
         bootstrap: str,
-        topic: str,
         group: str,
         *,
         fetch_wait_max_ms: int,
-        limiter: trio.CapacityLimiter,
         batch_max: int = 500,
+        feed_limit: int = 2000,
+        poll_s: float = 0.05,
     ) -> None:
-        self.topic = topic
-        self.group = group
         self._settings = consumer_settings(bootstrap, group, fetch_wait_max_ms=fetch_wait_max_ms)
-        self._limiter = limiter
         self._batch_max = batch_max
-        self._consumer: Consumer | None = None
-        self._watermarks: tuple[int, int] | None = None  # written by the poll thread only
+        self._feed_limit = feed_limit
+        self._poll_s = poll_s
+        self._commands: queue.SimpleQueue[tuple[str, TopicFeed]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        # Hand-overs queued on trio but not yet run: the thread waits past a
+        # few, so a stalled trio loop cannot make it buffer without bound.
+        self._pending = threading.BoundedSemaphore(4)
+        self._running = False
 
-    def __repr__(self) -> str:
-        return f"<PartitionConsumer {self.topic} {self.group}>"
-
-    async def _thread(self, fn: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-
-    async def open(self, timeout_s: float = 10.0) -> int:
-        """Create the consumer and assign it at the committed offset.
-
-        Returns the first offset it will read (the log end when nothing was
-        committed yet).
-        """
+    async def run(
+        self, *, task_status: trio.TaskStatus[KafkaFetcher] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._token = trio.lowlevel.current_trio_token()
         consumer = Consumer(self._settings)
-        self._consumer = consumer
-        tp = TopicPartition(self.topic, 0)
+        self._running = True
+
+        async def stop_on_cancel() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._stop.set()
+
         try:
-            committed = await self._thread(lambda: consumer.committed([tp], timeout=timeout_s))
-            start = committed[0].offset
-            if start < 0:
-                _low, high = await self.watermarks(timeout_s)
-                start = high
-        except KafkaException as exc:
-            await self.close()
-            raise KafkaUnavailable(f"{self.topic}: {exc}") from exc
-        consumer.assign([TopicPartition(self.topic, 0, start if start >= 0 else OFFSET_END)])
-        return start
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_on_cancel)
+                task_status.started(self)
+                # Not abandoned on cancel: the loop sees the stop flag within
+                # one poll, and closes the consumer on its own thread.
+                await trio.to_thread.run_sync(self._fetch_loop, consumer)
+                # The loop returns only once stopped, i.e. cancelled: this raises Cancelled.
+                await trio.lowlevel.checkpoint()
+                raise KafkaUnavailable("the fetch thread stopped")
+        finally:
+            self._running = False
 
-    async def watermarks(self, timeout_s: float = 5.0) -> tuple[int, int]:
-        """(low, high): the oldest retained offset and the offset the next record gets."""
-        consumer = self._consumer
-        assert consumer is not None
-        tp = TopicPartition(self.topic, 0)
+    @asynccontextmanager
+    async def assignment(self, topic: str, start: int) -> AsyncIterator[TopicFeed]:
+        """Fetch ``topic`` from offset ``start`` for as long as the block runs."""
+        if not self._running:
+            raise KafkaUnavailable("the fetcher is not running")
+        feed = TopicFeed(self, topic, start, self._feed_limit)
+        self._command("assign", feed)
         try:
-            low, high = await self._thread(
-                lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
-            )
-        except KafkaException as exc:
-            raise KafkaUnavailable(f"{self.topic}: {exc}") from exc
-        return int(low), int(high)
+            yield feed
+        finally:
+            feed.closed = True
+            self._command("unassign", feed)
 
-    def cached_watermarks(self) -> tuple[int, int]:
-        """(low, high) as last seen by fetches: no broker round trip, no waiting.
+    def _command(self, what: str, feed: TopicFeed) -> None:
+        self._commands.put((what, feed))
 
-        Read from what the poll thread recorded: any call on the consumer from
-        another thread would wait for the poll in progress.
-        """
-        if self._consumer is None:
-            raise KafkaUnavailable("consumer is closed")
-        if self._watermarks is None:
-            raise KafkaUnavailable("no fetch answered yet")
-        return self._watermarks
+    # -- the fetch thread -----------------------------------------------------
 
-    def _poll_batch(self) -> list[Record]:
+    def _fetch_loop(self, consumer: Consumer) -> None:
+        feeds: dict[str, TopicFeed] = {}
+        watermarks_at = 0.0
+        try:
+            while not self._stop.is_set():
+                self._apply_commands(consumer, feeds)
+                records = self._poll(consumer, feeds)
+                now = time.monotonic()
+                if now - watermarks_at >= WATERMARKS_EVERY_S:
+                    watermarks_at = now
+                    updated: Iterable[TopicFeed] = feeds.values()
+                else:
+                    # A feed's watermarks are never older than its records.
+                    updated = (feed for feed, _batch in records)
+                for feed in updated:
+                    low, high = consumer.get_watermark_offsets(
+                        TopicPartition(feed.topic, 0), cached=True
+                    )
+                    if high >= 0:
+                        feed._watermarks = (int(low), int(high))
+                if records:
+                    self._hand_over(records)
+        finally:
+            consumer.close()
+
+    def _apply_commands(self, consumer: Consumer, feeds: dict[str, TopicFeed]) -> None:
+        while True:
+            try:
+                what, feed = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            topic = feed.topic
+            tp = TopicPartition(topic, 0)
+            if what == "assign":
+                if topic in feeds:
+                    # A feed that ended but whose unassign is still queued behind.
+                    consumer.incremental_unassign([tp])
+                feeds[topic] = feed
+                consumer.incremental_assign([TopicPartition(topic, 0, feed.start)])
+            elif feeds.get(topic) is not feed:
+                continue  # about a feed that is already gone
+            elif what == "unassign":
+                del feeds[topic]
+                consumer.incremental_unassign([tp])
+            elif what == "resume" and feed._paused:
+                feed._paused = feed._resume_asked = False
+                consumer.resume([tp])
+
+    def _poll(
+        self, consumer: Consumer, feeds: dict[str, TopicFeed]
+    ) -> list[tuple[TopicFeed, list[Record]]]:
         # Block briefly for the first record, then take what is already there.
-        consumer = self._consumer
-        assert consumer is not None
-        first = consumer.poll(0.1)
-        low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, 0), cached=True)
-        if high >= 0:
-            self._watermarks = (int(low), int(high))
+        first = consumer.poll(self._poll_s)
         if first is None:
             return []
-        messages = [first, *consumer.consume(self._batch_max - 1, 0)]
-        batch = []
-        for m in messages:
+        by_topic: dict[str, list[Record]] = {}
+        for m in (first, *consumer.consume(self._batch_max - 1, 0)):
             err = m.error()
             if err is not None:
                 if err.fatal():
                     raise KafkaException(err)
-                log.warning("kafka_consumer_error", extra={"topic": self.topic, "error": err.str()})
+                log.warning("kafka_consumer_error", extra={"topic": m.topic(), "error": err.str()})
                 continue
+            topic, offset = m.topic(), m.offset()
+            if topic is None or offset is None or topic not in feeds:
+                continue  # fetched before its unassign took effect
             _ts_type, ts = m.timestamp()
-            offset = m.offset()
-            if offset is not None:
-                batch.append(Record(offset=offset, value=m.value(), timestamp_ms=ts))
-        return batch
+            by_topic.setdefault(topic, []).append(Record(offset, m.value(), ts))
+        handed = []
+        for topic, records in by_topic.items():
+            feed = feeds[topic]
+            feed._handed += len(records)
+            if not feed._paused and feed._handed - feed._taken >= feed._limit:
+                feed._paused = True
+                consumer.pause([TopicPartition(topic, 0)])
+            handed.append((feed, records))
+        return handed
 
-    async def records(self, send: trio.MemorySendChannel[list[Record]]) -> None:
-        """Feed batches into ``send`` until cancelled (bounded by the channel)."""
-        while True:
-            # Not abandoned on cancel: the poll returns within 0.1 s, and
-            # closing the consumer while a thread polls it is not safe.
-            batch = await self._thread(self._poll_batch)
-            if batch:
-                await send.send(batch)
+    def _hand_over(self, records: list[tuple[TopicFeed, list[Record]]]) -> None:
+        assert self._token is not None
+        while not self._pending.acquire(timeout=self._poll_s):
+            if self._stop.is_set():
+                return
+        try:
+            self._token.run_sync_soon(self._deliver, records)
+        except trio.RunFinishedError:
+            self._stop.set()
 
-    async def commit(self, next_offset: int, timeout_s: float = 5.0) -> None:
-        """Record where the next owner's live tail should start (a hint)."""
-        consumer = self._consumer
-        assert consumer is not None
-        tp = TopicPartition(self.topic, 0, next_offset)
-
-        def commit() -> None:
-            consumer.commit(offsets=[tp], asynchronous=False)
-
-        with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
-            try:
-                await self._thread(commit)
-            except KafkaException as exc:
-                log.warning("kafka_commit_failed", extra={"topic": self.topic, "error": str(exc)})
-
-    async def close(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            with trio.CancelScope(shield=True):
-                await self._thread(consumer.close)
+    def _deliver(self, records: list[tuple[TopicFeed, list[Record]]]) -> None:
+        # Trio thread.
+        self._pending.release()
+        for feed, batch in records:
+            feed._push(batch)

@@ -3,7 +3,7 @@
     partitions (PartitionSupervisor.run)
     └── partition k (PartitionRuntime.run: its own cancel scope)
         ├── lease watch   returns when the lease ends -> cancels this subtree
-        ├── consumer      topic-k -> bounded channel
+        ├── feed          topic-k, assigned to the instance's fetcher -> bounded feed
         ├── delivery      each record -> the sessions of its recipient
         ├── committer     the next owner's starting point (a hint)
         ├── replay hub    shared reads for resuming sessions (replay.py)
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .kafka import KafkaUnavailable, PartitionConsumer, Record
+from .kafka import KafkaUnavailable, TopicFeed
 from .ownership import lease_data
 from .protocol import RecordError, decode_record, encode_message
 from .replay import ReplayHub
@@ -63,13 +63,10 @@ class PartitionRuntime:
         self.generation = generation  # the ZooKeeper session that holds the lease
         self.since = time.time()
         self._ctx = ctx
-        self.consumer = PartitionConsumer(
-            ctx.config.value.kafka.bootstrap_servers,
-            ctx.topic(partition),
-            ctx.group(partition),
-            fetch_wait_max_ms=ctx.config.value.kafka.fetch_wait_max_ms,
-            limiter=ctx.consumer_limiter,
-        )
+        self.topic = ctx.topic(partition)
+        self.group = ctx.group(partition)
+        # This partition's share of the instance's fetcher, while it runs.
+        self.feed: TopicFeed | None = None
         # Resumes share its reads (one scan for a reconnect storm, not one consumer each).
         self.replay_hub = ReplayHub(ctx, partition)
         self.sessions: dict[str, set[Session]] = {}
@@ -132,17 +129,19 @@ class PartitionRuntime:
         started = False
         try:
             with self._scope:
-                self.next_offset = self._committed = await self.consumer.open()
-                records_send, records_recv = trio.open_memory_channel[list[Record]](8)
-                async with trio.open_nursery() as nursery:
+                self.next_offset = self._committed = await self._start_offset()
+                async with (
+                    ctx.fetcher.assignment(self.topic, self.next_offset) as feed,
+                    trio.open_nursery() as nursery,
+                ):
+                    self.feed = feed
                     self._nursery = nursery
                     confirmed = trio.Event()
                     nursery.start_soon(self._watch_lease, confirmed)
                     # Nothing runs until ZooKeeper has shown us our own node
                     # (a lost lease cancels this wait).
                     await confirmed.wait()
-                    nursery.start_soon(self.consumer.records, records_send)
-                    nursery.start_soon(self._deliver, records_recv)
+                    nursery.start_soon(self._deliver, feed)
                     nursery.start_soon(self._commit_loop)
                     nursery.start_soon(self.replay_hub.run)
                     self.running = True
@@ -173,8 +172,7 @@ class PartitionRuntime:
         ctx, k = self._ctx, self.partition
         graceful = self._reason in _GRACEFUL or not started
         if graceful and started and ctx.zk.connected:
-            await self.consumer.commit(self.next_offset)
-        await self.consumer.close()
+            await self._commit(self.next_offset)
         ctx.metrics.partition_owned.labels(str(k)).set(0)
         try:
             ctx.metrics.consumer_lag.remove(str(k))
@@ -250,10 +248,37 @@ class PartitionRuntime:
         )
         self.cancel(reason)
 
-    async def _deliver(self, records: trio.MemoryReceiveChannel[list[Record]]) -> None:
+    async def _start_offset(self) -> int:
+        """Where live delivery starts: the group's committed offset, else the log end.
+
+        With nothing committed yet, nobody is owed older records except
+        through a client's explicit resume.
+        """
+        admin = self._ctx.admin
+        committed = await admin.committed(self.group, self.topic)
+        return committed if committed >= 0 else await admin.end_offset(self.topic)
+
+    async def _commit(self, offset: int) -> bool:
+        """Record where the next owner's live tail should start (a hint)."""
+        with trio.CancelScope(shield=True):
+            try:
+                await self._ctx.admin.commit(self.group, self.topic, offset)
+            except KafkaUnavailable as exc:
+                log.warning("kafka_commit_failed", extra={"topic": self.topic, "error": str(exc)})
+                return False
+        return True
+
+    def cached_watermarks(self) -> tuple[int, int]:
+        """(low, high) of this partition's topic as last fetched; no waiting."""
+        if self.feed is None:
+            raise KafkaUnavailable(f"{self.topic}: not fetched here")
+        return self.feed.cached_watermarks()
+
+    async def _deliver(self, feed: TopicFeed) -> None:
         ctx, k = self._ctx, self.partition
         metrics = ctx.metrics
-        async for batch in records:
+        while True:
+            batch = await feed.receive()
             now = time.time()
             for record in batch:
                 # No await from here to the offers below: a session registering
@@ -284,10 +309,10 @@ class PartitionRuntime:
             await trio.sleep(COMMIT_INTERVAL_S)
             if self.next_offset != self._committed and self._ctx.zk.connected:
                 offset = self.next_offset
-                await self.consumer.commit(offset)
-                self._committed = offset
+                if await self._commit(offset):
+                    self._committed = offset
             try:
-                _low, high = self.consumer.cached_watermarks()
+                _low, high = self.cached_watermarks()
                 self._ctx.metrics.consumer_lag.labels(str(self.partition)).set(
                     max(0, high - self.next_offset)
                 )

@@ -1,10 +1,12 @@
 """One device's WebSocket session, living inside its partition's nursery.
 
-Three tasks per session: the reader (this task: frames in, sends produced in
-order), the acker (delivery reports back as ``ack``/``error`` in send order)
-and the writer (the bounded outbox to the socket, with a send deadline). A
-session ends by cancelling its own scope after choosing a close code; when its
-partition is cancelled instead, it closes with 1012.
+Two tasks per session: the reader (this task: frames in, sends produced in
+order) and the writer (the bounded outbox to the socket, with a send
+deadline). Delivery reports need no task: each resolves on the trio thread and
+answers every send at the head of the session's in-flight queue that is done,
+as ``ack``/``error`` in send order. A session ends by cancelling its own scope
+after choosing a close code; when its partition is cancelled instead, it
+closes with 1012.
 
 Slow readers: the partition's delivery task never waits for a socket. It
 offers each frame to the session's outbox, bounded by
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
@@ -68,6 +71,8 @@ MAX_IN_FLIGHT = 256
 OUTBOX_MAX_BYTES = 4 << 20
 
 _Outgoing = tuple[int | None, str]  # (record offset or None, frame text)
+# An outbox entry that sends no frame: the rest of one the socket took in part.
+_FLUSH = ""
 
 
 class Session:
@@ -93,9 +98,9 @@ class Session:
             limits.outbound_queue_messages
         )
         self._outbox_bytes = 0
-        self._inflight_send, self._inflight_recv = trio.open_memory_channel[
-            tuple[str, int, DeliveryReceipt]
-        ](MAX_IN_FLIGHT)
+        # Sends produced and not yet answered, in send order.
+        self._in_flight: deque[tuple[str, int, DeliveryReceipt]] = deque()
+        self._room = trio.Event()
         now = trio.current_time()
         self._bucket = TokenBucket(limits.sends_per_second, limits.send_burst, now)
         self._strikes = StrikeCounter(limits.bad_frames_per_minute)
@@ -104,7 +109,13 @@ class Session:
         self._flood_strikes = StrikeCounter(limits.send_burst)
         # Live delivery starts here; what came before is replayed or not owed.
         self.live_from: int | None = None
+        self._live_from = 0
         self._last_offset = -1
+        # Frames in the outbox or being written by the writer; while there are
+        # any, new frames queue behind them (order), else they go out at once.
+        self._backlog = 0
+        # Direct writes start with the writer (after the welcome and any replay).
+        self._direct = False
         self._close_code = CLOSE_MOVED
         self._close_reason = "partition moved"
         self._scope = trio.CancelScope()
@@ -117,7 +128,32 @@ class Session:
     # -- called by the partition's delivery task ---------------------------
 
     def offer(self, offset: int | None, frame: str) -> None:
-        """Queue a frame without waiting; a full outbox ends the session (1013)."""
+        """Send or queue a frame without waiting; a full outbox ends the session (1013).
+
+        With nothing queued ahead of it, the frame is written to the socket at
+        once (no task switch); otherwise it joins the outbox for the writer.
+        """
+        if self._direct and not self._backlog:
+            if offset is not None:
+                if offset <= self._last_offset or offset < self._live_from:
+                    return  # never one offset twice, nor one the replay covered
+            try:
+                taken = self._conn.try_send(frame)
+            except ConnectionClosed:
+                self._peer_closed = True
+                self._scope.cancel()
+                return
+            if taken:
+                if offset is not None:
+                    self._last_offset = offset
+                if self._conn.unflushed:
+                    # The socket took part of it: the writer sends the rest
+                    # (within the send deadline) before anything else.
+                    self._queue(None, _FLUSH)
+                return
+        self._queue(offset, frame)
+
+    def _queue(self, offset: int | None, frame: str) -> None:
         if self._outbox_bytes + len(frame) > OUTBOX_MAX_BYTES and self._outbox_bytes > 0:
             self.end(CLOSE_BEHIND, "too far behind: reconnect with resume")
             return
@@ -129,6 +165,7 @@ class Session:
             pass
         else:
             self._outbox_bytes += len(frame)
+            self._backlog += 1
 
     def end(self, code: int, reason: str) -> None:
         """Close this session with ``code`` (the first reason given wins)."""
@@ -157,7 +194,7 @@ class Session:
         # In the same step as registering (no checkpoint between): every record
         # below this offset was offered to sessions before this one existed,
         # every later one will be offered to it.
-        self.live_from = runtime.next_offset
+        self.live_from = self._live_from = runtime.next_offset
         metrics.connections.labels(str(self.partition)).inc()
         try:
             with self._scope:
@@ -165,7 +202,6 @@ class Session:
                 task_status.started()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
-                    nursery.start_soon(self._acker)
                     if self._identity.expires_at is not None:
                         nursery.start_soon(self._expire_at, self._identity.expires_at)
                     await self._reader()
@@ -194,12 +230,11 @@ class Session:
     async def _greet(self, live_from: int) -> None:
         """The welcome frame, then (when asked and possible) the missed records."""
         ctx = self._ctx
-        # The welcome names the log end; live delivery may start a little lower
-        # when the partition's consumer lags, which costs the client nothing.
-        try:
-            log_end = max(live_from, self._runtime.consumer.cached_watermarks()[1])
-        except KafkaUnavailable:
-            log_end = live_from
+        # The welcome names the log end as far as this owner has read it: the
+        # offset live delivery starts at. Not the broker's newer high watermark:
+        # a client takes the welcome offset as its floor and drops anything
+        # below it, so records between the two would be lost to it.
+        log_end = live_from
         welcome = encode_welcome(
             self.uid, self.device, self.partition, ctx.info.instance, log_end, None
         )
@@ -229,7 +264,10 @@ class Session:
     async def _send_within_deadline(self, frame: str, during: str = "") -> bool:
         """Send one frame within ``send_timeout_s``; past it the session ends with 1013."""
         with trio.move_on_after(self._ctx.config.value.limits.send_timeout_s):
-            await self._conn.send(frame)
+            if frame == _FLUSH:
+                await self._conn.flush()
+            else:
+                await self._conn.send(frame)
             return True
         self.end(CLOSE_BEHIND, f"send deadline exceeded{during}: reconnect with resume")
         return False
@@ -285,35 +323,49 @@ class Session:
             self._error(frame.id, "unavailable", f"not accepted, send again: {exc}")
             return
         ctx.metrics.messages_sent.inc()
-        await self._inflight_send.send((frame.id, k, receipt))
+        receipt.on_resolved = self._answer_sends
+        self._in_flight.append((frame.id, k, receipt))
+        while len(self._in_flight) >= MAX_IN_FLIGHT:
+            self._room = trio.Event()
+            await self._room.wait()
 
-    async def _acker(self) -> None:
-        ctx = self._ctx
-        async for msg_id, k, receipt in self._inflight_recv:
-            try:
-                offset = await ctx.producer.wait(receipt)
-            except KafkaUnavailable as exc:
-                self._error(msg_id, "unavailable", f"not acknowledged, send again: {exc}")
-                continue
-            ctx.metrics.messages_acked.inc()
-            self.offer(None, encode_ack(msg_id, k, offset))
+    def _answer_sends(self) -> None:
+        """Ack (or refuse) every send at the head of the queue whose report is in.
+
+        Called on the trio thread as a delivery report resolves; never raises.
+        """
+        in_flight = self._in_flight
+        while in_flight and in_flight[0][2].resolved:
+            msg_id, k, receipt = in_flight.popleft()
+            if receipt.error is not None:
+                reason = receipt.error.str()
+                self._error(msg_id, "unavailable", f"not acknowledged, send again: {reason}")
+            else:
+                self._ctx.metrics.messages_acked.inc()
+                self.offer(None, encode_ack(msg_id, k, receipt.offset))
+        if len(in_flight) < MAX_IN_FLIGHT:
+            self._room.set()
 
     async def _writer(self) -> None:
-        live_from = self.live_from if self.live_from is not None else 0
+        live_from = self._live_from
+        self._direct = True
         async for offset, frame in self._outbox_recv:
-            self._outbox_bytes -= len(frame)
-            if offset is not None:
-                # Never one offset twice, nor one the replay covered.
-                if offset <= self._last_offset or offset < live_from:
-                    continue
-                self._last_offset = offset
             try:
-                if not await self._send_within_deadline(frame):
+                self._outbox_bytes -= len(frame)
+                if offset is not None:
+                    # Never one offset twice, nor one the replay covered.
+                    if offset <= self._last_offset or offset < live_from:
+                        continue
+                    self._last_offset = offset
+                try:
+                    if not await self._send_within_deadline(frame):
+                        return
+                except ConnectionClosed:
+                    self._peer_closed = True
+                    self._scope.cancel()
                     return
-            except ConnectionClosed:
-                self._peer_closed = True
-                self._scope.cancel()
-                return
+            finally:
+                self._backlog -= 1
 
     async def _expire_at(self, expires_at: float) -> None:
         await trio.sleep(max(0.0, expires_at - time.time()))

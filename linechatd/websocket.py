@@ -8,13 +8,16 @@ touching routing or partition code.
 wsproto is driven directly on the trio stream: the task that calls
 ``receive()`` does the reading (pings are answered there), so a connection
 costs no task of its own, and writes share one lock that sends whatever else
-was queued meanwhile in the same system call.
+was queued meanwhile in the same system call. ``try_send()`` writes a frame
+without a task switch when nothing else is being sent: most frames leave in
+the call that produced them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from urllib.parse import unquote_plus
@@ -191,6 +194,51 @@ class Connection:
         if self._ws.state is not ConnectionState.OPEN or self._broken:
             raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
         await self._write(self._ws.send(TextMessage(data=text)))
+
+    def try_send(self, text: str) -> bool:
+        """Write a text frame now, without waiting: True if it was taken.
+
+        Taken only when nothing is queued or being written (so frames keep
+        their order) on a plain TCP socket; what the socket does not accept at
+        once stays queued, and ``unflushed`` says that ``flush()`` must follow.
+        False means: use ``send()``. Raises ConnectionClosed on a dead stream.
+        """
+        sock = self._socket
+        if (
+            sock is None
+            or self._pending
+            or self._send_lock.locked()
+            or self._broken
+            or self._dropped
+            or self._ws.state is not ConnectionState.OPEN
+        ):
+            return False
+        fd = sock.fileno()  # -1 once closed: never a number another socket reuses
+        if fd < 0:
+            return False
+        data = self._ws.send(TextMessage(data=text))
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._broken = True
+            if self._closed_code is None:
+                self._closed_code = CLOSE_ABNORMAL
+            raise ConnectionClosed(self.closed_code, self._closed_reason) from None
+        if sent < len(data):
+            self._pending.append(data[sent:])
+        return True
+
+    @property
+    def unflushed(self) -> bool:
+        """Bytes of a frame ``try_send()`` took are still waiting for ``flush()``."""
+        return bool(self._pending)
+
+    async def flush(self) -> None:
+        """Send what ``try_send()`` left queued."""
+        if self._pending:
+            await self._write(b"")
 
     async def _write(self, data: bytes) -> None:
         """Send ``data`` after anything queued before it, coalescing what waits."""

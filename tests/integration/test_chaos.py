@@ -44,6 +44,25 @@ def _takeovers(
     return result
 
 
+def _loss_report(
+    to: str,
+    sender: str,
+    seq: int,
+    offset: int,
+    arrivals: list[tuple[int, float]],
+    gateways: list[GatewayProcess],
+) -> str:
+    """What the recipient saw around a lost offset, and what the gateways logged about it."""
+    lines = [f"LOST {sender} -> {to} seq {seq} at offset {offset}"]
+    near = [(o, round(t, 3)) for o, t in arrivals if abs(o - offset) <= 40]
+    lines.append(f"  arrivals near it (offset, s): {near}")
+    for gateway in gateways:
+        for line in gateway.log_text().splitlines():
+            if line.startswith("{") and (f'"uid":"{to}"' in line or '"partition_st' in line):
+                lines.append(f"  {gateway.instance_id}: {line[:300]}")
+    return "\n".join(lines)
+
+
 async def test_chaos_no_acked_message_lost(
     tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
 ) -> None:
@@ -71,8 +90,13 @@ async def test_chaos_no_acked_message_lost(
             )
             for i in range(CLIENTS)
         ]
-        acked: dict[str, list[tuple[int, str]]] = defaultdict(list)  # recipient -> (seq, id)
-        received: dict[str, list[tuple[str, int]]] = defaultdict(list)  # recipient -> (sender, seq)
+        # recipient -> (seq, id, acked offset)
+        acked: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
+        # recipient -> (sender, seq)
+        received: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        # recipient -> (offset, seconds since the start) of each message, in arrival order
+        arrivals: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        started_at = time.time()
         stop_sending = trio.Event()
         sent_total = 0
 
@@ -84,12 +108,12 @@ async def test_chaos_no_acked_message_lost(
                 msg_id = f"{client.device}-{seq}"
                 while True:
                     try:
-                        await client.send(to, {"seq": seq}, id=msg_id, timeout_s=20)
+                        ack = await client.send(to, {"seq": seq}, id=msg_id, timeout_s=20)
                         break
                     except (SendFailed, trio.TooSlowError):
                         # Not acked: resend with the same id (the recipient dedupes).
                         await trio.sleep(0.05)
-                acked[to].append((seq, msg_id))
+                acked[to].append((seq, msg_id, ack.offset))
                 sent_total += 1
                 seq += 1
                 await trio.sleep(rng.uniform(0.01, 0.05))
@@ -98,6 +122,7 @@ async def test_chaos_no_acked_message_lost(
             client = clients[i]
             async for message in client.messages():
                 received[client.uid].append((message.from_uid, message.body["seq"]))
+                arrivals[client.uid].append((message.offset, time.time() - started_at))
 
         with trio.fail_after(150):
             async with trio.open_nursery() as nursery:
@@ -157,20 +182,10 @@ async def test_chaos_no_acked_message_lost(
         for to, sends in acked.items():
             got = {(sender, seq) for sender, seq in received[to]}
             sender = f"user-{(int(to.split('-')[1]) - 1) % CLIENTS}"
-            lost += sum(1 for seq, _ in sends if (sender, seq) not in got)
-        if lost:
-            for c in clients:
-                to = c.uid
-                print(
-                    "DEBUG",
-                    to,
-                    len(acked[to]),
-                    len(received[to]),
-                    c.state.value,
-                    c.cursor,
-                    c.welcome.value,
-                    c.connections,
-                )
+            missing = [(seq, offset) for seq, _, offset in sends if (sender, seq) not in got]
+            lost += len(missing)
+            for seq, offset in missing:
+                print(_loss_report(to, sender, seq, offset, arrivals[to], cluster.instances))
         assert lost == 0, f"{lost} acked messages never arrived"
         for to, messages in received.items():
             per_sender: dict[str, list[int]] = defaultdict(list)

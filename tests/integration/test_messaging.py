@@ -26,12 +26,12 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 import trio
 import trio_websocket
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from support.cluster import Cluster, ClusterNames, http_get, merge_sections, start_cluster
 
 from linechatd.client import ChatClient, Message, connect, open_websocket
 from linechatd.hashing import partition_for
-from linechatd.protocol import decode_record
+from linechatd.protocol import ChatRecord, decode_record, encode_record
 
 PARTITIONS = 8
 INSTANCES = 3
@@ -482,6 +482,83 @@ async def test_offline_recipient_finds_the_message_in_kafka_and_by_resume(
                     ack = await sender.send(erin, "after the gap")
                     message = await late.receive(timeout_s=10)
                     assert (message.body, message.offset) == ("after the gap", ack.offset)
+
+
+def produce_burst(bootstrap: str, topic: str, to: str, *, total: int, every: int) -> list[int]:
+    """``total`` records into ``topic`` as fast as the broker takes them, one in
+    ``every`` addressed to ``to`` (the rest to others); their offsets for ``to``."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all"})
+    offsets: list[int] = []
+
+    def on_delivery(err: Any, msg: Any) -> None:
+        assert err is None, err
+        offsets.append(msg.offset())
+
+    for i in range(total):
+        mine = i % every == 0
+        record = ChatRecord(
+            from_uid="burst",
+            from_device="d",
+            to=to if mine else f"other-{i % 97}",
+            id=f"burst-{i}",
+            body=i,
+            ts=int(time.time() * 1000),
+        )
+        producer.produce(
+            topic,
+            key=record.to.encode(),
+            value=encode_record(record),
+            partition=0,
+            on_delivery=on_delivery if mine else None,
+        )
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    return sorted(offsets)
+
+
+async def test_a_device_that_connects_during_a_burst_gets_everything_after_its_welcome(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    """The welcome names where live delivery starts, not the broker's newer log end.
+
+    While the owner works through a burst, the broker's high watermark runs
+    ahead of the owner's read position; a welcome naming the former made
+    clients drop the records in between as duplicates.
+    """
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with running_cluster(tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names) as (
+            cluster,
+            owners,
+        ):
+            zoe = uid_owned_by(owners, "gw-0", "zoe")
+            topic = f"{cluster_names.topic_prefix}{partition_for(zoe, PARTITIONS)}"
+            async with trio.open_nursery() as nursery:
+                burst: list[int] = []
+
+                async def run_burst() -> None:
+                    burst.extend(
+                        await trio.to_thread.run_sync(
+                            lambda: produce_burst(
+                                kafka_bootstrap, topic, zoe, total=60_000, every=50
+                            )
+                        )
+                    )
+
+                nursery.start_soon(run_burst)
+                await trio.sleep(0.3)  # the burst is under way
+                async with connect(cluster[1].http_url, zoe) as client:
+                    welcome = client.welcome.value
+                    assert welcome is not None and welcome.resumed is None
+                    while not burst:  # noqa: ASYNC110 - filled by a thread
+                        await trio.sleep(0.05)
+                    owed = [o for o in burst if o >= welcome.offset]
+                    got = [(await client.receive(timeout_s=20)).offset for _ in owed]
+                    assert got == owed
+                    assert client.duplicates_dropped == 0
+            print(
+                f"\nburst: welcome at offset {welcome.offset} of {burst[-1] + 1}; "
+                f"{len(owed)} of {len(burst)} records for the device arrived live"
+            )
 
 
 async def sender_then_receive(

@@ -1,0 +1,168 @@
+"""The librdkafka adapter against the session's broker: the shared fetcher,
+its per-topic bound, committed offsets through the admin client, and delivery
+reports handed to trio in batches."""
+
+from __future__ import annotations
+
+import functools
+
+import trio
+from support.cluster import ClusterNames
+
+from linechatd.kafka import KafkaAdmin, KafkaFetcher, KafkaProducer, Record, TopicFeed
+
+WAIT_S = 30
+
+
+async def _topics(admin: KafkaAdmin, names: ClusterNames, count: int) -> list[str]:
+    topics = [f"{names.topic_prefix}{k}" for k in range(count)]
+    await admin.ensure_topics(topics, replication_factor=1)
+    return topics
+
+
+async def _produce(producer: KafkaProducer, topic: str, values: list[bytes]) -> list[int]:
+    receipts = [producer.send(topic, b"k", v) for v in values]
+    return [await producer.wait(r) for r in receipts]
+
+
+async def _read(feed: TopicFeed, count: int) -> list[Record]:
+    got: list[Record] = []
+    with trio.fail_after(WAIT_S):
+        while len(got) < count:
+            got.extend(await feed.receive())
+    return got
+
+
+async def test_one_fetcher_serves_many_topics_each_from_its_own_offset(
+    kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    admin = KafkaAdmin(kafka_bootstrap)
+    topics = await _topics(admin, cluster_names, 3)
+    async with trio.open_nursery() as nursery:
+        producer = await nursery.start(
+            KafkaProducer(kafka_bootstrap, linger_ms=1, timeout_s=10).run
+        )
+        fetcher = await nursery.start(
+            KafkaFetcher(kafka_bootstrap, "adapter-test", fetch_wait_max_ms=10).run
+        )
+        offsets = {
+            t: await _produce(producer, t, [f"{t}-{i}".encode() for i in range(5)]) for t in topics
+        }
+        async with (
+            fetcher.assignment(topics[0], offsets[topics[0]][0]) as first,
+            fetcher.assignment(topics[1], offsets[topics[1]][3]) as second,
+        ):
+            got_first = await _read(first, 5)
+            got_second = await _read(second, 2)
+            assert [r.value for r in got_first] == [f"{topics[0]}-{i}".encode() for i in range(5)]
+            assert [r.offset for r in got_second] == offsets[topics[1]][3:]
+            # Live records arrive too, and the watermarks follow them.
+            [live] = await _produce(producer, topics[1], [b"live"])
+            [record] = await _read(second, 1)
+            assert (record.offset, record.value) == (live, b"live")
+            # Set with the record's own batch, before it was handed over.
+            assert second.cached_watermarks()[1] >= live + 1
+        # Ended feeds refuse to pretend they still know the log.
+        assert first.closed and second.closed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_full_feed_pauses_its_topic_only_and_loses_nothing(
+    kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    admin = KafkaAdmin(kafka_bootstrap)
+    slow_topic, busy_topic = await _topics(admin, cluster_names, 2)
+    async with trio.open_nursery() as nursery:
+        producer = await nursery.start(
+            KafkaProducer(kafka_bootstrap, linger_ms=5, timeout_s=10).run
+        )
+        fetcher = await nursery.start(
+            KafkaFetcher(
+                kafka_bootstrap, "adapter-test", fetch_wait_max_ms=10, batch_max=50, feed_limit=100
+            ).run
+        )
+        start = await admin.end_offset(slow_topic)
+        busy_start = await admin.end_offset(busy_topic)
+        async with (
+            fetcher.assignment(slow_topic, start) as slow,
+            fetcher.assignment(busy_topic, busy_start) as busy,
+        ):
+            await _produce(producer, slow_topic, [b"%d" % i for i in range(1000)])
+            # Nobody reads the slow feed: it stops near its bound...
+            with trio.fail_after(WAIT_S):
+                while slow.buffered < 100:  # noqa: ASYNC110 - filled by the fetch thread
+                    await trio.sleep(0.02)
+            await _produce(producer, busy_topic, [b"%d" % i for i in range(300)])
+            # ...while the other topic keeps flowing through the same fetcher.
+            assert [r.value for r in await _read(busy, 300)] == [b"%d" % i for i in range(300)]
+            assert slow.buffered <= 100 + 50, slow.buffered
+            # Reading it resumes the fetch from where it paused: every record, once, in order.
+            got = await _read(slow, 1000)
+            assert [r.offset for r in got] == list(range(start, start + 1000))
+            assert [r.value for r in got] == [b"%d" % i for i in range(1000)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_topic_can_be_assigned_again_from_another_offset(
+    kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    admin = KafkaAdmin(kafka_bootstrap)
+    [topic] = await _topics(admin, cluster_names, 1)
+    async with trio.open_nursery() as nursery:
+        producer = await nursery.start(
+            KafkaProducer(kafka_bootstrap, linger_ms=1, timeout_s=10).run
+        )
+        fetcher = await nursery.start(
+            KafkaFetcher(kafka_bootstrap, "adapter-test", fetch_wait_max_ms=10).run
+        )
+        offsets = await _produce(producer, topic, [b"%d" % i for i in range(10)])
+        async with fetcher.assignment(topic, offsets[5]) as feed:
+            assert [r.offset for r in await _read(feed, 5)] == offsets[5:]
+        # Straight away, lower: nothing of the old assignment leaks into the new one.
+        async with fetcher.assignment(topic, offsets[0]) as feed:
+            assert [r.offset for r in await _read(feed, 10)] == offsets
+        nursery.cancel_scope.cancel()
+
+
+async def test_committed_offsets_live_in_each_partitions_group(
+    kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    admin = KafkaAdmin(kafka_bootstrap)
+    [topic] = await _topics(admin, cluster_names, 1)
+    group = f"{cluster_names.group_prefix}0"
+    assert await admin.committed(group, topic) == -1
+    await admin.commit(group, topic, 7)
+    assert await admin.committed(group, topic) == 7
+    # Another group's commit is its own.
+    assert await admin.committed(f"{cluster_names.group_prefix}1", topic) == -1
+    assert await admin.end_offset(topic) == 0
+
+
+async def test_delivery_reports_answer_every_send_in_order(
+    kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    admin = KafkaAdmin(kafka_bootstrap)
+    [topic] = await _topics(admin, cluster_names, 1)
+    async with trio.open_nursery() as nursery:
+        producer = await nursery.start(
+            KafkaProducer(kafka_bootstrap, linger_ms=5, timeout_s=10).run
+        )
+        answered: list[int] = []
+        all_answered = trio.Event()
+
+        def answer(i: int) -> None:
+            answered.append(i)
+            if len(answered) == 500:
+                all_answered.set()
+
+        receipts = [producer.send(topic, b"k", b"%d" % i) for i in range(500)]
+        for i, receipt in enumerate(receipts):
+            receipt.on_resolved = functools.partial(answer, i)
+        with trio.fail_after(WAIT_S):
+            await all_answered.wait()
+        assert answered == list(range(500))
+        assert [r.offset for r in receipts] == list(
+            range(receipts[0].offset, receipts[0].offset + 500)
+        )
+        assert all(r.error is None for r in receipts)
+        nursery.cancel_scope.cancel()
