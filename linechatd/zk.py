@@ -23,7 +23,10 @@ the session.
 Hence our own lease clock: ``_call`` notes the send time of every answered
 request of the current session, a heartbeat sends one every T/6, and the
 session counts as SUSPENDED (``degraded``) once the newest answered request is
-older than T/2, whatever kazoo says. That leaves T/2 to cancel every partition
+older than T/2, whatever kazoo says. The heartbeat runs on a thread of this
+adapter's own and stamps its answers there: a trio loop busy for longer than
+T/2 (thousands of sockets closing at once) must not read as a silent server
+while ZooKeeper kept hearing from us all along. That leaves T/2 to cancel every partition
 before the earliest moment another instance could hold one; kazoo's SUSPENDED,
 when it comes earlier (a reset connection), is applied at once. T is the
 smaller of the configured and the negotiated timeout: a server clamps a request
@@ -42,9 +45,11 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import trio
 from kazoo.client import KazooClient, KazooState
@@ -90,6 +95,13 @@ _NO_CONTACT = (
 )
 _RETRY_MIN_S = 0.05
 _RETRY_MAX_S = 1.0
+
+
+class _Beat(NamedTuple):
+    """The newest answered heartbeat: its session and when it was sent (perf_counter)."""
+
+    session_id: int
+    sent: float
 
 
 class ZooKeeperError(Exception):
@@ -158,6 +170,9 @@ class ZooKeeper:
         self._token: trio.lowlevel.TrioToken | None = None
         self._closing = False
         self._degraded_seen = False  # degraded at some point of the current suspension
+        # Written by the heartbeat thread (one assignment), read by trio.
+        self._beat: _Beat | None = None
+        self._beat_stop = threading.Event()
 
     def __repr__(self) -> str:
         info = self.session.value
@@ -181,8 +196,21 @@ class ZooKeeper:
     def heartbeat_interval_s(self) -> float:
         return self.session_timeout_s * HEARTBEAT_EVERY
 
+    def _newest_contact(self) -> float:
+        """Trio clock: when the newest answered request of the current session was sent."""
+        contact = self._contact.value
+        beat, link = self._beat, self._link.value
+        if (
+            beat is not None
+            and link.state == KazooState.CONNECTED
+            and beat.session_id == link.session_id
+        ):
+            # perf_counter is trio's system clock less a fixed offset.
+            contact = max(contact, beat.sent + (trio.current_time() - time.perf_counter()))
+        return contact
+
     def _fresh(self) -> bool:
-        return trio.current_time() < self._contact.value + self.suspect_after_s
+        return trio.current_time() < self._newest_contact() + self.suspect_after_s
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -201,6 +229,7 @@ class ZooKeeper:
         self._client = client
         self._capture_negotiated_timeout(client)
         client.add_listener(self._on_kazoo_state)
+        beat: threading.Thread | None = None
         try:
             try:
                 # Abandoned on cancel (a stop during startup): the finally below
@@ -213,6 +242,10 @@ class ZooKeeper:
                     f"could not connect to ZooKeeper at {self._hosts} "
                     f"within {self._connect_timeout_s:g} s"
                 ) from exc
+            beat = threading.Thread(
+                target=self._beat_loop, args=(client,), name="zookeeper-heartbeat", daemon=True
+            )
+            beat.start()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self._lease_clock)
@@ -229,7 +262,10 @@ class ZooKeeper:
             )
         finally:
             self._closing = True
+            self._beat_stop.set()
             with trio.CancelScope(shield=True):
+                if beat is not None:
+                    await trio.to_thread.run_sync(beat.join)
                 # A clean close deletes our ephemeral nodes at once, so other
                 # instances take over without waiting for the session timeout.
                 # Bounded: against an unreachable server kazoo would wait for
@@ -384,8 +420,38 @@ class ZooKeeper:
             self._degraded_seen = False
         self.session.value = new
 
+    def _beat_loop(self, client: KazooClient) -> None:
+        """The heartbeat thread: one cheap request every T/6, whatever trio is doing.
+
+        An answer is stamped with the time the request was queued (no later
+        than it was sent), for the session that was connected then and still is.
+        """
+        while not self._beat_stop.wait(self.heartbeat_interval_s):
+            client_id = client.client_id
+            if client.state != KazooState.CONNECTED or not client_id:
+                continue
+            session_id, sent = client_id[0], time.perf_counter()
+            try:
+                result = client.exists_async("/")
+            except Exception:  # kazoo closing under us: the next turn sees it
+                continue
+
+            def answered(result: Any, session_id: int = session_id, sent: float = sent) -> None:
+                now_id = client.client_id
+                if (
+                    result.successful()
+                    and client.state == KazooState.CONNECTED
+                    and now_id
+                    and now_id[0] == session_id
+                ):
+                    beat = self._beat
+                    if beat is None or beat.session_id != session_id or beat.sent < sent:
+                        self._beat = _Beat(session_id, sent)
+
+            result.rawlink(answered)
+
     async def _heartbeat(self) -> None:
-        """Keep the lease clock fresh: one cheap request at a time, every T/6."""
+        """Answers on the trio side too, every T/6: they also mark a reconnection trusted."""
         while True:
             link = await self._link.wait_value(lambda lk: lk.state == KazooState.CONNECTED)
             try:
@@ -400,7 +466,7 @@ class ZooKeeper:
     async def _lease_clock(self) -> None:
         """Publish SUSPENDED once the newest answer is older than T/2."""
         while True:
-            deadline = self._contact.value + self.suspect_after_s
+            deadline = self._newest_contact() + self.suspect_after_s
             now = trio.current_time()
             if now >= deadline:
                 self._evaluate("lease clock")

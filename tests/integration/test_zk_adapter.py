@@ -1,0 +1,57 @@
+"""The ZooKeeper adapter's lease clock against the session's real ZooKeeper, in process.
+
+A trio loop that stalls (a burst of teardown work, a slow GC) must not make
+the instance give up its leases while ZooKeeper keeps hearing from it; a
+ZooKeeper that stops answering still must.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from linechatd.zk import SessionState, ZooKeeper
+
+SESSION_TIMEOUT_S = 2.0
+WAIT_S = 30
+
+
+class _Changes(logging.Handler):
+    """Every published session state change (the adapter logs each one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "zookeeper_session":
+            self.states.append(getattr(record, "state", "?"))
+
+
+async def test_a_stalled_trio_loop_keeps_the_session_trusted(zookeeper_hosts: str) -> None:
+    zk = ZooKeeper(zookeeper_hosts, session_timeout_s=SESSION_TIMEOUT_S, connect_timeout_s=10)
+    changes = _Changes()
+    adapter_log = logging.getLogger("linechatd.zk")
+    adapter_log.addHandler(changes)
+    adapter_log.setLevel(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(WAIT_S):
+            await nursery.start(zk.run)
+        before = zk.session.value
+        assert before.state is SessionState.CONNECTED
+        changes.states.clear()
+        # Let a few heartbeats pass, then block the loop for well over T/2
+        # (but under T): ZooKeeper still hears from the session meanwhile.
+        await trio.sleep(SESSION_TIMEOUT_S / 2)
+        stalled = zk.suspect_after_s * 1.6
+        assert stalled < zk.session_timeout_s
+        time.sleep(stalled)  # noqa: ASYNC251 - the stall under test
+        await trio.sleep(SESSION_TIMEOUT_S / 2)
+        after = zk.session.value
+        during = list(changes.states)
+        nursery.cancel_scope.cancel()
+    adapter_log.removeHandler(changes)
+    assert after == before, (before, after)
+    assert during == [], during
