@@ -271,6 +271,20 @@ class Balancer:
             await trio.sleep(stagger_s)
 
 
+# The share of the grace period that staggered drain releases may take; the
+# rest is for waiting on a taker and the last partition's own handover.
+DRAIN_STAGGER_SHARE = 2 / 3
+
+
+def drain_stagger(configured_s: float, grace_s: float, held: int) -> float:
+    """Seconds between drain releases: the configured stagger, shortened so that
+    ``held`` releases fit in part of the grace period (else the last ones would
+    be cut off together when it runs out)."""
+    if held <= 1:
+        return configured_s
+    return min(configured_s, grace_s * DRAIN_STAGGER_SHARE / (held - 1))
+
+
 def member_from_json(data: bytes) -> Member:
     """A registration's share settings; anything unreadable counts as the defaults."""
     try:

@@ -38,7 +38,7 @@ from trio_util import AsyncValue
 
 from . import logs, websocket
 from .auth import Authenticator, AuthError, KeyFileError
-from .balancer import Balancer
+from .balancer import Balancer, drain_stagger
 from .config import Config, ConfigError, HostPort, load_config
 from .context import Context
 from .hashing import partition_for
@@ -518,8 +518,16 @@ class Gateway:
         self.notifier.stopping()
         log.info("drain_started", extra={"reason": self._drain_reason, "grace_period_s": grace})
         started = trio.current_time()
+        configured = ctx.config.value.shutdown.drain_stagger_s
+        held = len(self.supervisor.held()) if self.supervisor else 0
+        stagger = drain_stagger(configured, grace, held)
+        if stagger < configured:
+            log.info(
+                "drain_stagger_shortened",
+                extra={"partitions": held, "configured_s": configured, "stagger_s": stagger},
+            )
         with trio.move_on_after(grace) as scope:
-            await balancer.drain(stagger_s=ctx.config.value.shutdown.drain_stagger_s)
+            await balancer.drain(stagger_s=stagger)
         if scope.cancelled_caught:
             log.warning(
                 "drain_grace_expired",

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from linechatd.balancer import Member, fair_shares, member_from_json, pick_release
+from linechatd.balancer import Member, drain_stagger, fair_shares, member_from_json, pick_release
 from linechatd.ownership import InstanceInfo, ZkPaths, owner_from_node, partition_view
 from linechatd.zk import ZnodeStat
 
@@ -205,3 +205,27 @@ def test_missing_node_means_no_owner() -> None:
         "since": None,
         "since_ms": None,
     }
+
+
+def test_drain_stagger_fits_the_grace_period() -> None:
+    # Few partitions: the configured stagger as it is.
+    assert drain_stagger(0.5, 30.0, 8) == 0.5
+    assert drain_stagger(0.5, 30.0, 1) == 0.5
+    assert drain_stagger(0.5, 30.0, 0) == 0.5
+    # 64 partitions at 0.5 s would take 31.5 s of a 30 s grace period: shortened
+    # so that the releases take two thirds of it.
+    assert drain_stagger(0.5, 30.0, 64) == pytest.approx(20.0 / 63)
+    assert drain_stagger(0.0, 30.0, 64) == 0.0
+
+
+@given(
+    configured=st.floats(0, 60),
+    grace=st.floats(0, 3600),
+    held=st.integers(0, 10_000),
+)
+def test_drain_stagger_never_exceeds_either_bound(
+    configured: float, grace: float, held: int
+) -> None:
+    stagger = drain_stagger(configured, grace, held)
+    assert 0 <= stagger <= configured
+    assert stagger * max(0, held - 1) <= grace * 2 / 3 + 1e-9 or held <= 1
