@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 # How often the fetch thread refreshes every feed's (low, high) watermarks.
 WATERMARKS_EVERY_S = 0.1
+# The metadata request made before assigning a topic (fetching waits on it).
+ASSIGN_METADATA_TIMEOUT_S = 5.0
+# How long a hole in a topic's offsets is fetched again before it counts as real.
+GAP_REFETCH_S = 1.0
 
 
 class KafkaUnavailable(Exception):
@@ -99,6 +103,9 @@ def consumer_settings(bootstrap: str, group: str, *, fetch_wait_max_ms: int) -> 
         # When that prefetch queue is full librdkafka pauses fetching for this
         # long (default 1000 ms): keep it short so a drained queue refills at once.
         "fetch.queue.backoff.ms": 10,
+        # After a failed fetch librdkafka waits this long (default 500 ms) before
+        # the next one for that partition: a partition's delivery stalls meanwhile.
+        "fetch.error.backoff.ms": 50,
     }
 
 
@@ -347,7 +354,12 @@ class TopicFeed:
         self._batches: deque[list[Record]] = deque()
         self._buffered = 0
         self._next = start  # drops anything handed over twice
+        # Fetch thread only: the next offset due, and a gap being refetched.
+        self._fetch_next = start
+        self._gap_at: int | None = None
+        self._gap_since = 0.0
         self._arrived = trio.Event()
+        self._assigned = trio.Event()
         # Counted by the fetch thread (handed, paused) and the reader (taken,
         # resume_asked); each is written by one side only, and a stale read
         # costs at most one needless resume command.
@@ -442,6 +454,7 @@ class KafkaFetcher:
         # few, so a stalled trio loop cannot make it buffer without bound.
         self._pending = threading.BoundedSemaphore(4)
         self._running = False
+        self.gaps_refetched = 0  # fetch thread only; read by tests and status
 
     async def run(
         self, *, task_status: trio.TaskStatus[KafkaFetcher] = trio.TASK_STATUS_IGNORED
@@ -470,13 +483,24 @@ class KafkaFetcher:
             self._running = False
 
     @asynccontextmanager
-    async def assignment(self, topic: str, start: int) -> AsyncIterator[TopicFeed]:
-        """Fetch ``topic`` from offset ``start`` for as long as the block runs."""
+    async def assignment(
+        self, topic: str, start: int, timeout_s: float = 10.0
+    ) -> AsyncIterator[TopicFeed]:
+        """Fetch ``topic`` from offset ``start`` for as long as the block runs.
+
+        Entered once the fetch thread has the topic's metadata and has
+        assigned it, so that fetching starts at once (a topic new to the
+        consumer otherwise waited for librdkafka's next metadata scan, 0.5-1 s).
+        """
         if not self._running:
             raise KafkaUnavailable("the fetcher is not running")
         feed = TopicFeed(self, topic, start, self._feed_limit)
         self._command("assign", feed)
         try:
+            with trio.move_on_after(timeout_s):
+                await feed._assigned.wait()
+            if not feed._assigned.is_set():
+                raise KafkaUnavailable(f"{topic}: not assigned within {timeout_s:g} s")
             yield feed
         finally:
             feed.closed = True
@@ -524,8 +548,16 @@ class KafkaFetcher:
                 if topic in feeds:
                     # A feed that ended but whose unassign is still queued behind.
                     consumer.incremental_unassign([tp])
+                try:
+                    # Metadata first: with the leader known, fetching starts at once.
+                    consumer.list_topics(topic, timeout=ASSIGN_METADATA_TIMEOUT_S)
+                except KafkaException as exc:
+                    log.warning("kafka_metadata_failed", extra={"topic": topic, "error": str(exc)})
                 feeds[topic] = feed
                 consumer.incremental_assign([TopicPartition(topic, 0, feed.start)])
+                # A topic paused under an earlier feed would stay paused.
+                consumer.resume([tp])
+                self._call_trio(feed._assigned.set)
             elif feeds.get(topic) is not feed:
                 continue  # about a feed that is already gone
             elif what == "unassign":
@@ -543,6 +575,7 @@ class KafkaFetcher:
         if first is None:
             return []
         by_topic: dict[str, list[Record]] = {}
+        refetching: set[str] = set()
         for m in (first, *consumer.consume(self._batch_max - 1, 0)):
             err = m.error()
             if err is not None:
@@ -551,10 +584,17 @@ class KafkaFetcher:
                 log.warning("kafka_consumer_error", extra={"topic": m.topic(), "error": err.str()})
                 continue
             topic, offset = m.topic(), m.offset()
-            if topic is None or offset is None or topic not in feeds:
-                continue  # fetched before its unassign took effect
+            feed = feeds.get(topic) if topic is not None else None
+            if feed is None or offset is None or topic in refetching:
+                continue  # fetched before its unassign took effect, or refetched below
+            if offset < feed._fetch_next:
+                continue  # fetched twice
+            if offset > feed._fetch_next and self._refetch_gap(consumer, feed, offset):
+                refetching.add(feed.topic)
+                continue
+            feed._fetch_next = offset + 1
             _ts_type, ts = m.timestamp()
-            by_topic.setdefault(topic, []).append(Record(offset, m.value(), ts))
+            by_topic.setdefault(feed.topic, []).append(Record(offset, m.value(), ts))
         handed = []
         for topic, records in by_topic.items():
             feed = feeds[topic]
@@ -564,6 +604,40 @@ class KafkaFetcher:
                 consumer.pause([TopicPartition(topic, 0)])
             handed.append((feed, records))
         return handed
+
+    def _refetch_gap(self, consumer: Consumer, feed: TopicFeed, offset: int) -> bool:
+        """``offset`` arrived where ``feed._fetch_next`` was due: fetch the gap again?
+
+        An idempotent producer leaves no holes in a partition, yet a fetch can
+        skip records that become visible late (seen on the test broker with
+        several producers writing one topic). Seeking back refetches them;
+        a gap that stays for GAP_REFETCH_S is taken as real (compaction,
+        transaction markers, retention) and skipped, once, with a warning.
+        """
+        expected, now = feed._fetch_next, time.monotonic()
+        if feed._gap_at != expected:
+            feed._gap_at, feed._gap_since = expected, now
+            log.info(
+                "kafka_offset_gap_refetch",
+                extra={"topic": feed.topic, "missing_from": expected, "missing_to": offset - 1},
+            )
+        if now - feed._gap_since < GAP_REFETCH_S:
+            self.gaps_refetched += 1
+            consumer.seek(TopicPartition(feed.topic, 0, expected))
+            return True
+        log.warning(
+            "kafka_offset_gap",
+            extra={"topic": feed.topic, "missing_from": expected, "missing_to": offset - 1},
+        )
+        feed._gap_at = None
+        return False
+
+    def _call_trio(self, fn: Callable[[], object]) -> None:
+        assert self._token is not None
+        try:
+            self._token.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            self._stop.set()
 
     def _hand_over(self, records: list[tuple[TopicFeed, list[Record]]]) -> None:
         assert self._token is not None
