@@ -28,7 +28,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -469,18 +469,30 @@ class Gateway:
         if runtime.devices_of(params.uid) >= limits.max_devices_per_uid:
             await refuse(429, "too_many_devices")
             return
-        # Held from before the first await: concurrent handshakes cannot all
-        # pass the checks above and then all be accepted.
-        with self.connections.hold(address):
+        # Counted from before the first await: concurrent handshakes cannot all
+        # pass the checks above and then all be accepted. The session releases
+        # it when it ends.
+        release = self.connections.add(address)
+        try:
             conn = await hs.accept()
             metrics.handshakes.labels("accepted").inc()
-            session = Session(conn=conn, params=params, identity=identity, runtime=runtime, ctx=ctx)
+            session = Session(
+                conn=conn,
+                params=params,
+                identity=identity,
+                runtime=runtime,
+                ctx=ctx,
+                on_end=release,
+            )
             if not await runtime.serve(session):
                 await conn.close(1012, "partition moved")
+                release()
                 return
-            # The socket's task now lives in the partition's nursery; this handler
-            # only keeps the transport's connection open until that task ends.
-            await session.finished.wait()
+        except BaseException:
+            release()
+            raise
+        # The session's task, in the partition's nursery, owns the socket now.
+        hs.detach()
 
     # -- signals, drain, reload -------------------------------------------------
 
@@ -708,19 +720,25 @@ class ConnectionCounter:
     def of(self, address: str) -> int:
         return self._by_address.get(address, 0)
 
-    @contextlib.contextmanager
-    def hold(self, address: str) -> Iterator[None]:
+    def add(self, address: str) -> Callable[[], None]:
+        """Count one connection from ``address``; returns its release (idempotent)."""
         self.total += 1
         self._by_address[address] = self._by_address.get(address, 0) + 1
-        try:
-            yield
-        finally:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
             self.total -= 1
             left = self._by_address[address] - 1
             if left:
                 self._by_address[address] = left
             else:
                 del self._by_address[address]
+
+        return release
 
 
 async def run_from_config(path: Path) -> int:

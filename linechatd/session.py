@@ -1,12 +1,15 @@
 """One device's WebSocket session, living inside its partition's nursery.
 
-Two tasks per session: the reader (this task: frames in, sends produced in
-order) and the writer (the bounded outbox to the socket, with a send
-deadline). Delivery reports need no task: each resolves on the trio thread and
+One task per session, the reader (frames in, sends produced in order); it
+owns the connection from the accepted handshake to the closed socket. Frames
+out are written in the call that produces them while nothing is queued; a
+writer task runs only while there is a backlog (a socket that did not take
+everything at once), draining the bounded outbox with a send deadline.
+Delivery reports need no task either: each resolves on the trio thread and
 answers every send at the head of the session's in-flight queue that is done,
 as ``ack``/``error`` in send order. A session ends by cancelling its own scope
 after choosing a close code; when its partition is cancelled instead, it
-closes with 1012.
+closes with 1012. An idle session is thus one task and a handful of objects.
 
 Slow readers: the partition's delivery task never waits for a socket. It
 offers each frame to the session's outbox, bounded by
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -84,6 +88,7 @@ class Session:
         identity: Identity,
         runtime: PartitionRuntime,
         ctx: Context,
+        on_end: Callable[[], object] | None = None,
     ) -> None:
         self.uid = params.uid
         self.device = params.device
@@ -94,10 +99,10 @@ class Session:
         self._runtime = runtime
         self._ctx = ctx
         limits = ctx.config.value.limits
-        self._outbox_send, self._outbox_recv = trio.open_memory_channel[_Outgoing](
-            limits.outbound_queue_messages
-        )
+        self._outbox: deque[_Outgoing] = deque()
+        self._outbox_limit = limits.outbound_queue_messages
         self._outbox_bytes = 0
+        self._outbox_closed = False
         # Sends produced and not yet answered, in send order.
         self._in_flight: deque[tuple[str, int, DeliveryReceipt]] = deque()
         self._room = trio.Event()
@@ -111,16 +116,17 @@ class Session:
         self.live_from: int | None = None
         self._live_from = 0
         self._last_offset = -1
-        # Frames in the outbox or being written by the writer; while there are
-        # any, new frames queue behind them (order), else they go out at once.
-        self._backlog = 0
-        # Direct writes start with the writer (after the welcome and any replay).
-        self._direct = False
+        # While the writer runs (it has the frame in flight) or the outbox holds
+        # frames, new frames queue behind them (order), else they go out at once.
+        self._writer_active = False
+        # The session's own nursery, for the writer; None before the welcome
+        # and any replay are sent (frames queue meanwhile) and after the end.
+        self._nursery: trio.Nursery | None = None
+        self._on_end = on_end
         self._close_code = CLOSE_MOVED
         self._close_reason = "partition moved"
         self._scope = trio.CancelScope()
         self._peer_closed = False
-        self.finished = trio.Event()
 
     def __repr__(self) -> str:
         return f"<Session uid={self.uid} device={self.device} partition={self.partition}>"
@@ -133,7 +139,7 @@ class Session:
         With nothing queued ahead of it, the frame is written to the socket at
         once (no task switch); otherwise it joins the outbox for the writer.
         """
-        if self._direct and not self._backlog:
+        if self._nursery is not None and not self._writer_active and not self._outbox:
             if offset is not None:
                 if offset <= self._last_offset or offset < self._live_from:
                     return  # never one offset twice, nor one the replay covered
@@ -154,18 +160,18 @@ class Session:
         self._queue(offset, frame)
 
     def _queue(self, offset: int | None, frame: str) -> None:
-        if self._outbox_bytes + len(frame) > OUTBOX_MAX_BYTES and self._outbox_bytes > 0:
+        if self._outbox_closed:
+            return
+        if len(self._outbox) >= self._outbox_limit or (
+            self._outbox_bytes + len(frame) > OUTBOX_MAX_BYTES and self._outbox_bytes > 0
+        ):
             self.end(CLOSE_BEHIND, "too far behind: reconnect with resume")
             return
-        try:
-            self._outbox_send.send_nowait((offset, frame))
-        except trio.WouldBlock:
-            self.end(CLOSE_BEHIND, "too far behind: reconnect with resume")
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        else:
-            self._outbox_bytes += len(frame)
-            self._backlog += 1
+        self._outbox.append((offset, frame))
+        self._outbox_bytes += len(frame)
+        if not self._writer_active and self._nursery is not None:
+            self._writer_active = True
+            self._nursery.start_soon(self._writer)
 
     def end(self, code: int, reason: str) -> None:
         """Close this session with ``code`` (the first reason given wins)."""
@@ -179,7 +185,7 @@ class Session:
                     extra={
                         "uid": self.uid,
                         "partition": self.partition,
-                        "queued": self._outbox_send.statistics().current_buffer_used,
+                        "queued": len(self._outbox),
                         "queued_bytes": self._outbox_bytes,
                         "reason": reason,
                     },
@@ -201,7 +207,11 @@ class Session:
                 await self._greet(self.live_from)
                 task_status.started()
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
+                    self._nursery = nursery
+                    if self._outbox:
+                        # Live frames that arrived during the welcome and replay.
+                        self._writer_active = True
+                        nursery.start_soon(self._writer)
                     if self._identity.expires_at is not None:
                         nursery.start_soon(self._expire_at, self._identity.expires_at)
                     await self._reader()
@@ -216,16 +226,22 @@ class Session:
             log.exception("session_failed", extra={"uid": self.uid, "partition": self.partition})
             self._close_code, self._close_reason = CLOSE_INTERNAL, "internal error"
         finally:
+            self._nursery = None
             runtime.unregister(self)
-            self._outbox_send.close()
+            self._outbox_closed = True
+            self._outbox.clear()
             metrics.connections.labels(str(self.partition)).dec()
-            if not self._peer_closed:
-                # The transport bounds its closing handshake itself; this is a backstop.
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await self._conn.close(self._close_code, self._close_reason)
+            with trio.CancelScope(shield=True):
+                if not self._peer_closed:
+                    # The transport bounds its closing handshake itself; this is a backstop.
+                    with trio.move_on_after(5):
+                        await self._conn.close(self._close_code, self._close_reason)
+                # Whatever happened, the socket is released here: the session owns it.
+                await self._conn.aclose()
             code = self._conn.closed_code if self._peer_closed else self._close_code
             metrics.closes.labels(str(code)).inc()
-            self.finished.set()
+            if self._on_end is not None:
+                self._on_end()
 
     async def _greet(self, live_from: int) -> None:
         """The welcome frame, then (when asked and possible) the missed records."""
@@ -347,10 +363,11 @@ class Session:
             self._room.set()
 
     async def _writer(self) -> None:
-        live_from = self._live_from
-        self._direct = True
-        async for offset, frame in self._outbox_recv:
-            try:
+        """Drain the outbox, then end (the next backlog starts a new writer)."""
+        live_from, outbox = self._live_from, self._outbox
+        try:
+            while outbox:
+                offset, frame = outbox.popleft()
                 self._outbox_bytes -= len(frame)
                 if offset is not None:
                     # Never one offset twice, nor one the replay covered.
@@ -364,8 +381,10 @@ class Session:
                     self._peer_closed = True
                     self._scope.cancel()
                     return
-            finally:
-                self._backlog -= 1
+        finally:
+            # No checkpoint between the empty outbox and this: an offer either
+            # queued before (and was sent above) or writes directly after.
+            self._writer_active = False
 
     async def _expire_at(self, expires_at: float) -> None:
         await trio.sleep(max(0.0, expires_at - time.time()))

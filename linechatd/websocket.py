@@ -15,6 +15,7 @@ the call that produced them.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -54,6 +55,9 @@ ABUSE_CLOSE_WAIT_S = 0.1
 # object is shrunk to what arrived, so an idle socket holds none of it.
 RECEIVE_BYTES = 65536
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# accept() failures that mean "no room now", not "the listener is broken".
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_RETRY_S = 0.1
 
 
 class ConnectionClosed(Exception):
@@ -335,6 +339,11 @@ class Connection:
                         return
             await self._read()
 
+    async def aclose(self) -> None:
+        """Release the socket now, without a closing handshake (after ``close()``,
+        or when the peer is gone); safe to call more than once."""
+        await self._drop()
+
     async def _drop(self) -> None:
         if self._dropped:
             return
@@ -365,6 +374,7 @@ class Handshake:
         "_stream",
         "_handshake",
         "_max_bytes",
+        "_detached",
         "connection",
         "path",
         "query",
@@ -383,6 +393,7 @@ class Handshake:
         self._stream = stream
         self._handshake: H11Handshake | None = handshake
         self._max_bytes = max_message_bytes
+        self._detached = False
         self.connection: Connection | None = None
         # Split by hand: urlsplit() raises on targets like "//[x" (h11 lets
         # any visible characters through).
@@ -424,6 +435,16 @@ class Handshake:
         except ConnectionClosed:
             pass  # the first receive() or send() reports it
         return conn
+
+    def detach(self) -> None:
+        """The accepted connection now has an owner that closes it (``Connection.aclose``).
+
+        The listener's task for this socket then ends at once instead of
+        waiting: a long-lived socket costs no task (nor handshake state) of its own.
+        """
+        if self.connection is None:
+            raise RuntimeError("only an accepted connection can be detached")
+        self._detached = True
 
     async def reject(
         self, status: int, body: Mapping[str, object], headers: Mapping[str, str] | None = None
@@ -547,16 +568,43 @@ async def serve(
                 return
             hs = Handshake(stream, handshake, request, remote, max_message_bytes)
             await handler(hs)
+            if hs._detached:
+                return  # the connection's owner closes it
             conn = hs.connection
             if conn is not None:
                 await conn.close(CLOSE_NORMAL)
         except Exception:
             log.exception("websocket_connection_failed")
         finally:
-            await trio.aclose_forcefully(stream)
+            if hs is None or not hs._detached:
+                await trio.aclose_forcefully(stream)
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, on_connection, listeners)
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, on_connection, nursery)
         task_status.started(bound)
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    on_connection: Callable[[trio.SocketStream], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    """Like ``trio.serve_listeners``, except that the socket is closed by
+    ``on_connection`` (or by whoever it hands an accepted connection to), not
+    when its task returns."""
+    async with listener:
+        while True:
+            try:
+                tcp = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                # Out of file descriptors or memory: the sockets already open
+                # matter more; try again shortly rather than stop listening.
+                log.error("websocket_accept_failed", extra={"error": exc.strerror})
+                await trio.sleep(ACCEPT_RETRY_S)
+            else:
+                nursery.start_soon(on_connection, tcp)

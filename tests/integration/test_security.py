@@ -1030,11 +1030,14 @@ def test_connection_accounting_helpers() -> None:
     assert address_key("2001:db8:1:2:ffff::1") == address_key("2001:db8:1:2::7")
     assert address_key("") == ""
     counter = ConnectionCounter()
-    with counter.hold("a"), counter.hold("a"), counter.hold("b"):
-        assert (counter.total, counter.of("a"), counter.of("b")) == (3, 2, 1)
-    with pytest.raises(RuntimeError), counter.hold("a"):
-        raise RuntimeError
-    assert (counter.total, counter.of("a")) == (0, 0)
+    releases = [counter.add("a"), counter.add("a"), counter.add("b")]
+    assert (counter.total, counter.of("a"), counter.of("b")) == (3, 2, 1)
+    releases[0]()
+    releases[0]()  # a second release of the same connection counts nothing
+    assert (counter.total, counter.of("a"), counter.of("b")) == (2, 1, 1)
+    for release in releases:
+        release()
+    assert (counter.total, counter.of("a"), counter.of("b")) == (0, 0, 0)
 
 
 def test_startup_errors_are_found_inside_exception_groups() -> None:
