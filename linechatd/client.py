@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # Close codes after which reconnecting cannot help.
 _FATAL_CLOSES = {1008: "protocol violation", 4401: "token expired"}
 _DEDUPE_MEMORY = 10_000
+# The welcome follows the handshake at once, or after the replay window check
+# (a few Kafka round trips); past this the connection is given up and retried.
+_WELCOME_TIMEOUT_S = 30.0
 _HTTP_TIMEOUT_S = 5.0
 _MAX_KNOWN_INSTANCES = 64
 # Answers that say "this instance is unwell, ask another" (503 is an answer:
@@ -478,7 +481,10 @@ class ChatClient:
         full = f"{url}?{urlencode(params)}"
         try:
             async with open_websocket(full, message_queue_size=64, max_message_size=1 << 22) as ws:
-                first = json.loads(await ws.get_message())
+                # A server that accepted but never greets (stuck, or a half-open
+                # connection) must not keep the client from trying elsewhere.
+                with trio.fail_after(_WELCOME_TIMEOUT_S):
+                    first = json.loads(await ws.get_message())
                 if first.get("type") != "welcome":
                     raise ClientError(f"expected welcome, got {first.get('type')}")
                 welcome = Welcome(

@@ -98,9 +98,20 @@ async def test_chaos_no_acked_message_lost(
         arrivals: dict[str, list[tuple[int, float]]] = defaultdict(list)
         started_at = time.time()
         stop_sending = trio.Event()
+        senders_done = trio.Event()
+        sending = CLIENTS
         sent_total = 0
 
         async def sender(i: int) -> None:
+            nonlocal sent_total, sending
+            try:
+                await send_until_stopped(i)
+            finally:
+                sending -= 1
+                if not sending:
+                    senders_done.set()
+
+        async def send_until_stopped(i: int) -> None:
             nonlocal sent_total
             client, to = clients[i], f"user-{(i + 1) % CLIENTS}"
             seq = 0
@@ -149,6 +160,9 @@ async def test_chaos_no_acked_message_lost(
                 assert await drained.wait_exit(30) == 0
                 await trio.sleep(6)
                 stop_sending.set()
+                # Every send still in flight gets its answer first: an ack
+                # arriving after the check below would count as a loss.
+                await senders_done.wait()
                 # Let the last acked messages arrive.
                 deadline = trio.current_time() + 30
                 while trio.current_time() < deadline:
@@ -184,7 +198,13 @@ async def test_chaos_no_acked_message_lost(
             sender = f"user-{(int(to.split('-')[1]) - 1) % CLIENTS}"
             missing = [(seq, offset) for seq, _, offset in sends if (sender, seq) not in got]
             lost += len(missing)
-            for seq, offset in missing:
+            if missing:
+                c = next(c for c in clients if c.uid == to)
+                print(
+                    f"CLIENT {to}: state {c.state.value}, cursor {c.cursor}, "
+                    f"welcome {c.welcome.value}, connections {c.connections}"
+                )
+            for seq, offset in missing[:3]:
                 print(_loss_report(to, sender, seq, offset, arrivals[to], cluster.instances))
         assert lost == 0, f"{lost} acked messages never arrived"
         for to, messages in received.items():
