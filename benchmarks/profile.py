@@ -25,7 +25,7 @@ from typing import Any
 # Ordered: the first match wins for a frame's component.
 COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("websocket transport", ("linechatd/websocket.py", "trio_websocket/", "wsproto/")),
-    ("session (reader/acker/writer)", ("linechatd/session.py",)),
+    ("session (reader, writer, acks)", ("linechatd/session.py",)),
     ("partition delivery", ("linechatd/partitions.py",)),
     ("protocol (json frames/records)", ("linechatd/protocol.py",)),
     ("kafka adapter", ("linechatd/kafka.py",)),
