@@ -5,6 +5,8 @@ reports handed to trio in batches."""
 from __future__ import annotations
 
 import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 from support.cluster import ClusterNames
@@ -25,6 +27,22 @@ async def _produce(producer: KafkaProducer, topic: str, values: list[bytes]) -> 
     return [await producer.wait(r) for r in receipts]
 
 
+@asynccontextmanager
+async def _adapter(
+    bootstrap: str, *, linger_ms: int = 1, **fetcher_options: int
+) -> AsyncIterator[tuple[KafkaProducer, KafkaFetcher]]:
+    """A running producer and fetcher, stopped when the block ends."""
+    async with trio.open_nursery() as nursery:
+        producer = await nursery.start(
+            KafkaProducer(bootstrap, linger_ms=linger_ms, timeout_s=10).run
+        )
+        fetcher = await nursery.start(
+            KafkaFetcher(bootstrap, "adapter-test", fetch_wait_max_ms=10, **fetcher_options).run
+        )
+        yield producer, fetcher
+        nursery.cancel_scope.cancel()
+
+
 async def _read(feed: TopicFeed, count: int) -> list[Record]:
     got: list[Record] = []
     with trio.fail_after(WAIT_S):
@@ -38,13 +56,7 @@ async def test_one_fetcher_serves_many_topics_each_from_its_own_offset(
 ) -> None:
     admin = KafkaAdmin(kafka_bootstrap)
     topics = await _topics(admin, cluster_names, 3)
-    async with trio.open_nursery() as nursery:
-        producer = await nursery.start(
-            KafkaProducer(kafka_bootstrap, linger_ms=1, timeout_s=10).run
-        )
-        fetcher = await nursery.start(
-            KafkaFetcher(kafka_bootstrap, "adapter-test", fetch_wait_max_ms=10).run
-        )
+    async with _adapter(kafka_bootstrap) as (producer, fetcher):
         offsets = {
             t: await _produce(producer, t, [f"{t}-{i}".encode() for i in range(5)]) for t in topics
         }
@@ -64,7 +76,6 @@ async def test_one_fetcher_serves_many_topics_each_from_its_own_offset(
             assert second.cached_watermarks()[1] >= live + 1
         # Ended feeds refuse to pretend they still know the log.
         assert first.closed and second.closed
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_full_feed_pauses_its_topic_only_and_loses_nothing(
@@ -72,15 +83,10 @@ async def test_a_full_feed_pauses_its_topic_only_and_loses_nothing(
 ) -> None:
     admin = KafkaAdmin(kafka_bootstrap)
     slow_topic, busy_topic = await _topics(admin, cluster_names, 2)
-    async with trio.open_nursery() as nursery:
-        producer = await nursery.start(
-            KafkaProducer(kafka_bootstrap, linger_ms=5, timeout_s=10).run
-        )
-        fetcher = await nursery.start(
-            KafkaFetcher(
-                kafka_bootstrap, "adapter-test", fetch_wait_max_ms=10, batch_max=50, feed_limit=100
-            ).run
-        )
+    async with _adapter(kafka_bootstrap, linger_ms=5, batch_max=50, feed_limit=100) as (
+        producer,
+        fetcher,
+    ):
         start = await admin.end_offset(slow_topic)
         busy_start = await admin.end_offset(busy_topic)
         async with (
@@ -100,7 +106,6 @@ async def test_a_full_feed_pauses_its_topic_only_and_loses_nothing(
             got = await _read(slow, 1000)
             assert [r.offset for r in got] == list(range(start, start + 1000))
             assert [r.value for r in got] == [b"%d" % i for i in range(1000)]
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_topic_can_be_assigned_again_from_another_offset(
@@ -108,20 +113,13 @@ async def test_a_topic_can_be_assigned_again_from_another_offset(
 ) -> None:
     admin = KafkaAdmin(kafka_bootstrap)
     [topic] = await _topics(admin, cluster_names, 1)
-    async with trio.open_nursery() as nursery:
-        producer = await nursery.start(
-            KafkaProducer(kafka_bootstrap, linger_ms=1, timeout_s=10).run
-        )
-        fetcher = await nursery.start(
-            KafkaFetcher(kafka_bootstrap, "adapter-test", fetch_wait_max_ms=10).run
-        )
+    async with _adapter(kafka_bootstrap) as (producer, fetcher):
         offsets = await _produce(producer, topic, [b"%d" % i for i in range(10)])
         async with fetcher.assignment(topic, offsets[5]) as feed:
             assert [r.offset for r in await _read(feed, 5)] == offsets[5:]
         # Straight away, lower: nothing of the old assignment leaks into the new one.
         async with fetcher.assignment(topic, offsets[0]) as feed:
             assert [r.offset for r in await _read(feed, 10)] == offsets
-        nursery.cancel_scope.cancel()
 
 
 async def test_committed_offsets_live_in_each_partitions_group(
