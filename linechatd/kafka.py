@@ -454,7 +454,6 @@ class KafkaFetcher:
         # few, so a stalled trio loop cannot make it buffer without bound.
         self._pending = threading.BoundedSemaphore(4)
         self._running = False
-        self.gaps_refetched = 0  # fetch thread only; read by tests and status
 
     async def run(
         self, *, task_status: trio.TaskStatus[KafkaFetcher] = trio.TASK_STATUS_IGNORED
@@ -622,7 +621,6 @@ class KafkaFetcher:
                 extra={"topic": feed.topic, "missing_from": expected, "missing_to": offset - 1},
             )
         if now - feed._gap_since < GAP_REFETCH_S:
-            self.gaps_refetched += 1
             consumer.seek(TopicPartition(feed.topic, 0, expected))
             return True
         log.warning(
