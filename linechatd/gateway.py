@@ -159,8 +159,9 @@ class Gateway:
             fetcher=fetcher,
             admin=admin,
             metrics=metrics,
-            # Threads blocked in the replay consumers' calls.
-            consumer_limiter=trio.CapacityLimiter(16),
+            # Threads blocked in the replay consumers' calls (a probe and a
+            # scan per partition may poll at once, as after a failover).
+            consumer_limiter=trio.CapacityLimiter(config.cluster.partitions + 16),
             draining=trio.Event(),
         )
         async with trio.open_nursery() as serving:

@@ -202,10 +202,13 @@ class Session:
         # every later one will be offered to it.
         self.live_from = self._live_from = runtime.next_offset
         metrics.connections.labels(str(self.partition)).inc()
+        # In the partition's nursery from here on, before the welcome and any
+        # replay: a task still being started there is out of the partition's
+        # reach, and would hold the partition open until it finished.
+        task_status.started()
         try:
             with self._scope:
                 await self._greet(self.live_from)
-                task_status.started()
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     if self._outbox:
@@ -255,16 +258,17 @@ class Session:
             self.uid, self.device, self.partition, ctx.info.instance, log_end, None
         )
         if self.resume is None:
-            await self._conn.send(welcome)
+            await self._send_now(welcome, " for the welcome")
             return
         # The partition's shared replay reads: one scan serves every resume at once.
         hub = self._runtime.replay_hub
         async with Replay(ctx, hub, self.uid, self.resume, live_from) as replay:
             resumed = await replay.check()
-            await self._conn.send(
+            await self._send_now(
                 encode_welcome(
                     self.uid, self.device, self.partition, ctx.info.instance, log_end, resumed
-                )
+                ),
+                " for the welcome",
             )
             if resumed:
                 await replay.send_to(self)
@@ -274,7 +278,11 @@ class Session:
         if offset <= self._last_offset:
             return
         self._last_offset = offset
-        if not await self._send_within_deadline(frame, " during replay"):
+        await self._send_now(frame, " during replay")
+
+    async def _send_now(self, frame: str, during: str) -> None:
+        """Send ahead of the live outbox, within the send deadline, or end the session."""
+        if not await self._send_within_deadline(frame, during):
             await trio.lowlevel.checkpoint()  # raises Cancelled: the session's scope ends it
 
     async def _send_within_deadline(self, frame: str, during: str = "") -> bool:

@@ -27,10 +27,13 @@ import pytest
 import trio
 import trio_websocket
 from confluent_kafka import Consumer, Producer, TopicPartition
+from kazoo.client import KazooClient
 from support.cluster import Cluster, ClusterNames, http_get, merge_sections, start_cluster
+from support.leasekit import events
 
 from linechatd.client import ChatClient, Message, connect, open_websocket
 from linechatd.hashing import partition_for
+from linechatd.ownership import ZkPaths
 from linechatd.protocol import ChatRecord, decode_record, encode_record
 
 PARTITIONS = 8
@@ -684,7 +687,9 @@ async def test_bad_input_gets_its_answer_and_other_sessions_carry_on(
             print("\n" + latency_line("chatter beside bad input (round trip)", chatter.latencies))
 
 
-async def open_stalled_websocket(ws_url: str, uid: str) -> trio.SocketStream:
+async def open_stalled_websocket(
+    ws_url: str, uid: str, resume: int | None = None
+) -> trio.SocketStream:
     """A WebSocket client that completes the handshake and then never reads again.
 
     Its receive buffer is made small (before connecting, so the TCP window
@@ -692,12 +697,16 @@ async def open_stalled_websocket(ws_url: str, uid: str) -> trio.SocketStream:
     """
     parts = urlsplit(ws_url)
     assert parts.hostname is not None and parts.port is not None
+    params: dict[str, str | int] = {"uid": uid, "device": "stalled"}
+    if resume is not None:
+        params["resume"] = resume
+    query = ws_query(**params)
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     await sock.connect((parts.hostname, parts.port))
     stream = trio.SocketStream(sock)
     request = (
-        f"GET {parts.path}?{ws_query(uid=uid, device='stalled')} HTTP/1.1\r\n"
+        f"GET {parts.path}?{query} HTTP/1.1\r\n"
         f"Host: {parts.hostname}:{parts.port}\r\n"
         "Upgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -878,3 +887,55 @@ async def test_ping_pong_and_every_ack_is_already_in_kafka(
                         ack["id"],
                         {"i": ack["id"]},
                     )
+
+
+async def test_a_session_stuck_in_its_replay_does_not_hold_its_partition(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    """Losing a lease cancels the partition's sockets, also one still being greeted.
+
+    A device resumes a large backlog and never reads, so its session is stuck
+    sending the replay (the send deadline here is a minute). The lease node is
+    then deleted: the partition must stop within the closing handshake's bound
+    (2 s, the device never answers it), not when the send deadline runs out.
+    """
+    sections = {"limits": {"send_timeout_s": 60.0}, "log": {"format": "json"}}
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with running_cluster(
+            tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names, sections
+        ) as (cluster, owners):
+            uma = uid_owned_by(owners, "gw-0", "uma")
+            k = partition_for(uma, PARTITIONS)
+            topic = f"{cluster_names.topic_prefix}{k}"
+            offsets = await trio.to_thread.run_sync(
+                lambda: produce_burst(kafka_bootstrap, topic, uma, total=3000, every=1)
+            )
+            stalled = await open_stalled_websocket(
+                ws_url_of(cluster, "gw-0"), uma, resume=offsets[0] - 1
+            )
+            async with stalled:
+                await trio.sleep(1.0)  # the replay fills the socket and waits
+                zk = KazooClient(hosts=zookeeper_hosts)
+                await trio.to_thread.run_sync(zk.start)
+                try:
+                    deleted_at = time.time()
+
+                    def stopped_events() -> list[dict[str, Any]]:
+                        return events(
+                            cluster[0], "partition_stopped", after=deleted_at, partition=k
+                        )
+
+                    await trio.to_thread.run_sync(
+                        zk.delete, ZkPaths(cluster_names.cluster).owner(k)
+                    )
+                finally:
+                    await trio.to_thread.run_sync(zk.stop)
+                    zk.close()
+                with trio.fail_after(10):
+                    # Another process's log: polled.
+                    while not stopped_events():  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                [stopped] = stopped_events()
+                print(
+                    f"\npartition {k} stopped {stopped['ts'] - deleted_at:.2f} s after its lease node was deleted"
+                )
