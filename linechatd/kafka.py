@@ -145,7 +145,6 @@ def _resolve_all(reports: list[tuple[DeliveryReceipt, KafkaError | None, int | N
 class KafkaProducer:
     def __init__(self, bootstrap: str, *, linger_ms: int, timeout_s: float) -> None:
         self._settings = producer_settings(bootstrap, linger_ms=linger_ms, timeout_s=timeout_s)
-        self._timeout_s = timeout_s
         self._producer: Producer | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop = threading.Event()
@@ -208,26 +207,6 @@ class KafkaProducer:
         except KafkaException as exc:
             raise KafkaUnavailable(str(exc)) from exc
         return receipt
-
-    async def wait(self, receipt: DeliveryReceipt) -> int:
-        """The record's offset once the broker durably has it.
-
-        Raises KafkaUnavailable when the broker did not accept it in time: the
-        record was not acknowledged and may be sent again.
-        """
-        if not receipt.resolved:
-            done = trio.Event()
-            receipt.on_resolved = done.set
-            with trio.move_on_after(self._timeout_s):
-                await done.wait()
-        if not receipt.resolved:
-            raise KafkaUnavailable("no acknowledgement from the broker in time")
-        if receipt.error is not None:
-            raise KafkaUnavailable(receipt.error.str())
-        return receipt.offset
-
-    async def produce(self, topic: str, key: bytes, value: bytes) -> int:
-        return await self.wait(self.send(topic, key, value))
 
 
 async def _result(future: Future[Any], timeout_s: float, what: str) -> Any:

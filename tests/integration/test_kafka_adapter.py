@@ -23,8 +23,20 @@ async def _topics(admin: KafkaAdmin, names: ClusterNames, count: int) -> list[st
 
 
 async def _produce(producer: KafkaProducer, topic: str, values: list[bytes]) -> list[int]:
+    """Send ``values`` in order; their offsets once every delivery report is in."""
     receipts = [producer.send(topic, b"k", v) for v in values]
-    return [await producer.wait(r) for r in receipts]
+    all_resolved = trio.Event()
+
+    def check() -> None:
+        if all(r.resolved for r in receipts):
+            all_resolved.set()
+
+    for receipt in receipts:
+        receipt.on_resolved = check
+    with trio.fail_after(WAIT_S):
+        await all_resolved.wait()
+    assert all(r.error is None for r in receipts), [r.error for r in receipts if r.error]
+    return [r.offset for r in receipts]
 
 
 @asynccontextmanager
