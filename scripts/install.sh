@@ -37,6 +37,11 @@ APT_PACKAGES=(
     # The benchmark's peer (python-socketio with its Redis manager).
     redis-server
 )
+# Tools some tests call, installed only when the machine has none yet (an
+# image may carry a newer Node.js of its own): Node.js >= 18 for the browser
+# client's logic tests, systemd-analyze for checking the unit files.
+command -v node >/dev/null 2>&1 || APT_PACKAGES+=(nodejs)
+command -v systemd-analyze >/dev/null 2>&1 || APT_PACKAGES+=(systemd)
 
 log() { printf '==> %s\n' "$*"; }
 warn() { printf '==> WARNING: %s\n' "$*" >&2; }
