@@ -138,7 +138,7 @@ class Balancer:
         except NodeExistsError:
             pass
         current, stat = await ctx.zk.get(path)
-        if stat.ephemeralOwner == info.session_id:
+        if stat.ephemeral_owner == info.session_id:
             if current != data:
                 await ctx.zk.set(path, data)
                 log.info("instance_registration_updated", extra={"path": path})

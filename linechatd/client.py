@@ -33,10 +33,34 @@ import trio
 import trio_websocket
 from trio_util import AsyncValue
 
+from .protocol import (
+    Ack,
+    CloseCode,
+    ErrorFrame,
+    Message,
+    RemoteProtocolError,
+    Welcome,
+    decode_server_frame,
+    encode_send,
+)
+
+__all__ = [
+    "Ack",
+    "ChatClient",
+    "ClientError",
+    "Message",
+    "SendFailed",
+    "State",
+    "Welcome",
+    "connect",
+    "http_get_json",
+    "open_websocket",
+]
+
 log = logging.getLogger(__name__)
 
 # Close codes after which reconnecting cannot help.
-_FATAL_CLOSES = {1008: "protocol violation", 4401: "token expired"}
+_FATAL_CLOSES = {CloseCode.POLICY: "protocol violation", CloseCode.TOKEN_EXPIRED: "token expired"}
 _DEDUPE_MEMORY = 10_000
 # The welcome follows the handshake at once, or after the replay window check
 # (a few Kafka round trips); past this the connection is given up and retried.
@@ -66,25 +90,6 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass(frozen=True)
-class Ack:
-    id: str
-    partition: int
-    offset: int
-
-
-@dataclass(frozen=True)
-class Message:
-    from_uid: str
-    from_device: str
-    to: str
-    id: str
-    body: Any
-    partition: int
-    offset: int
-    ts: int
-
-
 @dataclass
 class _Pending:
     """A send waiting for its ack; transmitted once per connection."""
@@ -94,14 +99,6 @@ class _Pending:
     done: trio.Event = field(default_factory=trio.Event)
     outcome: Ack | SendFailed | ClientError | None = None
     sent_on: int = -1  # the connection number it was last transmitted on
-
-
-@dataclass(frozen=True)
-class Welcome:
-    instance: str
-    partition: int
-    offset: int
-    resumed: bool | None
 
 
 class _Refused(Exception):
@@ -388,6 +385,7 @@ class ChatClient:
                     trio_websocket.HandshakeError,
                     trio.TooSlowError,
                     h11.ProtocolError,
+                    RemoteProtocolError,
                 ) as exc:
                     log.debug("client_connect_failed", extra={"uid": self.uid, "error": repr(exc)})
                 except trio_websocket.ConnectionClosed as exc:
@@ -484,12 +482,9 @@ class ChatClient:
                 # A server that accepted but never greets (stuck, or a half-open
                 # connection) must not keep the client from trying elsewhere.
                 with trio.fail_after(_WELCOME_TIMEOUT_S):
-                    first = json.loads(await ws.get_message())
-                if first.get("type") != "welcome":
-                    raise ClientError(f"expected welcome, got {first.get('type')}")
-                welcome = Welcome(
-                    first["instance"], first["partition"], first["offset"], first["resumed"]
-                )
+                    welcome = decode_server_frame(await ws.get_message())
+                if not isinstance(welcome, Welcome):
+                    raise ClientError(f"expected a welcome frame, got {welcome!r}")
                 if self.cursor is None or welcome.resumed is False:
                     # From now on nothing before the welcome offset concerns us.
                     floor = welcome.offset - 1
@@ -504,7 +499,7 @@ class ChatClient:
                 for msg_id in list(self._pending):
                     await self._transmit(msg_id)
                 while True:
-                    await self._on_frame(json.loads(await ws.get_message()))
+                    await self._on_frame(await ws.get_message())
         except trio_websocket.HandshakeError as exc:
             rejection = getattr(exc, "status_code", None)
             if rejection is not None:
@@ -522,26 +517,27 @@ class ChatClient:
         if ws is None or entry is None or entry.sent_on == self.connections:
             return  # sent on (re)connect, or already on this connection
         entry.sent_on = self.connections
-        frame = json.dumps(
-            {"type": "send", "id": msg_id, "to": entry.to, "body": entry.body},
-            separators=(",", ":"),
-        )
+        frame = encode_send(msg_id, entry.to, entry.body)
         async with self._send_lock:
             try:
                 await ws.send_message(frame)
             except trio_websocket.ConnectionClosed:
                 pass  # resent after the reconnect
 
-    async def _on_frame(self, frame: dict[str, Any]) -> None:
-        kind = frame.get("type")
-        if kind == "message":
+    async def _on_frame(self, data: str | bytes) -> None:
+        try:
+            frame = decode_server_frame(data)
+        except RemoteProtocolError as exc:
+            # A frame this client cannot read is skipped, not fatal: the
+            # connection and every other frame stay usable.
+            log.warning("client_bad_server_frame", extra={"uid": self.uid, "error": str(exc)})
+            return
+        if isinstance(frame, Message):
             await self._on_message(frame)
-        elif kind == "ack":
-            self._resolve(frame["id"], Ack(frame["id"], frame["partition"], frame["offset"]))
-        elif kind == "error":
-            msg_id = frame.get("id")
-            if msg_id is not None:
-                self._resolve(msg_id, SendFailed(frame.get("code", ""), frame.get("message", "")))
+        elif isinstance(frame, Ack):
+            self._resolve(frame.id, frame)
+        elif isinstance(frame, ErrorFrame) and frame.id is not None:
+            self._resolve(frame.id, SendFailed(frame.code, frame.message))
         # pong and unknown future frame types are ignored
 
     def _resolve(self, msg_id: str, result: Ack | SendFailed) -> None:
@@ -550,26 +546,16 @@ class ChatClient:
             entry.outcome = result
             entry.done.set()
 
-    async def _on_message(self, frame: dict[str, Any]) -> None:
-        offset = frame["offset"]
+    async def _on_message(self, message: Message) -> None:
+        offset = message.offset
         if self.cursor is not None and offset <= self.cursor:
             self.duplicates_dropped += 1
             return
-        key = (frame["from"], frame["from_device"], frame["id"])
+        key = (message.from_uid, message.from_device, message.id)
         if key in self._seen:
             self.cursor = offset
             self.duplicates_dropped += 1
             return
-        message = Message(
-            from_uid=frame["from"],
-            from_device=frame["from_device"],
-            to=frame["to"],
-            id=frame["id"],
-            body=frame["body"],
-            partition=frame["partition"],
-            offset=offset,
-            ts=frame["ts"],
-        )
         self.cursor = offset
         self._seen[key] = None
         if len(self._seen) > _DEDUPE_MEMORY:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import trio
 from trio_util import AsyncValue
 
-from .zk import ZnodeStat, ZooKeeper
+from .zk import NodeStat, ZooKeeper
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Owner:
     info: InstanceInfo
     epoch: int  # czxid of the lease node
     since_ms: int  # ctime of the lease node
-    session_id: int  # ephemeralOwner of the lease node
+    session_id: int  # the session owning the lease node
 
     @property
     def instance(self) -> str:
@@ -131,14 +131,14 @@ def lease_data(info: InstanceInfo) -> bytes:
     return info.to_json(acquired_at_ms=int(time.time() * 1000))
 
 
-def owner_from_node(data: bytes | None, stat: ZnodeStat | None) -> Owner | None:
+def owner_from_node(data: bytes | None, stat: NodeStat | None) -> Owner | None:
     if data is None or stat is None:
         return None
     info = InstanceInfo.from_json(data)
     if info is None:
         # Foreign or corrupt data still means "owned": never treat it as free.
         info = InstanceInfo(instance="?", ws_url="", http_url="")
-    return Owner(info=info, epoch=stat.czxid, since_ms=stat.ctime, session_id=stat.ephemeralOwner)
+    return Owner(info=info, epoch=stat.czxid, since_ms=stat.ctime_ms, session_id=stat.ephemeral_owner)
 
 
 class OwnershipCache:
@@ -175,7 +175,7 @@ class OwnershipCache:
     async def wait_owner(self, k: int, predicate: Callable[[Owner | None], bool]) -> Owner | None:
         return await self._owners[k].wait_value(predicate)
 
-    def _update(self, k: int, data: bytes | None, stat: ZnodeStat | None) -> None:
+    def _update(self, k: int, data: bytes | None, stat: NodeStat | None) -> None:
         owner = owner_from_node(data, stat)
         if owner != self._owners[k].value:
             if owner is None:

@@ -31,7 +31,7 @@ from .ownership import lease_data
 from .protocol import RecordError, decode_record, encode_message
 from .replay import ReplayHub
 from .session import Session
-from .zk import NodeExistsError, NoNodeError, SessionState, ZnodeStat, ZooKeeperError
+from .zk import NodeExistsError, NodeStat, NoNodeError, SessionState, ZooKeeperError
 
 if TYPE_CHECKING:
     from .context import Context
@@ -212,7 +212,7 @@ class PartitionRuntime:
         detail = ""
         node_gone = trio.Event()
 
-        def on_node(_data: bytes | None, stat: ZnodeStat | None) -> None:
+        def on_node(_data: bytes | None, stat: NodeStat | None) -> None:
             nonlocal detail
             if node_gone.is_set():
                 return
@@ -391,7 +391,7 @@ class PartitionSupervisor:
             if (
                 session.state is not SessionState.CONNECTED
                 or session.generation != before.generation
-                or stat.ephemeralOwner != session.session_id
+                or stat.ephemeral_owner != session.session_id
             ):
                 # Another owner's node, or our session became untrustworthy
                 # while we asked: never start a subtree on such a lease.

@@ -21,6 +21,7 @@ escapes (``"\\ud800"``), since those could not be encoded again for delivery.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import re
@@ -43,22 +44,32 @@ __all__ = [
     "MAX_RECORD_BYTES",
     "RECORD_VERSION",
     "UID_PATTERN",
+    "Ack",
     "ChatRecord",
+    "CloseCode",
     "HandshakeError",
     "HandshakeParams",
+    "ErrorFrame",
     "LocalProtocolError",
+    "Message",
     "Ping",
+    "Pong",
     "ProtocolError",
     "RecordError",
     "RemoteProtocolError",
     "Send",
+    "ServerFrame",
+    "Welcome",
     "decode_client_frame",
     "decode_record",
+    "decode_server_frame",
     "encode_ack",
     "encode_error",
     "encode_message",
     "encode_pong",
     "encode_record",
+    "encode_ping",
+    "encode_send",
     "encode_welcome",
     "is_valid_uid",
     "new_device_id",
@@ -87,6 +98,29 @@ MAX_RECORD_BYTES = 1 << 20
 _INT64_MAX = (1 << 63) - 1
 _RESUME_PATTERN = re.compile(r"^(?:-1|[0-9]{1,19})$")
 _UID_RULE = "1-128 characters of [A-Za-z0-9_.:@-]"
+
+
+# ------------------------------------------------------------------- close codes
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes (CONTRACT.md §5), for server, client and tests alike."""
+
+    NORMAL = 1000
+    #: No close frame arrived: the connection just ended (never sent on the wire).
+    ABNORMAL = 1006
+    #: Protocol violation (bad frames past the tolerated number) or abuse.
+    POLICY = 1008
+    #: A frame larger than ``limits.max_frame_bytes``.
+    TOO_BIG = 1009
+    #: The server failed (a bug, or the broker was unreachable for a session's start).
+    INTERNAL = 1011
+    #: Partition moved or instance draining: fetch connection-url again, reconnect with resume.
+    MOVED = 1012
+    #: The device fell too far behind (bounded backlog exceeded): reconnect with resume.
+    BEHIND = 1013
+    #: The token expired on an open socket.
+    TOKEN_EXPIRED = 4401
 
 
 # --------------------------------------------------------------------------- errors
@@ -379,6 +413,138 @@ def encode_message(record: ChatRecord, partition: int, offset: int) -> str:
             "ts": record.ts,
         }
     )
+
+
+# ------------------------------------------------------ the client's side of the frames
+#
+# What linechatd.client speaks: it encodes client frames and decodes server
+# frames with the same rules as the server, so the two cannot drift apart.
+
+
+def encode_send(id: str, to: str, body: Any) -> str:
+    """A client's ``send`` frame."""
+    if not _is_valid_id(id) or not is_valid_uid(to):
+        raise LocalProtocolError("send needs an id of 1-64 characters and a valid uid")
+    return _dumps({"type": "send", "id": id, "to": to, "body": body})
+
+
+_PING = '{"type":"ping"}'
+
+
+def encode_ping() -> str:
+    """A client's ``ping`` frame."""
+    return _PING
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The server's first frame: where this session lives and what it resumed."""
+
+    uid: str
+    device: str
+    partition: int
+    instance: str
+    offset: int
+    resumed: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A send durably accepted: the record's partition and offset."""
+
+    id: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A delivered message, as a device receives it."""
+
+    from_uid: str
+    from_device: str
+    to: str
+    id: str
+    body: Any
+    partition: int
+    offset: int
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """The server refused a frame (``id`` names it when it could be read)."""
+
+    id: str | None
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """The answer to a ping."""
+
+
+ServerFrame = Welcome | Ack | Message | ErrorFrame | Pong
+
+
+def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = obj.get(name)
+    # bool is an int: never accept it where a number is meant.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise RemoteProtocolError(BAD_FRAME, f"server frame field {name!r} is missing or mistyped")
+    return value
+
+
+def decode_server_frame(data: str | bytes) -> ServerFrame | None:
+    """Decode a frame the server sent; None for a type this client does not know.
+
+    Unknown types are skipped rather than refused, so a newer server can add
+    frames. Raises :class:`RemoteProtocolError` for a frame that is not a JSON
+    object or lacks a field its type needs.
+    """
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise RemoteProtocolError(BAD_FRAME, "server frame is not JSON") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(BAD_FRAME, "server frame is not a JSON object")
+    kind = obj.get("type")
+    if kind == "message":
+        return Message(
+            from_uid=_field(obj, "from", str),
+            from_device=_field(obj, "from_device", str),
+            to=_field(obj, "to", str),
+            id=_field(obj, "id", str),
+            body=obj.get("body"),
+            partition=_field(obj, "partition", int),
+            offset=_field(obj, "offset", int),
+            ts=_field(obj, "ts", int),
+        )
+    if kind == "ack":
+        return Ack(_field(obj, "id", str), _field(obj, "partition", int), _field(obj, "offset", int))
+    if kind == "error":
+        msg_id = obj.get("id")
+        return ErrorFrame(
+            msg_id if isinstance(msg_id, str) else None,
+            _field(obj, "code", str),
+            str(obj.get("message", "")),
+        )
+    if kind == "pong":
+        return Pong()
+    if kind == "welcome":
+        resumed = obj.get("resumed")
+        if resumed is not None and not isinstance(resumed, bool):
+            raise RemoteProtocolError(BAD_FRAME, "server frame field 'resumed' is mistyped")
+        return Welcome(
+            uid=_field(obj, "uid", str),
+            device=_field(obj, "device", str),
+            partition=_field(obj, "partition", int),
+            instance=_field(obj, "instance", str),
+            offset=_field(obj, "offset", int),
+            resumed=resumed,
+        )
+    return None
 
 
 # ---------------------------------------------------------------- handshake query

@@ -58,21 +58,22 @@ from kazoo.exceptions import (
     ConnectionClosedError,
     ConnectionLoss,
     KazooException,
-    NodeExistsError,
-    NoNodeError,
     OperationTimeoutError,
     SessionExpiredError,
 )
+from kazoo.exceptions import NodeExistsError as _KazooNodeExists
+from kazoo.exceptions import NoNodeError as _KazooNoNode
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import ZnodeStat
 from trio_util import AsyncValue, wait_any
 
 __all__ = [
-    "NoNodeError",
+    "NodeError",
     "NodeExistsError",
+    "NodeStat",
+    "NoNodeError",
     "SessionInfo",
     "SessionState",
-    "ZnodeStat",
     "ZooKeeper",
     "ZooKeeperError",
     "ZooKeeperUnavailable",
@@ -94,6 +95,10 @@ _NO_CONTACT = (
     OperationTimeoutError,
 )
 _RETRY_MIN_S = 0.05
+# kazoo's level below DEBUG, and the start of the record it logs at that level
+# when a session is created (see _KazooLogger).
+_KAZOO_BLATHER = 5
+_SESSION_CREATED = "Session created"
 _RETRY_MAX_S = 1.0
 
 
@@ -106,6 +111,33 @@ class _Beat(NamedTuple):
 
 class ZooKeeperError(Exception):
     """A ZooKeeper operation failed in a way the caller should report."""
+
+
+class NodeError(Exception):
+    """ZooKeeper answered, and the answer is about the node: callers decide on it."""
+
+
+class NoNodeError(NodeError):
+    """The node does not exist."""
+
+
+class NodeExistsError(NodeError):
+    """The node already exists."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStat:
+    """What the code needs of a node's stat (kazoo's own type stays in this module)."""
+
+    czxid: int  # the zxid of the create: nodes are born in one total order
+    mzxid: int  # the zxid of the last change of the data
+    ctime_ms: int  # creation time, ms since the epoch
+    version: int  # data version, for conditional writes
+    ephemeral_owner: int  # the session that owns an ephemeral node; 0 for a persistent one
+
+    @classmethod
+    def of(cls, stat: ZnodeStat) -> NodeStat:
+        return cls(stat.czxid, stat.mzxid, stat.ctime, stat.version, stat.ephemeralOwner)
 
 
 class ZooKeeperUnavailable(ZooKeeperError):
@@ -141,6 +173,38 @@ class _Link:
 
 def _session_hex(session_id: int | None) -> str | None:
     return None if session_id is None else f"{session_id:#x}"
+
+
+class _KazooLogger(logging.Logger):
+    """The logger one kazoo client writes to (``KazooClient(logger=...)``).
+
+    kazoo learns the session timeout the server granted (servers clamp it to
+    their min/maxSessionTimeout) but keeps it to itself, except in the record
+    it logs when a session is created. This logger reads it from there, hands
+    it to ``on_negotiated`` (seconds, on kazoo's thread), and passes records
+    on to kazoo's usual logger at that logger's own level, as if kazoo wrote
+    there. It is not registered with ``logging`` (no global state). The record
+    it reads is part of kazoo's behaviour, not its API: the kazoo version is
+    pinned in pyproject.toml and tests/integration/test_zk_adapter.py checks it.
+    """
+
+    def __init__(self, on_negotiated: Callable[[float], None]) -> None:
+        super().__init__("kazoo.client", level=_KAZOO_BLATHER)
+        self.parent = logging.getLogger("kazoo.client")
+        self._on_negotiated = on_negotiated
+
+    def handle(self, record: logging.LogRecord) -> None:
+        if record.levelno == _KAZOO_BLATHER:
+            args = record.args if isinstance(record.args, tuple) else ()
+            if str(record.msg).startswith(_SESSION_CREATED) and len(args) >= 3:
+                try:
+                    negotiated_ms = float(str(args[2]))
+                except (TypeError, ValueError):
+                    return
+                self._on_negotiated(negotiated_ms / 1000.0)
+            return
+        if self.parent is not None and self.parent.isEnabledFor(record.levelno):
+            super().handle(record)
 
 
 class ZooKeeper:
@@ -225,9 +289,9 @@ class ZooKeeper:
             # Reconnect forever: giving up is the operator's call (systemd), not ours.
             connection_retry={"max_tries": -1, "delay": 0.1, "backoff": 2, "max_delay": 1.0},
             command_retry={"max_tries": 0},
+            logger=_KazooLogger(self._on_session_created),
         )
         self._client = client
-        self._capture_negotiated_timeout(client)
         client.add_listener(self._on_kazoo_state)
         beat: threading.Thread | None = None
         try:
@@ -278,33 +342,14 @@ class ZooKeeper:
                 SessionInfo(SessionState.CLOSED, None, self.session.value.generation), "closed"
             )
 
-    def _capture_negotiated_timeout(self, client: KazooClient) -> None:
-        """Learn the session timeout the server granted (kazoo keeps it to itself).
-
-        ``ConnectionHandler._connect`` returns (read timeout, connect timeout)
-        in ms with read timeout = 2/3 of the negotiated session timeout. If a
-        future kazoo changes that, we fall back to the configured timeout.
-        """
-        handler = getattr(client, "_connection", None)
-        connect = getattr(handler, "_connect", None)
-        if handler is None or connect is None:
-            return
-
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            result = connect(*args, **kwargs)
+    def _on_session_created(self, negotiated_s: float) -> None:
+        # A kazoo thread: hand over only.
+        token = self._token
+        if token is not None:
             try:
-                negotiated_s = float(result[0]) * 1.5 / 1000.0
-            except (TypeError, ValueError, IndexError):
-                return result
-            token = self._token
-            if token is not None:
-                try:
-                    token.run_sync_soon(self._on_negotiated, negotiated_s)
-                except trio.RunFinishedError:
-                    pass
-            return result
-
-        handler._connect = wrapped
+                token.run_sync_soon(self._on_negotiated, negotiated_s)
+            except trio.RunFinishedError:
+                pass
 
     def _on_negotiated(self, negotiated_s: float) -> None:
         if negotiated_s <= 0 or negotiated_s == self._negotiated_timeout_s:
@@ -521,8 +566,8 @@ class ZooKeeper:
     async def _call(self, method: str, *args: Any, shield: bool = False, **kwargs: Any) -> Any:
         """Run one of kazoo's ``*_async`` calls and await its result.
 
-        Raises NoNodeError and NodeExistsError as they are (callers decide on
-        them) and ZooKeeperError for everything else, connection loss included.
+        Raises NoNodeError and NodeExistsError (callers decide on them) and
+        ZooKeeperError for everything else, connection loss included.
 
         ``shield=True`` for writes that must not be abandoned halfway: the
         caller's cancellation then waits for the server's answer. Every call
@@ -554,9 +599,12 @@ class ZooKeeper:
             value = result.get_nowait()
         except _NO_CONTACT as exc:
             raise ZooKeeperError(f"{method}: {type(exc).__name__}") from exc
-        except (NoNodeError, NodeExistsError):
+        except _KazooNoNode as exc:
             self._note_contact(link, sent_at)  # an error answer is an answer
-            raise
+            raise NoNodeError(method) from exc
+        except _KazooNodeExists as exc:
+            self._note_contact(link, sent_at)
+            raise NodeExistsError(method) from exc
         except KazooException as exc:
             self._note_contact(link, sent_at)
             raise ZooKeeperError(f"{method}: {type(exc).__name__}") from exc
@@ -572,7 +620,7 @@ class ZooKeeper:
         *,
         ephemeral: bool = False,
         makepath: bool = False,
-    ) -> ZnodeStat:
+    ) -> NodeStat:
         """Create a node and return its stat (``czxid`` is its birth order)."""
         _path, stat = await self._call(
             "create_async",
@@ -583,26 +631,26 @@ class ZooKeeper:
             include_data=True,
             shield=True,
         )
-        return stat
+        return NodeStat.of(stat)
 
     async def ensure_path(self, path: str) -> None:
         await self._call("ensure_path_async", path, shield=True)
 
-    async def get(self, path: str) -> tuple[bytes, ZnodeStat]:
+    async def get(self, path: str) -> tuple[bytes, NodeStat]:
         data, stat = await self._call("get_async", path)
-        return data, stat
+        return data, NodeStat.of(stat)
 
-    async def exists(self, path: str) -> ZnodeStat | None:
+    async def exists(self, path: str) -> NodeStat | None:
         stat: ZnodeStat | None = await self._call("exists_async", path)
-        return stat
+        return None if stat is None else NodeStat.of(stat)
 
     async def get_children(self, path: str) -> list[str]:
         children: list[str] = await self._call("get_children_async", path)
         return children
 
-    async def set(self, path: str, data: bytes, *, version: int = -1) -> ZnodeStat:
+    async def set(self, path: str, data: bytes, *, version: int = -1) -> NodeStat:
         stat: ZnodeStat = await self._call("set_async", path, data, version=version, shield=True)
-        return stat
+        return NodeStat.of(stat)
 
     async def delete(self, path: str, *, version: int = -1) -> None:
         await self._call("delete_async", path, version=version, shield=True)
@@ -614,7 +662,7 @@ class ZooKeeper:
             return False
         try:
             stat = await self.exists(path)
-            if stat is None or stat.ephemeralOwner != owner:
+            if stat is None or stat.ephemeral_owner != owner:
                 return False
             await self.delete(path, version=stat.version)
             return True
@@ -651,7 +699,7 @@ class ZooKeeper:
     async def watch_data(
         self,
         path: str,
-        callback: Callable[[bytes | None, ZnodeStat | None], None],
+        callback: Callable[[bytes | None, NodeStat | None], None],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -665,14 +713,15 @@ class ZooKeeper:
         """
 
         async def read(watcher: Callable[[object], None]) -> tuple[object, Any] | None:
+            stat: NodeStat | None
             try:
-                data, stat = await self._call("get_async", path, watch=watcher)
+                data, raw = await self._call("get_async", path, watch=watcher)
+                stat = NodeStat.of(raw)
             except NoNodeError:
-                stat = await self._call("exists_async", path, watch=watcher)
-                if stat is not None:
+                if await self._call("exists_async", path, watch=watcher) is not None:
                     return None  # created between the two reads
-                data = None
-            view = None if stat is None else (data, stat.czxid, stat.mzxid, stat.ephemeralOwner)
+                data, stat = None, None
+            view = None if stat is None else (data, stat.czxid, stat.mzxid, stat.ephemeral_owner)
             return view, (data, stat)
 
         await self._watch(read, lambda node: callback(*node), task_status)

@@ -55,3 +55,20 @@ async def test_a_stalled_trio_loop_keeps_the_session_trusted(zookeeper_hosts: st
     adapter_log.removeHandler(changes)
     assert after == before, (before, after)
     assert during == [], during
+
+
+async def test_the_session_timeout_the_server_granted_is_the_one_used(
+    zookeeper_hosts: str,
+) -> None:
+    # The test server's maxSessionTimeout is 60 s: asking for more gets 60 s,
+    # and the lease clock must count with what the server will hold us to.
+    zk = ZooKeeper(zookeeper_hosts, session_timeout_s=100.0, connect_timeout_s=10)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(WAIT_S):
+            # Known before the session is reported connected: kazoo logs the
+            # grant before it reports the state, and both reach trio in order.
+            await nursery.start(zk.run)
+        granted = zk.session_timeout_s
+        nursery.cancel_scope.cancel()
+    assert granted == 60.0
+    assert zk.suspect_after_s == 30.0

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from linechatd.balancer import Member, drain_stagger, fair_shares, member_from_json, pick_release
 from linechatd.ownership import InstanceInfo, ZkPaths, owner_from_node, partition_view
-from linechatd.zk import ZnodeStat
+from linechatd.zk import NodeStat
 
 # -- fair_shares ------------------------------------------------------------------
 
@@ -152,20 +152,8 @@ def test_unreadable_registrations_count_as_defaults(data: bytes) -> None:
 # -- ownership records ------------------------------------------------------------
 
 
-def _stat(czxid: int, ctime: int = 1_700_000_000_123, owner: int = 0x1234) -> ZnodeStat:
-    return ZnodeStat(
-        czxid=czxid,
-        mzxid=czxid,
-        ctime=ctime,
-        mtime=ctime,
-        version=0,
-        cversion=0,
-        aversion=0,
-        ephemeralOwner=owner,
-        dataLength=0,
-        numChildren=0,
-        pzxid=czxid,
-    )
+def _stat(czxid: int, ctime: int = 1_700_000_000_123, owner: int = 0x1234) -> NodeStat:
+    return NodeStat(czxid=czxid, mzxid=czxid, ctime_ms=ctime, version=0, ephemeral_owner=owner)
 
 
 def test_paths() -> None:
