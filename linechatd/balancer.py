@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import trio
 from trio_util import AsyncValue, wait_any
 
-from .partitions import REASON_DRAIN, REASON_RELEASED, PartitionSupervisor
+from .partitions import EndReason, PartitionSupervisor
 from .zk import NodeExistsError, NoNodeError, SessionInfo, SessionState, ZooKeeperError
 
 if TYPE_CHECKING:
@@ -236,7 +236,7 @@ class Balancer:
                 "partition_rebalance_release",
                 extra={"partition": k, "held": len(held), "target": target},
             )
-            await sup.release(k, REASON_RELEASED)
+            await sup.release(k, EndReason.RELEASED)
             return RELEASED
         return None
 
@@ -267,7 +267,7 @@ class Balancer:
                 with trio.move_on_after(IDLE_RECHECK_S):
                     await self._member_ids.wait_transition()
             log.info("partition_drain_release", extra={"partition": k})
-            await sup.release(k, REASON_DRAIN)
+            await sup.release(k, EndReason.DRAIN)
             await trio.sleep(stagger_s)
 
 

@@ -382,6 +382,7 @@ class ChatClient:
                     )
                 except (
                     OSError,
+                    trio.BrokenResourceError,
                     trio_websocket.HandshakeError,
                     trio.TooSlowError,
                     h11.ProtocolError,
@@ -424,7 +425,13 @@ class ChatClient:
                 status, response_headers, doc = await http_get_json(
                     f"{base}/api/connection-url?{query}", headers, timeout_s=_HTTP_TIMEOUT_S
                 )
-            except (OSError, trio.TooSlowError, h11.ProtocolError, ClientError) as exc:
+            except (
+                OSError,
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+                h11.ProtocolError,
+                ClientError,
+            ) as exc:
                 failure: Exception = exc
             else:
                 if status not in _UNHEALTHY_STATUSES:
@@ -458,7 +465,13 @@ class ChatClient:
             status, _headers, doc = await http_get_json(
                 f"{base}/api/partitions", timeout_s=_HTTP_TIMEOUT_S
             )
-        except (OSError, trio.TooSlowError, h11.ProtocolError, ClientError):
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.TooSlowError,
+            h11.ProtocolError,
+            ClientError,
+        ):
             return
         if status != 200 or not isinstance(doc, dict):
             return

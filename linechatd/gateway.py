@@ -1,100 +1,84 @@
 """One gateway instance: the root of the nursery tree.
 
-gateway (Gateway.run)
+gateway (Gateway.run: signals, startup)
 ├── infrastructure nursery (outlives everything that uses it)
 │   ├── zookeeper session          zk.ZooKeeper.run
 │   ├── kafka producer             kafka.KafkaProducer.run
 │   ├── kafka fetcher              kafka.KafkaFetcher.run (every held partition's topic)
 │   └── ownership cache            ownership.OwnershipCache.run
-└── serving nursery (cancelled first on shutdown)
+└── serving nursery (Instance.run; cancelled first on shutdown)
     ├── partitions                 partitions.PartitionSupervisor.run
     ├── http server                http.serve_http
-    ├── websocket listener         websocket.serve -> handshake -> partition hand-off
+    ├── websocket listener         websocket.serve -> admission.admit -> partition hand-off
     ├── balancer                   balancer.Balancer.run
-    ├── readiness, watchdog
-    └── signals                    SIGTERM/SIGINT: drain; again: exit now; SIGHUP: reload
+    └── readiness, watchdog
+
+``Gateway`` is the process: it owns the signals (SIGTERM/SIGINT drain, again
+exit at once; SIGHUP reload) and starts the infrastructure. ``Instance`` is
+what serves once that is up: every part of it exists from its construction on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import ipaddress
 import json
 import logging
 import os
 import signal
-import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import trio
 from trio_util import AsyncValue
 
 from . import logs, websocket
-from .auth import Authenticator, AuthError, KeyFileError
+from .admission import ConnectionCounter, Refusal, UpgradeRequest, admit
+from .auth import Authenticator, KeyFileError
 from .balancer import Balancer, drain_stagger
-from .config import Config, ConfigError, HostPort, load_config
+from .config import Config, ConfigError, load_config
 from .context import Context
-from .hashing import partition_for
 from .http import HttpApi, serve_http
 from .kafka import KafkaAdmin, KafkaFetcher, KafkaProducer, KafkaUnavailable
 from .metrics import Metrics
 from .ownership import InstanceInfo, OwnershipCache, ZkPaths
 from .partitions import PartitionSupervisor
-from .protocol import HandshakeError, new_device_id, parse_handshake_query
+from .protocol import CloseCode, new_device_id
 from .sdnotify import Notifier
 from .session import Session
+from .startup import StartupError, auth_exposure_problems, log_auth_warnings, startup_error
+from .tls import ListenerTLS, TLSFilesError
 from .zk import NodeExistsError, ZooKeeper, ZooKeeperError, ZooKeeperUnavailable
+
+__all__ = ["Gateway", "Instance", "StartupError", "run_from_config", "startup_error"]
 
 log = logging.getLogger(__name__)
 
 KAFKA_CHECK_INTERVAL_S = 5.0
 # Sections a reload applies to the running instance; the rest need a restart.
 LIVE_SECTIONS = ("partitions", "limits", "log", "auth", "replay", "shutdown")
-# Told to clients refused because an instance or an address has too many sockets.
-TOO_MANY_CONNECTIONS_RETRY_AFTER_S = 5
-# ALPN offered by each listener: the WebSocket upgrade is HTTP/1.1 only.
-WEBSOCKET_ALPN = ("http/1.1",)
-HTTP_ALPN = ("h2", "http/1.1")
-
-
-class StartupError(Exception):
-    """The instance cannot start; the message tells the operator why and what to do."""
 
 
 class Gateway:
+    """The process: signals, startup, and the instance once it serves."""
+
     def __init__(
         self, config: Config, *, config_path: Path | None = None, notifier: Notifier | None = None
     ) -> None:
         self.config_path = config_path
         self._initial = config
         self.notifier = notifier or Notifier()
-        self.kafka_ok = AsyncValue(False)
-        self.ctx: Context | None = None
-        self.supervisor: PartitionSupervisor | None = None
-        self.balancer: Balancer | None = None
-        self._drain_requested = trio.Event()
-        self._ready = trio.Event()
-        self._drain_reason = ""
-        self._started_at = time.time()
-        self.connections = ConnectionCounter()
-        # Listener section -> (cert file, key file, its live context); SIGHUP
-        # loads renewed certificates into the same context.
-        self._tls: dict[str, tuple[Path, Path, ssl.SSLContext]] = {}
-
-    # -- lifecycle ------------------------------------------------------------
+        # None while starting: signals then stop the start instead of draining.
+        self.instance: Instance | None = None
 
     async def run(
         self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
     ) -> None:
         config = self._initial
-        auth = self._check_startup(config)
+        auth, tls = _check_startup(config)
         zk = ZooKeeper(
             config.zookeeper.hosts,
             session_timeout_s=config.zookeeper.session_timeout_s,
@@ -107,215 +91,237 @@ class Gateway:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as infra:
                 infra.start_soon(self._listen_signals, signals, infra.cancel_scope)
-                await self._run_instance(infra, config, auth, zk, paths, metrics, task_status)
+                ctx = await _start_infrastructure(infra, config, auth, zk, paths, metrics)
+                instance = Instance(ctx, tls, self.notifier, self.config_path)
+                self.instance = instance
+                await instance.run(ready=functools.partial(task_status.started, self))
                 infra.cancel_scope.cancel()
         log.info("gateway_stopped")
 
-    async def _run_instance(
-        self,
-        infra: trio.Nursery,
-        config: Config,
-        auth: Authenticator,
-        zk: ZooKeeper,
-        paths: ZkPaths,
-        metrics: Metrics,
-        task_status: trio.TaskStatus[Gateway],
+    async def _listen_signals(
+        self, signals: AsyncIterator[int], startup_scope: trio.CancelScope
     ) -> None:
+        """SIGTERM/SIGINT: drain (during startup: stop); again: exit at once. SIGHUP: reload."""
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            instance = self.instance
+            if instance is None or not instance.ready:
+                if signum == signal.SIGHUP:
+                    log.info("reload_ignored_while_starting")
+                    continue
+                log.info("stopped_while_starting", extra={"signal": name})
+                startup_scope.cancel()
+                return
+            if signum == signal.SIGHUP:
+                await instance.reload()
+            elif instance.drain_requested:
+                log.warning("second_stop_signal", extra={"signal": name})
+                os._exit(1)
+            else:
+                instance.request_drain(name)
+
+
+def _check_startup(config: Config) -> tuple[Authenticator, ListenerTLS]:
+    """Refuse to start insecurely; load keys and certificates before binding anything."""
+    problems = auth_exposure_problems(config, config)
+    if problems:
+        raise StartupError("; ".join(problems))
+    log_auth_warnings(config)
+    try:
+        auth = Authenticator(config.auth)
+    except (OSError, KeyFileError) as exc:
+        raise StartupError(f"auth.jwt_secret_file: cannot use the key: {exc}") from None
+    try:
+        tls = ListenerTLS(config)
+    except TLSFilesError as exc:
+        raise StartupError(str(exc)) from None
+    return auth, tls
+
+
+async def _start_infrastructure(
+    infra: trio.Nursery,
+    config: Config,
+    auth: Authenticator,
+    zk: ZooKeeper,
+    paths: ZkPaths,
+    metrics: Metrics,
+) -> Context:
+    """ZooKeeper, the cluster's records, topics, producer, fetcher and ownership cache."""
+    try:
+        await infra.start(zk.run)
+    except ZooKeeperUnavailable as exc:
+        raise StartupError(f"zookeeper.hosts: {exc}") from None
+    metrics.zk_connected.set(1)
+    try:
+        await _ensure_cluster(zk, paths, config)
+    except ZooKeeperError as exc:
+        raise StartupError(f"zookeeper.hosts: {exc}") from None
+    admin = KafkaAdmin(config.kafka.bootstrap_servers)
+    await _ensure_topics(admin, config)
+    producer = KafkaProducer(
+        config.kafka.bootstrap_servers,
+        linger_ms=config.kafka.linger_ms,
+        timeout_s=config.kafka.produce_timeout_s,
+    )
+    await infra.start(producer.run)
+    fetcher = KafkaFetcher(
+        config.kafka.bootstrap_servers,
+        f"{config.kafka.group_prefix}fetcher",
+        fetch_wait_max_ms=config.kafka.fetch_wait_max_ms,
+    )
+    await infra.start(fetcher.run)
+    cache = OwnershipCache(zk, paths, config.cluster.partitions)
+    await infra.start(cache.run)
+    info = InstanceInfo(config.instance.id, config.websocket.advertise, config.http.advertise)
+    return Context(
+        config=AsyncValue(config),
+        auth=AsyncValue(auth),
+        info=info,
+        paths=paths,
+        zk=zk,
+        cache=cache,
+        producer=producer,
+        fetcher=fetcher,
+        admin=admin,
+        metrics=metrics,
+        # Threads blocked in the replay readers' calls (a probe and a scan
+        # per partition may poll at once, as after a failover).
+        consumer_limiter=trio.CapacityLimiter(config.cluster.partitions + 16),
+        draining=trio.Event(),
+    )
+
+
+async def _ensure_cluster(zk: ZooKeeper, paths: ZkPaths, config: Config) -> None:
+    """Record the partition count on first start; refuse a different one later."""
+    partitions = config.cluster.partitions
+    doc = {
+        "partitions": partitions,
+        "created_by": config.instance.id,
+        "created_at_ms": int(time.time() * 1000),
+    }
+    try:
+        await zk.create(paths.meta, json.dumps(doc).encode(), makepath=True)
+        log.info(
+            "cluster_created", extra={"cluster": config.cluster.name, "partitions": partitions}
+        )
+    except NodeExistsError:
+        data, _stat = await zk.get(paths.meta)
         try:
-            await infra.start(zk.run)
-        except ZooKeeperUnavailable as exc:
-            raise StartupError(f"zookeeper.hosts: {exc}") from None
-        metrics.zk_connected.set(1)
-        try:
-            await self._ensure_cluster(zk, paths, config)
-        except ZooKeeperError as exc:
-            raise StartupError(f"zookeeper.hosts: {exc}") from None
-        admin = KafkaAdmin(config.kafka.bootstrap_servers)
-        await self._ensure_topics(admin, config)
-        self.kafka_ok.value = True
-        producer = KafkaProducer(
-            config.kafka.bootstrap_servers,
-            linger_ms=config.kafka.linger_ms,
-            timeout_s=config.kafka.produce_timeout_s,
-        )
-        await infra.start(producer.run)
-        fetcher = KafkaFetcher(
-            config.kafka.bootstrap_servers,
-            f"{config.kafka.group_prefix}fetcher",
-            fetch_wait_max_ms=config.kafka.fetch_wait_max_ms,
-        )
-        await infra.start(fetcher.run)
-        cache = OwnershipCache(zk, paths, config.cluster.partitions)
-        await infra.start(cache.run)
-        info = InstanceInfo(config.instance.id, config.websocket.advertise, config.http.advertise)
-        ctx = self.ctx = Context(
-            config=AsyncValue(config),
-            auth=AsyncValue(auth),
-            info=info,
-            paths=paths,
-            zk=zk,
-            cache=cache,
-            producer=producer,
-            fetcher=fetcher,
-            admin=admin,
-            metrics=metrics,
-            # Threads blocked in the replay consumers' calls (a probe and a
-            # scan per partition may poll at once, as after a failover).
-            consumer_limiter=trio.CapacityLimiter(config.cluster.partitions + 16),
-            draining=trio.Event(),
-        )
+            recorded = int(json.loads(data)["partitions"])
+        except (ValueError, KeyError, TypeError):
+            raise StartupError(
+                f"{paths.meta} in ZooKeeper holds no partition count: {data[:100]!r}"
+            ) from None
+        if recorded != partitions:
+            raise StartupError(
+                f"cluster.partitions: this instance is configured with {partitions} partitions, "
+                f"but cluster {config.cluster.name!r} was created with {recorded}; "
+                f"set cluster.partitions = {recorded} (the count is fixed for a cluster's lifetime)"
+            ) from None
+    await zk.ensure_path(paths.partitions)
+
+
+async def _ensure_topics(admin: KafkaAdmin, config: Config) -> None:
+    topics = [f"{config.kafka.topic_prefix}{k}" for k in range(config.cluster.partitions)]
+    try:
+        if config.kafka.create_topics:
+            created = await admin.ensure_topics(
+                topics, replication_factor=config.kafka.replication_factor
+            )
+            if created:
+                log.info("topics_created", extra={"count": len(created)})
+        else:
+            await admin.check()
+    except KafkaUnavailable as exc:
+        raise StartupError(
+            f"kafka.bootstrap_servers: {config.kafka.bootstrap_servers}: {exc}"
+        ) from None
+
+
+class Instance:
+    """A serving instance: partitions, listeners, balancer, readiness; drain and reload."""
+
+    def __init__(
+        self, ctx: Context, tls: ListenerTLS, notifier: Notifier, config_path: Path | None
+    ) -> None:
+        self.ctx = ctx
+        self.tls = tls
+        self.notifier = notifier
+        self.config_path = config_path
+        self.supervisor = PartitionSupervisor(ctx)
+        self.balancer = Balancer(ctx, self.supervisor)
+        self.connections = ConnectionCounter()
+        self.kafka_ok = AsyncValue(True)  # the topics were just checked
+        self._drain_requested = trio.Event()
+        self._drain_reason = ""
+        self._ready = trio.Event()
+        self._started_at = time.time()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def drain_requested(self) -> bool:
+        return self._drain_requested.is_set()
+
+    async def run(self, *, ready: Callable[[], object] = lambda: None) -> None:
+        """Serve until drained; ``ready()`` once every listener is bound and the balancer runs."""
+        ctx = self.ctx
+        config = ctx.config.value
         async with trio.open_nursery() as serving:
-            self.supervisor = await serving.start(PartitionSupervisor(ctx).run)
-            http_tls = self._tls.get("http")
+            await serving.start(self.supervisor.run)
             # Passed only when configured, so that serve_http needs the
             # parameter only once TLS can be configured.
             http_options: dict[str, Any] = {}
-            if http_tls is not None:
-                http_options["ssl_context"] = http_tls[2]
+            http_context = self.tls.context("http")
+            if http_context is not None:
+                http_options["ssl_context"] = http_context
             http_binds = await serving.start(
                 functools.partial(
                     serve_http, HttpApi(ctx, self), str(config.http.listen), **http_options
                 )
             )
             ws_port = await serving.start(self._serve_websocket, config)
-            self.balancer = await serving.start(Balancer(ctx, self.supervisor).run)
-            serving.start_soon(self._monitor, admin, zk, metrics)
+            await serving.start(self.balancer.run)
+            serving.start_soon(self._monitor)
             serving.start_soon(self._watchdog)
             log.info(
                 "gateway_ready",
                 extra={
                     "http": http_binds,
                     "ws_port": ws_port,
-                    "tls": sorted(self._tls),
+                    "tls": self.tls.sections,
                     "cluster": config.cluster.name,
                     "partitions": config.cluster.partitions,
                 },
             )
             self.notifier.ready(f"serving cluster {config.cluster.name}")
             self._ready.set()
-            task_status.started(self)
+            ready()
             await self._drain_requested.wait()
             await self._drain(serving)
-
-    def _check_startup(self, config: Config) -> Authenticator:
-        """Refuse to start insecurely; load keys and certificates before binding anything."""
-        problems = auth_exposure_problems(config, config)
-        if problems:
-            raise StartupError("; ".join(problems))
-        log_auth_warnings(config)
-        try:
-            auth = Authenticator(config.auth)
-        except (OSError, KeyFileError) as exc:
-            raise StartupError(f"auth.jwt_secret_file: cannot use the key: {exc}") from None
-        for section, alpn in (("websocket", WEBSOCKET_ALPN), ("http", HTTP_ALPN)):
-            files = tls_files(config, section)
-            if files is None:
-                continue
-            cert, key = files
-            try:
-                self._tls[section] = (cert, key, server_tls_context(cert, key, alpn))
-            except (OSError, ssl.SSLError) as exc:
-                raise StartupError(
-                    f"{section}.tls_cert_file/{section}.tls_key_file: "
-                    f"cannot load the certificate and key: {exc}"
-                ) from None
-        return auth
-
-    def _reload_tls(self, config: Config) -> list[str]:
-        """Load the (renewed) certificates ``config`` names into the running listeners.
-
-        Returns the problems; a listener whose files cannot be loaded keeps its
-        current certificate. Switching a listener between TCP and TLS needs a
-        restart.
-        """
-        problems = []
-        for section in ("websocket", "http"):
-            try:
-                files = tls_files(config, section)
-            except StartupError as exc:
-                problems.append(str(exc))
-                continue
-            running = self._tls.get(section)
-            if (files is None) != (running is None):
-                problems.append(f"{section}.tls_cert_file: turning TLS on or off needs a restart")
-                continue
-            if files is None or running is None:
-                continue
-            cert, key = files
-            try:
-                # Checked on a scratch context first: a failed load can leave
-                # a context with a certificate that does not match its key.
-                server_tls_context(cert, key, ())
-                running[2].load_cert_chain(cert, key)
-            except (OSError, ssl.SSLError) as exc:
-                problems.append(f"{section}.tls_cert_file: cannot load the certificate: {exc}")
-                continue
-            self._tls[section] = (cert, key, running[2])
-        return problems
 
     async def _serve_websocket(self, config: Config, *, task_status: trio.TaskStatus[int]) -> None:
         await websocket.serve(
             self._on_handshake,
             config.websocket.listen.host,
             config.websocket.listen.port,
-            ssl_context=self._tls["websocket"][2] if "websocket" in self._tls else None,
+            ssl_context=self.tls.context("websocket"),
             max_message_bytes=config.limits.max_frame_bytes,
             handshake_timeout_s=config.websocket.handshake_timeout_s,
             task_status=task_status,
         )
 
-    async def _ensure_cluster(self, zk: ZooKeeper, paths: ZkPaths, config: Config) -> None:
-        """Record the partition count on first start; refuse a different one later."""
-        partitions = config.cluster.partitions
-        doc = {
-            "partitions": partitions,
-            "created_by": config.instance.id,
-            "created_at_ms": int(time.time() * 1000),
-        }
-        try:
-            await zk.create(paths.meta, json.dumps(doc).encode(), makepath=True)
-            log.info(
-                "cluster_created", extra={"cluster": config.cluster.name, "partitions": partitions}
-            )
-        except NodeExistsError:
-            data, _stat = await zk.get(paths.meta)
-            try:
-                recorded = int(json.loads(data)["partitions"])
-            except (ValueError, KeyError, TypeError):
-                raise StartupError(
-                    f"{paths.meta} in ZooKeeper holds no partition count: {data[:100]!r}"
-                ) from None
-            if recorded != partitions:
-                raise StartupError(
-                    f"cluster.partitions: this instance is configured with {partitions} partitions, "
-                    f"but cluster {config.cluster.name!r} was created with {recorded}; "
-                    f"set cluster.partitions = {recorded} (the count is fixed for a cluster's lifetime)"
-                ) from None
-        await zk.ensure_path(paths.partitions)
-
-    async def _ensure_topics(self, admin: KafkaAdmin, config: Config) -> None:
-        topics = [f"{config.kafka.topic_prefix}{k}" for k in range(config.cluster.partitions)]
-        try:
-            if config.kafka.create_topics:
-                created = await admin.ensure_topics(
-                    topics, replication_factor=config.kafka.replication_factor
-                )
-                if created:
-                    log.info("topics_created", extra={"count": len(created)})
-            else:
-                await admin.check()
-        except KafkaUnavailable as exc:
-            raise StartupError(
-                f"kafka.bootstrap_servers: {config.kafka.bootstrap_servers}: {exc}"
-            ) from None
-
     # -- readiness and status -------------------------------------------------
 
-    async def _monitor(self, admin: KafkaAdmin, zk: ZooKeeper, metrics: Metrics) -> None:
+    async def _monitor(self) -> None:
+        ctx = self.ctx
+        metrics = ctx.metrics
         while True:
-            metrics.zk_connected.set(1 if zk.connected else 0)
+            metrics.zk_connected.set(1 if ctx.zk.connected else 0)
             try:
-                await admin.check(timeout_s=KAFKA_CHECK_INTERVAL_S)
+                await ctx.admin.check(timeout_s=KAFKA_CHECK_INTERVAL_S)
                 ok = True
             except KafkaUnavailable:
                 ok = False
@@ -339,17 +345,16 @@ class Gateway:
         """Ready = connected to ZooKeeper and Kafka, and not draining."""
         ctx = self.ctx
         return {
-            "zookeeper": ctx is not None and ctx.zk.connected,
+            "zookeeper": ctx.zk.connected,
             "kafka": self.kafka_ok.value,
-            "accepting": ctx is not None and not ctx.draining.is_set(),
+            "accepting": not ctx.draining.is_set(),
         }
 
     def status(self) -> dict[str, Any]:
-        ctx, sup = self.ctx, self.supervisor
-        assert ctx is not None and sup is not None
+        ctx = self.ctx
         partitions = []
         # Only partitions that serve: a lease still starting would answer 421.
-        for runtime in (r for r in sup.runtimes() if r.running):
+        for runtime in (r for r in self.supervisor.runtimes() if r.serving):
             try:
                 _low, high = runtime.cached_watermarks()
                 lag: int | None = max(0, high - runtime.next_offset)
@@ -359,7 +364,7 @@ class Gateway:
                 {
                     "partition": runtime.partition,
                     "epoch": runtime.epoch,
-                    "since": runtime.since,
+                    "since": runtime.serving_since,
                     "connections": runtime.session_count,
                     "next_offset": runtime.next_offset,
                     "lag": lag,
@@ -373,7 +378,7 @@ class Gateway:
             "draining": ctx.draining.is_set(),
             "zookeeper": ctx.zk.session.value.state.value,
             "kafka": self.kafka_ok.value,
-            "target": self.balancer.target() if self.balancer else None,
+            "target": self.balancer.target(),
             "connections": sum(p["connections"] for p in partitions),
             "partitions": partitions,
         }
@@ -386,107 +391,65 @@ class Gateway:
         except Exception:
             # The listener must outlive any one connection's failure.
             log.exception("handshake_failed", extra={"remote": hs.remote})
-            with contextlib.suppress(Exception):
-                await hs.reject(500, {"error": "internal"})
+            await hs.reject(500, {"error": "internal"})
 
     async def _handshake(self, hs: websocket.Handshake) -> None:
         ctx, sup = self.ctx, self.supervisor
-        if ctx is None or sup is None:
-            await hs.reject(503, {"error": "starting"}, {"Retry-After": "1"})
-            return
         config = ctx.config.value
         metrics = ctx.metrics
 
-        async def refuse(
-            status: int, error: str, extra: dict[str, Any] | None = None, retry_after: int = 0
-        ) -> None:
-            metrics.handshakes.labels(error).inc()
+        def owner_url(k: int) -> str | None:
+            owner = ctx.cache.owner(k)
+            if owner is None or owner.instance == ctx.info.instance:
+                return None
+            return owner.info.ws_url
+
+        decision = admit(
+            UpgradeRequest(hs.path, hs.query, hs.headers.get("origin"), hs.remote),
+            config=config,
+            auth=ctx.auth.value,
+            draining=ctx.draining.is_set(),
+            serving=sup.runtime,
+            owner_url=owner_url,
+            connections=self.connections,
+            new_device_id=new_device_id,
+        )
+        if isinstance(decision, Refusal):
+            metrics.handshakes.labels(decision.error).inc()
             # The query string only with its token redacted; no headers.
             log.debug(
                 "handshake_rejected",
                 extra={
                     "remote": hs.remote,
-                    "status": status,
-                    "error": error,
+                    "status": decision.status,
+                    "error": decision.error,
                     "query": websocket.redact_query(hs.query),
                 },
             )
-            headers = {"Retry-After": str(retry_after)} if retry_after else None
-            await hs.reject(status, {"error": error, **(extra or {})}, headers)
-
-        expected_path = websocket_path(config.websocket.advertise)
-        if hs.path != expected_path:
-            await refuse(
-                404, "not_found", {"message": f"the WebSocket endpoint is {expected_path}"}
+            headers = (
+                {"Retry-After": str(decision.retry_after_s)} if decision.retry_after_s else None
             )
-            return
-        # Checked in the contract's order: parameters, token, ownership; then
-        # the limits, which only count sockets that would otherwise be accepted.
-        try:
-            params = parse_handshake_query(hs.query, new_device_id=new_device_id)
-        except HandshakeError as exc:
-            await refuse(exc.status, exc.code, {"message": exc.message})
-            return
-        origins = config.websocket.allowed_origins
-        origin = hs.headers.get("origin")
-        if origins and origin is not None and origin.lower() not in origins:
-            # Browsers always send Origin: this stops other sites' pages from
-            # opening sockets with a user's token; other clients are unaffected.
-            await refuse(403, "forbidden_origin")
-            return
-        try:
-            identity = ctx.auth.value.authenticate(params.token, params.uid)
-        except AuthError as exc:
-            await refuse(exc.status, exc.code)
-            return
-        if ctx.draining.is_set():
-            await refuse(503, "draining", retry_after=1)
-            return
-        k = partition_for(params.uid, ctx.partitions)
-        runtime = sup.runtime(k)
-        if runtime is None:
-            owner = ctx.cache.owner(k)
-            url = (
-                owner.info.ws_url
-                if owner is not None and owner.instance != ctx.info.instance
-                else None
-            )
-            await refuse(421, "wrong_instance", {"url": url, "partition": k})
-            return
-        limits = config.limits
-        address = address_key(hs.remote)
-        if self.connections.total >= limits.max_connections:
-            await refuse(
-                503, "too_many_connections", retry_after=TOO_MANY_CONNECTIONS_RETRY_AFTER_S
-            )
-            return
-        if self.connections.of(address) >= limits.max_connections_per_address:
-            await refuse(
-                429,
-                "too_many_connections_from_address",
-                retry_after=TOO_MANY_CONNECTIONS_RETRY_AFTER_S,
-            )
-            return
-        if runtime.devices_of(params.uid) >= limits.max_devices_per_uid:
-            await refuse(429, "too_many_devices")
+            await hs.reject(decision.status, {"error": decision.error, **decision.extra}, headers)
             return
         # Counted from before the first await: concurrent handshakes cannot all
         # pass the checks above and then all be accepted. The session releases
         # it when it ends.
-        release = self.connections.add(address)
+        release = self.connections.add(decision.address)
         try:
             conn = await hs.accept()
             metrics.handshakes.labels("accepted").inc()
             session = Session(
                 conn=conn,
-                params=params,
-                identity=identity,
-                runtime=runtime,
+                params=decision.params,
+                identity=decision.identity,
+                partition=decision.partition,
                 ctx=ctx,
                 on_end=release,
             )
-            if not await runtime.serve(session):
-                await conn.close(1012, "partition moved")
+            if not decision.runtime.serve(session):
+                # The partition stopped while we accepted: the client asks again.
+                await conn.close(CloseCode.MOVED, "partition moved")
+                await conn.aclose()
                 release()
                 return
         except BaseException:
@@ -495,44 +458,22 @@ class Gateway:
         # The session's task, in the partition's nursery, owns the socket now.
         hs.detach()
 
-    # -- signals, drain, reload -------------------------------------------------
+    # -- drain and reload ---------------------------------------------------------
 
     def request_drain(self, reason: str) -> None:
         if not self._drain_requested.is_set():
             self._drain_reason = reason
             self._drain_requested.set()
 
-    async def _listen_signals(
-        self, signals: AsyncIterator[int], startup_scope: trio.CancelScope
-    ) -> None:
-        """SIGTERM/SIGINT: drain (during startup: stop); again: exit at once. SIGHUP: reload."""
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if not self._ready.is_set():
-                if signum == signal.SIGHUP:
-                    log.info("reload_ignored_while_starting")
-                    continue
-                log.info("stopped_while_starting", extra={"signal": name})
-                startup_scope.cancel()
-                return
-            if signum == signal.SIGHUP:
-                await self.reload()
-            elif self._drain_requested.is_set():
-                log.warning("second_stop_signal", extra={"signal": name})
-                os._exit(1)
-            else:
-                self.request_drain(name)
-
     async def _drain(self, serving: trio.Nursery) -> None:
         """Staged shutdown: refuse new sockets, hand partitions over, then stop."""
         ctx, balancer = self.ctx, self.balancer
-        assert ctx is not None and balancer is not None
         grace = ctx.config.value.shutdown.grace_period_s
         self.notifier.stopping()
         log.info("drain_started", extra={"reason": self._drain_reason, "grace_period_s": grace})
         started = trio.current_time()
         configured = ctx.config.value.shutdown.drain_stagger_s
-        held = len(self.supervisor.held()) if self.supervisor else 0
+        held = len(self.supervisor.held())
         stagger = drain_stagger(configured, grace, held)
         if stagger < configured:
             log.info(
@@ -544,7 +485,7 @@ class Gateway:
         if scope.cancelled_caught:
             log.warning(
                 "drain_grace_expired",
-                extra={"left": len(self.supervisor.held()) if self.supervisor else 0},
+                extra={"left": len(self.supervisor.held())},
             )
         log.info("drain_finished", extra={"seconds": round(trio.current_time() - started, 3)})
         serving.cancel_scope.cancel()
@@ -552,7 +493,7 @@ class Gateway:
     async def reload(self) -> bool:
         """Apply a re-read configuration; keep the running one if the file is invalid."""
         ctx = self.ctx
-        if ctx is None or self.config_path is None:
+        if self.config_path is None:
             return False
         self.notifier.reloading()
         try:
@@ -568,7 +509,7 @@ class Gateway:
             applied = dataclasses.replace(old, **{s: getattr(new, s) for s in LIVE_SECTIONS})
             # Independent of the rest: a renewed certificate applies even if
             # another part of the reload is refused.
-            for problem in self._reload_tls(new):
+            for problem in self.tls.reload(new):
                 log.error("reload_tls_failed", extra={"problem": problem})
             # The listeners keep their running addresses until a restart.
             exposure = auth_exposure_problems(applied, old)
@@ -589,8 +530,7 @@ class Gateway:
             ctx.auth.value = auth
             ctx.config.value = applied
             logs.set_level(applied.log.level)
-            if self.balancer is not None:
-                self.balancer.reconfigure()
+            self.balancer.reconfigure()
             log.info(
                 "reload_applied",
                 extra={"changed": [s for s in LIVE_SECTIONS if getattr(old, s) != getattr(new, s)]},
@@ -598,148 +538,6 @@ class Gateway:
             return True
         finally:
             self.notifier.ready()
-
-
-def websocket_path(advertise: str) -> str:
-    return urlsplit(advertise).path or "/"
-
-
-# -- startup checks ---------------------------------------------------------------
-
-
-def is_loopback(listen: HostPort) -> bool:
-    """True when only this host can reach ``listen`` (a name other than localhost may not)."""
-    if listen.host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(listen.host).is_loopback
-    except ValueError:
-        return False
-
-
-def auth_exposure_problems(config: Config, listeners: Config) -> list[str]:
-    """Why ``config``'s [auth] may not serve ``listeners``' addresses ([] when it may)."""
-    if config.auth.mode != "none" or config.auth.allow_insecure_none:
-        return []
-    exposed = [
-        f"{name}.listen = {section.listen}"
-        for name, section in (("http", listeners.http), ("websocket", listeners.websocket))
-        if not is_loopback(section.listen)
-    ]
-    if not exposed:
-        return []
-    return [
-        f'auth.mode: "none" lets anyone connect as any uid, and {" and ".join(exposed)} '
-        f"{'is' if len(exposed) == 1 else 'are'} reachable from other hosts; "
-        'set auth.mode = "jwt" with auth.jwt_secret_file, or listen on 127.0.0.1, '
-        "or set auth.allow_insecure_none = true to accept the risk"
-    ]
-
-
-def log_auth_warnings(config: Config) -> None:
-    if config.auth.mode == "none":
-        public = [
-            str(s.listen) for s in (config.http, config.websocket) if not is_loopback(s.listen)
-        ]
-        log.warning(
-            "auth_disabled",
-            extra={
-                "hint": 'auth.mode = "none" lets anyone connect as any uid: for development only',
-                **({"public_listeners": public, "allow_insecure_none": True} if public else {}),
-            },
-        )
-        return
-    ws = config.websocket
-    if (
-        tls_files(config, "websocket") is None
-        and ws.advertise.startswith("ws://")
-        and not is_loopback(ws.listen)
-    ):
-        log.warning(
-            "tokens_in_cleartext",
-            extra={
-                "hint": "websocket.advertise is ws:// on a non-loopback listener: tokens cross "
-                "the network unencrypted; set websocket.tls_cert_file/tls_key_file or "
-                "terminate TLS in a proxy and advertise wss://"
-            },
-        )
-
-
-def tls_files(config: Config, section: str) -> tuple[Path, Path] | None:
-    """The (certificate, key) files of listener ``section``, or None for plain TCP."""
-    table = getattr(config, section)
-    cert = getattr(table, "tls_cert_file", None)
-    key = getattr(table, "tls_key_file", None)
-    if cert is None and key is None:
-        return None
-    if cert is None or key is None:
-        raise StartupError(
-            f"{section}.tls_cert_file and {section}.tls_key_file: set both or neither"
-        )
-    return Path(cert), Path(key)
-
-
-def server_tls_context(cert: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContext:
-    """A server context: TLS 1.2 or later, the library's default ciphers, no client certificates."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # No compression (CRIME) and no client-initiated renegotiation (a CPU sink).
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    if alpn:
-        context.set_alpn_protocols(list(alpn))
-    context.load_cert_chain(cert, key)
-    return context
-
-
-# -- connection accounting -----------------------------------------------------------
-
-
-def address_key(remote: str) -> str:
-    """What the per-address limit counts by: the IPv4 address, or the IPv6 /64.
-
-    One IPv6 subscriber usually holds a whole /64, so counting single IPv6
-    addresses would not limit anyone.
-    """
-    try:
-        ip = ipaddress.ip_address(remote)
-    except ValueError:
-        return remote
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
-class ConnectionCounter:
-    """This instance's accepted WebSocket connections, in total and per address key."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self._by_address: dict[str, int] = {}
-
-    def of(self, address: str) -> int:
-        return self._by_address.get(address, 0)
-
-    def add(self, address: str) -> Callable[[], None]:
-        """Count one connection from ``address``; returns its release (idempotent)."""
-        self.total += 1
-        self._by_address[address] = self._by_address.get(address, 0) + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            self.total -= 1
-            left = self._by_address[address] - 1
-            if left:
-                self._by_address[address] = left
-            else:
-                del self._by_address[address]
-
-        return release
 
 
 async def run_from_config(path: Path) -> int:
@@ -762,13 +560,3 @@ async def run_from_config(path: Path) -> int:
         print(f"linechatd: cannot start: {startup}", file=sys.stderr)
         return 1
     return 0
-
-
-def startup_error(exc: BaseException) -> StartupError | None:
-    """The StartupError that ``exc`` is or only carries (None if it holds anything else)."""
-    while isinstance(exc, BaseExceptionGroup):
-        match, rest = exc.split(StartupError)
-        if match is None or rest is not None:
-            return None
-        exc = match.exceptions[0]
-    return exc if isinstance(exc, StartupError) else None

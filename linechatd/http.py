@@ -28,7 +28,7 @@ from .static import asset_for
 
 if TYPE_CHECKING:
     from .context import Context
-    from .gateway import Gateway
+    from .gateway import Instance
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,11 @@ def _is_loopback(client: tuple[str, int] | None) -> bool:
 
 
 class HttpApi:
-    """Routes requests to handlers; the gateway passes itself for admin actions."""
+    """Routes requests to handlers; the instance serves status, readiness and drain."""
 
-    def __init__(self, ctx: Context, gateway: Gateway) -> None:
+    def __init__(self, ctx: Context, instance: Instance) -> None:
         self._ctx = ctx
-        self._gateway = gateway
+        self._instance = instance
         self._routes: dict[
             tuple[str, str], Callable[[Scope, dict[str, str], dict[str, str]], Awaitable[Response]]
         ] = {
@@ -174,7 +174,7 @@ class HttpApi:
     async def readyz(
         self, scope: Scope, query: dict[str, str], headers: dict[str, str]
     ) -> Response:
-        checks = self._gateway.readiness()
+        checks = self._instance.readiness()
         ok = all(checks.values())
         return json_response(200 if ok else 503, {"ready": ok, **checks})
 
@@ -194,7 +194,7 @@ class HttpApi:
     async def status(
         self, scope: Scope, query: dict[str, str], headers: dict[str, str]
     ) -> Response:
-        return json_response(200, self._gateway.status())
+        return json_response(200, self._instance.status())
 
     # -- admin ----------------------------------------------------------------
 
@@ -220,7 +220,7 @@ class HttpApi:
                     "message": "admin endpoints need loopback or the admin token",
                 },
             )
-        self._gateway.request_drain("admin")
+        self._instance.request_drain("admin")
         return json_response(202, {"draining": True, "instance": self._ctx.info.instance})
 
 

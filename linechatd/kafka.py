@@ -9,6 +9,11 @@
   fenced by the ZooKeeper lease, not by Kafka group membership).
 * ``KafkaAdmin``: topic creation, metadata checks, end offsets and the
   committed offset of each partition's consumer group.
+* ``ReplayReader``: a consumer that reads one topic from chosen offsets, for
+  resumes (replay.py decides what to read; this reads it).
+
+Nothing of confluent-kafka leaves this module: callers see ``Record``,
+``DeliveryReceipt`` (its error as text) and ``KafkaUnavailable``.
 
 The settings that matter for latency are chosen here, with the reasons; see
 docs/performance.md for the measurements.
@@ -43,8 +48,11 @@ log = logging.getLogger(__name__)
 
 # How often the fetch thread refreshes every feed's (low, high) watermarks.
 WATERMARKS_EVERY_S = 0.1
-# The metadata request made before assigning a topic (fetching waits on it).
-ASSIGN_METADATA_TIMEOUT_S = 5.0
+# The metadata request made before assigning topics. It runs on the fetch
+# thread (librdkafka serializes a consumer's calls behind its poll), so every
+# partition's delivery waits on it: a broker that does not answer this fast
+# is left to librdkafka's own metadata refresh instead.
+ASSIGN_METADATA_TIMEOUT_S = 0.2
 # How long a hole in a topic's offsets is fetched again before it counts as real.
 GAP_REFETCH_S = 1.0
 
@@ -60,6 +68,7 @@ class Record(NamedTuple):
     """
 
     offset: int
+    key: bytes | None
     value: bytes | None
     timestamp_ms: int
 
@@ -120,12 +129,13 @@ class DeliveryReceipt:
 
     def __init__(self) -> None:
         self.resolved = False
-        self.error: KafkaError | None = None
+        # Why the record was not stored (librdkafka's text, for logs), or None.
+        self.error: str | None = None
         self.offset = -1
         self.on_resolved: Callable[[], object] | None = None
 
     def resolve(self, error: KafkaError | None, offset: int | None) -> None:
-        self.error = error
+        self.error = None if error is None else error.str()
         self.offset = -1 if offset is None else offset
         self.resolved = True
         if self.on_resolved is not None:
@@ -339,13 +349,15 @@ class TopicFeed:
         self._gap_since = 0.0
         self._arrived = trio.Event()
         self._assigned = trio.Event()
-        # Counted by the fetch thread (handed, paused) and the reader (taken,
-        # resume_asked); each is written by one side only, and a stale read
-        # costs at most one needless resume command.
+        # Each counter has one writer: the fetch thread counts records handed
+        # over and pauses made and lifted, the reader counts records taken and
+        # names the pause it asked to lift. The topic is paused while
+        # pauses > resumes. A stale read costs at most one needless command.
         self._handed = 0
+        self._pauses = 0
+        self._resumes = 0
         self._taken = 0
-        self._paused = False
-        self._resume_asked = False
+        self._resume_asked_for = 0
         self.closed = False
         # Written by the fetch thread only (one tuple assignment).
         self._watermarks: tuple[int, int] | None = None
@@ -387,12 +399,13 @@ class TopicFeed:
         batch = self._batches.popleft()
         self._buffered -= len(batch)
         self._taken += len(batch)
+        pauses = self._pauses
         if (
-            self._paused
-            and not self._resume_asked
+            pauses > self._resumes
+            and self._resume_asked_for < pauses
             and self._handed - self._taken <= self._limit // 2
         ):
-            self._resume_asked = True
+            self._resume_asked_for = pauses
             self._fetcher._command("resume", self)
         return batch
 
@@ -432,14 +445,15 @@ class KafkaFetcher:
         # Hand-overs queued on trio but not yet run: the thread waits past a
         # few, so a stalled trio loop cannot make it buffer without bound.
         self._pending = threading.BoundedSemaphore(4)
-        self._running = False
+        # Set while the fetch thread runs (only that thread calls it).
+        self._consumer: Consumer | None = None
 
     async def run(
         self, *, task_status: trio.TaskStatus[KafkaFetcher] = trio.TASK_STATUS_IGNORED
     ) -> None:
         self._token = trio.lowlevel.current_trio_token()
         consumer = Consumer(self._settings)
-        self._running = True
+        self._consumer = consumer
 
         async def stop_on_cancel() -> None:
             try:
@@ -458,7 +472,7 @@ class KafkaFetcher:
                 await trio.lowlevel.checkpoint()
                 raise KafkaUnavailable("the fetch thread stopped")
         finally:
-            self._running = False
+            self._consumer = None
 
     @asynccontextmanager
     async def assignment(
@@ -466,11 +480,11 @@ class KafkaFetcher:
     ) -> AsyncIterator[TopicFeed]:
         """Fetch ``topic`` from offset ``start`` for as long as the block runs.
 
-        Entered once the fetch thread has the topic's metadata and has
-        assigned it, so that fetching starts at once (a topic new to the
-        consumer otherwise waited for librdkafka's next metadata scan, 0.5-1 s).
+        Entered once the fetch thread has assigned it, after asking for the
+        topic's metadata, so that fetching starts at once (a topic new to the
+        consumer otherwise waits for librdkafka's next metadata scan, ~1 s).
         """
-        if not self._running:
+        if self._consumer is None:
             raise KafkaUnavailable("the fetcher is not running")
         feed = TopicFeed(self, topic, start, self._feed_limit)
         self._command("assign", feed)
@@ -515,22 +529,32 @@ class KafkaFetcher:
             consumer.close()
 
     def _apply_commands(self, consumer: Consumer, feeds: dict[str, TopicFeed]) -> None:
+        commands: list[tuple[str, TopicFeed]] = []
         while True:
             try:
-                what, feed = self._commands.get_nowait()
+                commands.append(self._commands.get_nowait())
             except queue.Empty:
-                return
+                break
+        # Metadata first: with the leaders known, fetching starts at once. A
+        # failover assigns many topics at once; together they may stall the
+        # thread for ASSIGN_METADATA_TIMEOUT_S at most.
+        deadline = time.monotonic() + ASSIGN_METADATA_TIMEOUT_S
+        for topic in dict.fromkeys(feed.topic for what, feed in commands if what == "assign"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                consumer.list_topics(topic, timeout=left)
+            except KafkaException as exc:
+                log.warning("kafka_metadata_failed", extra={"topic": topic, "error": str(exc)})
+                break
+        for what, feed in commands:
             topic = feed.topic
             tp = TopicPartition(topic, 0)
             if what == "assign":
                 if topic in feeds:
                     # A feed that ended but whose unassign is still queued behind.
                     consumer.incremental_unassign([tp])
-                try:
-                    # Metadata first: with the leader known, fetching starts at once.
-                    consumer.list_topics(topic, timeout=ASSIGN_METADATA_TIMEOUT_S)
-                except KafkaException as exc:
-                    log.warning("kafka_metadata_failed", extra={"topic": topic, "error": str(exc)})
                 feeds[topic] = feed
                 consumer.incremental_assign([TopicPartition(topic, 0, feed.start)])
                 # A topic paused under an earlier feed would stay paused.
@@ -541,9 +565,9 @@ class KafkaFetcher:
             elif what == "unassign":
                 del feeds[topic]
                 consumer.incremental_unassign([tp])
-            elif what == "resume" and feed._paused:
-                feed._paused = feed._resume_asked = False
+            elif what == "resume" and feed._pauses > feed._resumes:
                 consumer.resume([tp])
+                feed._resumes = feed._pauses
 
     def _poll(
         self, consumer: Consumer, feeds: dict[str, TopicFeed]
@@ -572,13 +596,13 @@ class KafkaFetcher:
                 continue
             feed._fetch_next = offset + 1
             _ts_type, ts = m.timestamp()
-            by_topic.setdefault(feed.topic, []).append(Record(offset, m.value(), ts))
+            by_topic.setdefault(feed.topic, []).append(Record(offset, m.key(), m.value(), ts))
         handed = []
         for topic, records in by_topic.items():
             feed = feeds[topic]
             feed._handed += len(records)
-            if not feed._paused and feed._handed - feed._taken >= feed._limit:
-                feed._paused = True
+            if feed._pauses == feed._resumes and feed._handed - feed._taken >= feed._limit:
+                feed._pauses += 1
                 consumer.pause([TopicPartition(topic, 0)])
             handed.append((feed, records))
         return handed
@@ -631,3 +655,123 @@ class KafkaFetcher:
         self._pending.release()
         for feed, batch in records:
             feed._push(batch)
+
+
+# Out of range at the assigned offset: retention deleted it after the window check.
+_GONE = {KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE}
+_REPLAY_POLL_S = 0.2
+
+
+def replay_settings(bootstrap: str, group: str, *, fetch_wait_max_ms: int) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap,
+        # Required by librdkafka; never joined nor committed to.
+        "group.id": group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        # A range deleted under us is an error, never a silent skip.
+        "auto.offset.reset": "error",
+        "enable.partition.eof": True,
+        "fetch.wait.max.ms": fetch_wait_max_ms,
+        "socket.nagle.disable": True,
+        "fetch.queue.backoff.ms": 10,
+    }
+
+
+class ReplayReader:
+    """One topic read from offsets of the caller's choosing (resumes); never joins nor commits.
+
+    Every librdkafka call runs in a worker thread bounded by ``limiter`` (they
+    block for up to a poll), never on the trio thread. Not safe for two tasks
+    at once: each reader has one user.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        group: str,
+        topic: str,
+        *,
+        fetch_wait_max_ms: int,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.topic = topic
+        self._limiter = limiter
+        self._consumer = Consumer(
+            replay_settings(bootstrap, group, fetch_wait_max_ms=fetch_wait_max_ms)
+        )
+
+    def __repr__(self) -> str:
+        return f"<ReplayReader {self.topic}>"
+
+    async def _thread(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"replay of {self.topic}: {exc}") from exc
+
+    async def low_watermark(self, timeout_s: float = 5.0) -> int:
+        """The first offset still in the topic (retention deletes below it)."""
+        tp = TopicPartition(self.topic, 0)
+        low, _high = await self._thread(
+            lambda: self._consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+        )
+        return int(low)
+
+    async def seek(self, offset: int) -> None:
+        """Read from ``offset`` on."""
+        tp = TopicPartition(self.topic, 0, offset)
+        await self._thread(lambda: self._consumer.assign([tp]))
+
+    async def next_batch(
+        self, limit: int, stall_timeout_s: float
+    ) -> tuple[list[Record], int | None]:
+        """The next records from the position, and the log end if they reach it.
+
+        Raises KafkaUnavailable when nothing at all arrives (neither records
+        nor the end of the log) for ``stall_timeout_s``, or the position was
+        deleted by retention meanwhile.
+        """
+        consumer = self._consumer
+        deadline = trio.current_time() + stall_timeout_s
+
+        def poll() -> tuple[list[Record], int | None]:
+            first = consumer.poll(_REPLAY_POLL_S)
+            if first is None:
+                return [], None
+            messages: list[Message] = [first]
+            if limit > 1:
+                messages += consumer.consume(limit - 1, 0)
+            batch: list[Record] = []
+            at_end: int | None = None
+            for m in messages:
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        # Records written since may follow in this same batch.
+                        at_end = m.offset()
+                        if at_end is None or at_end < 0:
+                            at_end = batch[-1].offset + 1 if batch else 0
+                        continue
+                    if err.code() in _GONE or err.fatal():
+                        raise KafkaException(err)
+                    continue  # transient: librdkafka retries by itself
+                offset = m.offset()
+                if offset is not None:
+                    at_end = None
+                    batch.append(Record(offset, m.key(), m.value(), m.timestamp()[1]))
+            return batch, at_end
+
+        while True:
+            batch, at_end = await self._thread(poll)
+            if batch or at_end is not None:
+                return batch, at_end
+            if trio.current_time() > deadline:
+                raise KafkaUnavailable(
+                    f"replay of {self.topic}: no records for {stall_timeout_s:g} s"
+                )
+
+    async def aclose(self) -> None:
+        """Close the consumer (in a thread: it may wait for librdkafka's own threads)."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._consumer.close, limiter=self._limiter)

@@ -138,7 +138,9 @@ def owner_from_node(data: bytes | None, stat: NodeStat | None) -> Owner | None:
     if info is None:
         # Foreign or corrupt data still means "owned": never treat it as free.
         info = InstanceInfo(instance="?", ws_url="", http_url="")
-    return Owner(info=info, epoch=stat.czxid, since_ms=stat.ctime_ms, session_id=stat.ephemeral_owner)
+    return Owner(
+        info=info, epoch=stat.czxid, since_ms=stat.ctime_ms, session_id=stat.ephemeral_owner
+    )
 
 
 class OwnershipCache:

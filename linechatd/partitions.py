@@ -19,35 +19,62 @@ and nothing outside the subtree notices.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
+from trio_util import AsyncValue
 
 from .kafka import KafkaUnavailable, TopicFeed
 from .ownership import lease_data
 from .protocol import RecordError, decode_record, encode_message
 from .replay import ReplayHub
-from .session import Session
 from .zk import NodeExistsError, NodeStat, NoNodeError, SessionState, ZooKeeperError
 
 if TYPE_CHECKING:
     from .context import Context
+    from .session import Session
 
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 1.0
 
-# Why a partition subtree ended; the reason decides whether it may still write.
-REASON_RELEASED = "released"  # the balancer gave it away: commit, then delete the lease
-REASON_DRAIN = "drain"  # the instance is draining: same as released
-REASON_LEASE_LOST = "lease_lost"  # the lock node is gone or belongs to another epoch
-REASON_SESSION = "zookeeper_session"  # suspended or expired: assume lost, write nothing
-REASON_SHUTDOWN = "shutdown"  # the process stops (after a drain ran out of time)
-REASON_FAILED = "failed"  # a bug or a fatal consumer error: hand the lease back, retry later
-_GRACEFUL = {REASON_RELEASED, REASON_DRAIN, REASON_SHUTDOWN, REASON_FAILED}
+
+class PartitionState(enum.Enum):
+    """A partition subtree's lifecycle: STARTING -> SERVING -> STOPPING -> STOPPED.
+
+    STARTING may go straight to STOPPING (the lease ended, or Kafka failed,
+    before the subtree served). Only a SERVING partition takes sessions.
+    """
+
+    STARTING = "starting"  # lease taken: start offset, assignment, lease confirmation
+    SERVING = "serving"  # delivering and accepting its users' sockets
+    STOPPING = "stopping"  # cancelled: sockets closing (1012), last commit, lease given back
+    STOPPED = "stopped"
+
+
+class EndReason(enum.Enum):
+    """Why a partition subtree ended; it decides whether the subtree may still write."""
+
+    RELEASED = "released"  # the balancer gave it away: commit, then delete the lease
+    DRAIN = "drain"  # the instance is draining: the same
+    SHUTDOWN = "shutdown"  # the process stops (after a drain ran out of time)
+    FAILED = "failed"  # a bug or a fatal consumer error: hand the lease back, retry later
+    KAFKA_UNAVAILABLE = "kafka_unavailable"  # the broker could not be used: hand the lease back
+    LEASE_LOST = "lease_lost"  # the lock node is gone or belongs to another epoch
+    ZOOKEEPER_SESSION = "zookeeper_session"  # suspended or expired: assume the lease lost
+
+    @property
+    def graceful(self) -> bool:
+        """May the ending subtree still write (a last commit, deleting its lease node)?
+
+        Only while the lease is still known to be ours; once it may belong to
+        someone else, nothing of this subtree writes anything.
+        """
+        return self not in (EndReason.LEASE_LOST, EndReason.ZOOKEEPER_SESSION)
 
 
 class EndedBeforeStart(Exception):
@@ -61,42 +88,65 @@ class PartitionRuntime:
         self.partition = partition
         self.epoch = epoch
         self.generation = generation  # the ZooKeeper session that holds the lease
-        self.since = time.time()
+        self.state = AsyncValue(PartitionState.STARTING)
+        self.end_reason: EndReason | None = None
+        self.serving_since: float | None = None  # wall clock, once SERVING
         self._ctx = ctx
         self.topic = ctx.topic(partition)
         self.group = ctx.group(partition)
-        # This partition's share of the instance's fetcher, while it runs.
-        self.feed: TopicFeed | None = None
         # Resumes share its reads (one scan for a reconnect storm, not one consumer each).
         self.replay_hub = ReplayHub(ctx, partition)
         self.sessions: dict[str, set[Session]] = {}
         self.next_offset = 0  # the offset after the last one delivered
         self._committed = -1
         self._scope = trio.CancelScope()
-        self._reason = REASON_LEASE_LOST
+        # Open exactly while SERVING: sessions are started in it (see serve()).
         self._nursery: trio.Nursery | None = None
-        self.running = False
-        self.started = False
+        # This partition's share of the instance's fetcher, while assigned.
+        self._feed: TopicFeed | None = None
 
     def __repr__(self) -> str:
-        return f"<PartitionRuntime {self.partition} epoch={self.epoch}>"
+        return f"<PartitionRuntime {self.partition} epoch={self.epoch} {self.state.value.value}>"
+
+    @property
+    def serving(self) -> bool:
+        return self.state.value is PartitionState.SERVING
 
     @property
     def session_count(self) -> int:
         return sum(len(s) for s in self.sessions.values())
 
-    def cancel(self, reason: str) -> None:
-        if not self._scope.cancel_called:
-            self._reason = reason
-            self.running = False
-            self._scope.cancel(reason=f"partition {self.partition}: {reason}")
+    def stop(self, reason: EndReason) -> None:
+        """End this subtree (the first reason given wins); returns at once."""
+        self._stopping(reason)
+        self._scope.cancel(reason=f"partition {self.partition}: {reason.value}")
+
+    def _stopping(self, reason: EndReason) -> None:
+        if self.end_reason is None:
+            self.end_reason = reason
+        if self.state.value in (PartitionState.STARTING, PartitionState.SERVING):
+            self.state.value = PartitionState.STOPPING
 
     # -- sessions -----------------------------------------------------------
 
-    def register(self, session: Session) -> None:
-        self.sessions.setdefault(session.uid, set()).add(session)
+    def serve(self, session: Session) -> bool:
+        """Register ``session``, fix its live split and start it here; False unless SERVING.
 
-    def unregister(self, session: Session) -> None:
+        This is the one deliberate nursery hand-off: a socket belongs to its
+        partition, so losing the lease closes it, whoever accepted it. All in
+        one step, with no checkpoint: every record below ``next_offset`` was
+        offered to sessions before this one existed, every later one will be
+        offered to it.
+        """
+        nursery = self._nursery
+        if self.state.value is not PartitionState.SERVING or nursery is None:
+            return False
+        self.sessions.setdefault(session.uid, set()).add(session)
+        session.join(self.next_offset)
+        nursery.start_soon(session.run, self)
+        return True
+
+    def leave(self, session: Session) -> None:
         devices = self.sessions.get(session.uid)
         if devices is not None:
             devices.discard(session)
@@ -106,80 +156,69 @@ class PartitionRuntime:
     def devices_of(self, uid: str) -> int:
         return len(self.sessions.get(uid, ()))
 
-    async def serve(self, session: Session) -> bool:
-        """Run ``session`` inside this partition's nursery; False if the partition ended.
-
-        This is the one deliberate nursery hand-off: a socket belongs to its
-        partition, so losing the lease closes it, whoever accepted it.
-        """
-        nursery = self._nursery
-        if nursery is None or not self.running:
-            return False
-        try:
-            await nursery.start(session.run)
-        except RuntimeError:
-            # The nursery closed (lease lost) between the check and the start.
-            return False
-        return True
-
     # -- the subtree ----------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         ctx, k = self._ctx, self.partition
-        started = False
         try:
             with self._scope:
                 self.next_offset = self._committed = await self._start_offset()
-                async with (
-                    ctx.fetcher.assignment(self.topic, self.next_offset) as feed,
-                    trio.open_nursery() as nursery,
-                ):
-                    self.feed = feed
-                    self._nursery = nursery
-                    confirmed = trio.Event()
-                    nursery.start_soon(self._watch_lease, confirmed)
-                    # Nothing runs until ZooKeeper has shown us our own node
-                    # (a lost lease cancels this wait).
-                    await confirmed.wait()
-                    nursery.start_soon(self._deliver, feed)
-                    nursery.start_soon(self._commit_loop)
-                    nursery.start_soon(self.replay_hub.run)
-                    self.running = True
-                    self.started = started = True
-                    ctx.metrics.partition_owned.labels(str(k)).set(1)
-                    log.info(
-                        "partition_started",
-                        extra={"partition": k, "epoch": self.epoch, "offset": self.next_offset},
-                    )
-                    task_status.started()
-            if not started:
-                raise EndedBeforeStart(f"partition {k}: {self._reason}")
+                async with ctx.fetcher.assignment(self.topic, self.next_offset) as feed:
+                    self._feed = feed
+                    async with trio.open_nursery() as nursery:
+                        confirmed = trio.Event()
+                        # The lease holder: it lives exactly as long as the
+                        # nursery may take sessions (see _hold_lease).
+                        nursery.start_soon(self._hold_lease, confirmed)
+                        # Nothing runs until ZooKeeper has shown us our own node
+                        # (a lost lease cancels this wait).
+                        await confirmed.wait()
+                        nursery.start_soon(self._deliver, feed)
+                        nursery.start_soon(self._commit_loop)
+                        nursery.start_soon(self.replay_hub.run)
+                        self._nursery = nursery
+                        self.serving_since = time.time()
+                        self.state.value = PartitionState.SERVING
+                        ctx.metrics.partition_owned.labels(str(k)).set(1)
+                        log.info(
+                            "partition_started",
+                            extra={"partition": k, "epoch": self.epoch, "offset": self.next_offset},
+                        )
+                        task_status.started()
         except KafkaUnavailable as exc:
             log.warning("partition_start_failed", extra={"partition": k, "error": str(exc)})
-            self._reason = "kafka_unavailable"
-            if not started:
+            self._stopping(EndReason.KAFKA_UNAVAILABLE)
+            if self.serving_since is None:
                 raise
         except Exception:
-            if not self._scope.cancel_called:
-                self._reason = REASON_FAILED
+            self._stopping(EndReason.FAILED)
             raise
         finally:
-            self.running = False
+            self._nursery = None
+            self._feed = None
+            self._stopping(EndReason.FAILED)  # a reason given earlier wins
             with trio.CancelScope(shield=True):
-                await self._finish(started)
+                await self._finish()
+            self.state.value = PartitionState.STOPPED
+        if self.serving_since is None:
+            reason = self.end_reason.value if self.end_reason else "?"
+            raise EndedBeforeStart(f"partition {k}: {reason}")
 
-    async def _finish(self, started: bool) -> None:
+    async def _finish(self) -> None:
         ctx, k = self._ctx, self.partition
-        graceful = self._reason in _GRACEFUL or not started
-        if graceful and started and ctx.zk.connected:
+        reason = self.end_reason or EndReason.FAILED
+        served = self.serving_since is not None
+        # A subtree that never served wrote nothing and may hand its node back.
+        graceful = reason.graceful or not served
+        if graceful and served and ctx.zk.connected:
             await self._commit(self.next_offset)
         ctx.metrics.partition_owned.labels(str(k)).set(0)
         try:
             ctx.metrics.consumer_lag.remove(str(k))
         except KeyError:
             pass
-        if started:
-            ctx.metrics.lease_losses.labels(self._reason).inc()
+        if served:
+            ctx.metrics.lease_losses.labels(reason.value).inc()
             # Logged before the lease is given back: from here on nothing of
             # this subtree runs, and the next owner can only start after the
             # delete below, so the log never shows two owners at once.
@@ -188,7 +227,7 @@ class PartitionRuntime:
                 extra={
                     "partition": k,
                     "epoch": self.epoch,
-                    "reason": self._reason,
+                    "reason": reason.value,
                     "offset": self.next_offset,
                 },
             )
@@ -201,14 +240,21 @@ class PartitionRuntime:
                 # balancer finds it (ours, not running) and deletes or re-takes it.
                 log.warning("lease_delete_failed", extra={"partition": k, "error": str(exc)})
 
-    async def _watch_lease(self, confirmed: trio.Event) -> None:
-        """Return (cancelling the subtree) once the lease cannot be trusted.
+    async def _hold_lease(self, confirmed: trio.Event) -> None:
+        """Return (ending the subtree) once the lease cannot be trusted.
 
         Watches the lease node itself rather than the ownership cache: this
         session reads its own create first, so the first view is never stale.
+
+        This task is also the anchor of the SERVING state: it is the first
+        child of the subtree's nursery and leaves it last, and however it ends
+        (the lease ended, a sibling failed, the partition was stopped) it marks
+        the partition STOPPING on its way out, before the nursery can close.
+        So a SERVING partition's nursery is always open: ``serve()`` can start
+        a session there without ever meeting a closed nursery.
         """
         ctx, k, epoch, generation = self._ctx, self.partition, self.epoch, self.generation
-        reason = REASON_LEASE_LOST
+        reason = EndReason.LEASE_LOST
         detail = ""
         node_gone = trio.Event()
 
@@ -230,23 +276,27 @@ class PartitionRuntime:
             info = await ctx.zk.session.wait_value(
                 lambda s: s.state is not SessionState.CONNECTED or s.generation != generation
             )
-            reason = REASON_SESSION
+            reason = EndReason.ZOOKEEPER_SESSION
             detail = f"session {info.state.value}" + (" (degraded)" if info.degraded else "")
 
-        async with trio.open_nursery() as nursery:
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def first(fn: Callable[[], Awaitable[object]]) -> None:
-                await fn()
-                nursery.cancel_scope.cancel()
+                async def first(fn: Callable[[], Awaitable[object]]) -> None:
+                    await fn()
+                    nursery.cancel_scope.cancel()
 
-            nursery.start_soon(first, session_gone)
-            nursery.start_soon(first, node_gone.wait)
-            nursery.start_soon(ctx.zk.watch_data, ctx.paths.owner(k), on_node)
-        log.warning(
-            "lease_ended",
-            extra={"partition": k, "epoch": epoch, "reason": reason, "detail": detail},
-        )
-        self.cancel(reason)
+                nursery.start_soon(first, session_gone)
+                nursery.start_soon(first, node_gone.wait)
+                nursery.start_soon(ctx.zk.watch_data, ctx.paths.owner(k), on_node)
+            log.warning(
+                "lease_ended",
+                extra={"partition": k, "epoch": epoch, "reason": reason.value, "detail": detail},
+            )
+            self.stop(reason)
+        finally:
+            # Cancelled because a sibling failed: that is the reason.
+            self._stopping(EndReason.FAILED)
 
     async def _start_offset(self) -> int:
         """Where live delivery starts: the group's committed offset, else the log end.
@@ -270,9 +320,9 @@ class PartitionRuntime:
 
     def cached_watermarks(self) -> tuple[int, int]:
         """(low, high) of this partition's topic as last fetched; no waiting."""
-        if self.feed is None:
+        if self._feed is None:
             raise KafkaUnavailable(f"{self.topic}: not fetched here")
-        return self.feed.cached_watermarks()
+        return self._feed.cached_watermarks()
 
     async def _deliver(self, feed: TopicFeed) -> None:
         ctx, k = self._ctx, self.partition
@@ -328,12 +378,11 @@ class PartitionSupervisor:
         self._runtimes: dict[int, PartitionRuntime] = {}
         self._nursery: trio.Nursery | None = None
         self._lock = trio.Lock()  # one lease change at a time keeps the logic simple
-        self.changed = trio.Event()
 
     def runtime(self, k: int) -> PartitionRuntime | None:
-        """The running subtree of partition ``k``, if this instance holds its lease."""
+        """The serving subtree of partition ``k``, if this instance holds its lease."""
         runtime = self._runtimes.get(k)
-        return runtime if runtime is not None and runtime.running else None
+        return runtime if runtime is not None and runtime.serving else None
 
     def held(self) -> list[int]:
         return sorted(self._runtimes)
@@ -341,9 +390,7 @@ class PartitionSupervisor:
     def runtimes(self) -> list[PartitionRuntime]:
         return [self._runtimes[k] for k in sorted(self._runtimes)]
 
-    def _notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+    def _count(self) -> None:
         self._ctx.metrics.partitions_held.set(len(self._runtimes))
 
     async def run(
@@ -357,7 +404,7 @@ class PartitionSupervisor:
             finally:
                 # Cancelled from outside (the drain ran out of time): each
                 # subtree still says why it ended and hands its lease back.
-                self.cancel_all(REASON_SHUTDOWN)
+                self.stop_all(EndReason.SHUTDOWN)
 
     async def acquire(self, k: int) -> bool:
         """Try to take partition ``k``'s lease and start its subtree."""
@@ -413,7 +460,7 @@ class PartitionSupervisor:
             ctx.metrics.lease_start.observe(started_in)
             if ownerless_for is not None:
                 ctx.metrics.handover_gap.observe(ownerless_for + started_in)
-            self._notify()
+            self._count()
             return True
 
     async def _run_runtime(
@@ -422,7 +469,7 @@ class PartitionSupervisor:
         try:
             await runtime.run(task_status=task_status)
         except Exception:
-            if not runtime.started:
+            if runtime.serving_since is None:
                 raise  # reported by acquire()
             # A partition is a fault boundary: its failure ends its subtree
             # (and lease) only; the balancer takes a partition again later.
@@ -430,17 +477,16 @@ class PartitionSupervisor:
         finally:
             if self._runtimes.get(runtime.partition) is runtime:
                 del self._runtimes[runtime.partition]
-            self._notify()
+            self._count()
 
-    async def release(self, k: int, reason: str = REASON_RELEASED) -> None:
+    async def release(self, k: int, reason: EndReason = EndReason.RELEASED) -> None:
         """End partition ``k``'s subtree and give its lease back; wait until done."""
         runtime = self._runtimes.get(k)
         if runtime is None:
             return
-        runtime.cancel(reason)
-        while self._runtimes.get(k) is runtime:
-            await self.changed.wait()
+        runtime.stop(reason)
+        await runtime.state.wait_value(PartitionState.STOPPED)
 
-    def cancel_all(self, reason: str) -> None:
+    def stop_all(self, reason: EndReason) -> None:
         for runtime in list(self._runtimes.values()):
-            runtime.cancel(reason)
+            runtime.stop(reason)

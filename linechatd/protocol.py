@@ -522,7 +522,9 @@ def decode_server_frame(data: str | bytes) -> ServerFrame | None:
             ts=_field(obj, "ts", int),
         )
     if kind == "ack":
-        return Ack(_field(obj, "id", str), _field(obj, "partition", int), _field(obj, "offset", int))
+        return Ack(
+            _field(obj, "id", str), _field(obj, "partition", int), _field(obj, "offset", int)
+        )
     if kind == "error":
         msg_id = obj.get("id")
         return ErrorFrame(

@@ -10,9 +10,10 @@ sent, in offset order, each once.
 
 After a failover every user of a partition reconnects at about the same
 moment, so the reads are shared: each partition runs one :class:`ReplayHub`
-with two consumers of its own (never joining a group nor committing: the
-partition's consumer serves live delivery and must not be disturbed, nor
-waited for, as librdkafka calls on one consumer serialize behind its poll).
+with two readers of its own (``kafka.ReplayReader``: never joining a group
+nor committing; the instance's fetcher serves live delivery and must not be
+disturbed, nor waited for, as librdkafka calls on one consumer serialize
+behind its poll).
 
 - The probe answers window checks. Checks that arrive together are answered
   together: one watermark request, then the first record at each asked start,
@@ -38,12 +39,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from .kafka import KafkaUnavailable
+from .kafka import KafkaUnavailable, Record, ReplayReader
 from .protocol import RecordError, decode_record, encode_message
 
 if TYPE_CHECKING:
@@ -61,9 +61,6 @@ REQUEST_MAX_BYTES = 4 << 20
 # A scan that makes no progress for this long gives up (the sessions close
 # with 1011 and the clients resume again later).
 STALL_TIMEOUT_S = 10.0
-_POLL_S = 0.2
-# Out of range at the assigned offset: retention deleted it after the window check.
-_GONE = {KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE}
 
 
 class ReplayTarget(Protocol):
@@ -74,20 +71,12 @@ class ReplayTarget(Protocol):
     async def send_replayed(self, offset: int, frame: str) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class _Fetched:
-    offset: int
-    timestamp_ms: int
-    key: bytes | None
-    value: bytes | None
-
-
 @dataclass(eq=False)
 class _Check:
     start: int
     done: trio.Event = field(default_factory=trio.Event)
     low: int = 0
-    first: _Fetched | None = None
+    first: Record | None = None
     error: BaseException | None = None
 
 
@@ -96,7 +85,7 @@ class _Request:
     key: bytes
     start: int
     end: int
-    send: trio.MemorySendChannel[_Fetched]
+    send: trio.MemorySendChannel[Record]
     error: BaseException | None = None
     queued_bytes: int = 0
     # Set when the channel was full: the first offset it did not get.
@@ -123,7 +112,7 @@ class ReplayHub:
         self._active: dict[bytes, list[_Request]] = {}
         self._position: int | None = None
         self._joined = 0
-        self._consumers: list[Consumer] = []
+        self._readers: list[ReplayReader] = []
         # Sessions may ask before run() has had its first turn; only an ended hub refuses.
         self._closed = False
 
@@ -143,14 +132,13 @@ class ReplayHub:
                 check.done.set()
             for request in [*self._waiting, *(r for rs in self._active.values() for r in rs)]:
                 request.finish(failure)
-            consumers, self._consumers = self._consumers, []
-            with trio.CancelScope(shield=True):
-                for consumer in consumers:
-                    await self._thread(consumer.close)
+            readers, self._readers = self._readers, []
+            for reader in readers:
+                await reader.aclose()
 
     # -- what sessions call ----------------------------------------------------
 
-    async def probe(self, start: int) -> tuple[int, _Fetched | None]:
+    async def probe(self, start: int) -> tuple[int, Record | None]:
         """(low watermark, first record at offset >= start or None at the log end)."""
         if self._closed:
             raise KafkaUnavailable(f"replay of {self._topic}: partition stopped")
@@ -164,12 +152,12 @@ class ReplayHub:
 
     def submit(
         self, uid: str, start: int, end: int
-    ) -> tuple[_Request, trio.MemoryReceiveChannel[_Fetched]]:
+    ) -> tuple[_Request, trio.MemoryReceiveChannel[Record]]:
         """Ask for ``uid``'s records in [start, end); they arrive on the returned channel."""
         if self._closed:
             raise KafkaUnavailable(f"replay of {self._topic}: partition stopped")
         capacity = self._ctx.config.value.limits.outbound_queue_messages
-        send, recv = trio.open_memory_channel[_Fetched](capacity)
+        send, recv = trio.open_memory_channel[Record](capacity)
         request = _Request(uid.encode(), start, end, send)
         if self._position is not None and start >= self._position:
             self._active.setdefault(request.key, []).append(request)
@@ -182,7 +170,7 @@ class ReplayHub:
     # -- the probe ---------------------------------------------------------------
 
     async def _probe_loop(self) -> None:
-        consumer: Consumer | None = None
+        reader: ReplayReader | None = None
         while True:
             while not self._checks:
                 self._checks_added = trio.Event()
@@ -190,40 +178,34 @@ class ReplayHub:
             checks, self._checks = self._checks, []
             self._ctx.metrics.replay_scans.labels("probe").inc()
             try:
-                if consumer is None:
-                    consumer = self._open()
-                await self._answer(consumer, checks)
+                if reader is None:
+                    reader = self._open()
+                await self._answer(reader, checks)
             except KafkaUnavailable as exc:
                 for check in checks:
                     if not check.done.is_set():
                         check.error = exc
                         check.done.set()
 
-    async def _answer(self, consumer: Consumer, checks: list[_Check]) -> None:
-        tp = TopicPartition(self._topic, 0)
-        try:
-            low, _high = await self._thread(
-                lambda: consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
-            )
-        except KafkaException as exc:
-            raise KafkaUnavailable(f"replay of {self._topic}: {exc}") from exc
+    async def _answer(self, reader: ReplayReader, checks: list[_Check]) -> None:
+        low = await reader.low_watermark()
         by_start: dict[int, list[_Check]] = {}
         for check in checks:
             by_start.setdefault(check.start, []).append(check)
-        buffered: deque[_Fetched] = deque()
+        buffered: deque[Record] = deque()
         position: int | None = None  # every offset below it was read (since the last seek)
         at_end = False
         for start in sorted(by_start):
-            first: _Fetched | None = None
+            first: Record | None = None
             if start >= low:
                 if position is None or start > position + PROBE_SEEK_GAP:
-                    consumer.assign([TopicPartition(self._topic, 0, start)])
+                    await reader.seek(start)
                     position, at_end = start, False
                     buffered.clear()
                 while buffered and buffered[0].offset < start:
                     buffered.popleft()
                 while not buffered and not at_end:
-                    batch, log_end = await self._next_batch(consumer, limit=SCAN_BATCH)
+                    batch, log_end = await reader.next_batch(SCAN_BATCH, STALL_TIMEOUT_S)
                     at_end = log_end is not None
                     if batch:
                         position = batch[-1].offset + 1
@@ -236,7 +218,7 @@ class ReplayHub:
     # -- the scan ------------------------------------------------------------------
 
     async def _scan_loop(self) -> None:
-        consumer: Consumer | None = None
+        reader: ReplayReader | None = None
         while True:
             while not self._waiting:
                 self._waiting_added = trio.Event()
@@ -249,12 +231,13 @@ class ReplayHub:
             started = trio.current_time()
             self._joined = 0
             try:
-                if consumer is None:
-                    consumer = self._open()
-                consumer.assign([TopicPartition(self._topic, 0, start)])
+                if reader is None:
+                    reader = self._open()
+                # Requests arriving from here on join this pass if their start is not behind it.
                 self._position = start
+                await reader.seek(start)
                 while self._active:
-                    batch, log_end = await self._next_batch(consumer, limit=SCAN_BATCH)
+                    batch, log_end = await reader.next_batch(SCAN_BATCH, STALL_TIMEOUT_S)
                     if batch:
                         self._hand_out(batch)
                     if log_end is not None:
@@ -286,7 +269,7 @@ class ReplayHub:
                 },
             )
 
-    def _hand_out(self, batch: list[_Fetched]) -> None:
+    def _hand_out(self, batch: list[Record]) -> None:
         """Each record to the requests that want it; no await: joins see a whole batch or none."""
         active = self._active
         for fetched in batch:
@@ -328,76 +311,20 @@ class ReplayHub:
             if not requests:
                 del self._active[request.key]
 
-    # -- librdkafka, in threads ---------------------------------------------------
+    # -- the readers ---------------------------------------------------------------
 
-    def _open(self) -> Consumer:
+    def _open(self) -> ReplayReader:
         cfg = self._ctx.config.value
-        consumer = Consumer(
-            {
-                "bootstrap.servers": cfg.kafka.bootstrap_servers,
-                # Required by librdkafka; never joined nor committed to.
-                "group.id": f"{self._ctx.group(self.partition)}-replay",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                # A range deleted under us is an error, never a silent skip.
-                "auto.offset.reset": "error",
-                "enable.partition.eof": True,
-                "fetch.wait.max.ms": cfg.kafka.fetch_wait_max_ms,
-                "socket.nagle.disable": True,
-                "fetch.queue.backoff.ms": 10,
-            }
+        reader = ReplayReader(
+            cfg.kafka.bootstrap_servers,
+            f"{self._ctx.group(self.partition)}-replay",
+            self._topic,
+            fetch_wait_max_ms=cfg.kafka.fetch_wait_max_ms,
+            limiter=self._ctx.consumer_limiter,
         )
-        self._consumers.append(consumer)
+        self._readers.append(reader)
         self._ctx.metrics.replay_consumers.inc()
-        return consumer
-
-    async def _thread(self, fn: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, limiter=self._ctx.consumer_limiter)
-
-    async def _next_batch(
-        self, consumer: Consumer, *, limit: int
-    ) -> tuple[list[_Fetched], int | None]:
-        """The next records from the assigned position, and the log end if they reach it."""
-        deadline = trio.current_time() + STALL_TIMEOUT_S
-
-        def poll() -> tuple[list[_Fetched], int | None]:
-            first = consumer.poll(_POLL_S)
-            if first is None:
-                return [], None
-            messages: list[Message] = [first]
-            if limit > 1:
-                messages += consumer.consume(limit - 1, 0)
-            batch: list[_Fetched] = []
-            at_end: int | None = None
-            for m in messages:
-                err = m.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        # Records written since may follow in this same batch.
-                        at_end = m.offset()
-                        if at_end is None or at_end < 0:
-                            at_end = batch[-1].offset + 1 if batch else 0
-                        continue
-                    if err.code() in _GONE or err.fatal():
-                        raise KafkaException(err)
-                    continue  # transient: librdkafka retries by itself
-                offset = m.offset()
-                if offset is not None:
-                    at_end = None
-                    batch.append(_Fetched(offset, m.timestamp()[1], m.key(), m.value()))
-            return batch, at_end
-
-        while True:
-            try:
-                batch, at_end = await self._thread(poll)
-            except KafkaException as exc:
-                raise KafkaUnavailable(f"replay of {self._topic}: {exc}") from exc
-            if batch or at_end is not None:
-                return batch, at_end
-            if trio.current_time() > deadline:
-                raise KafkaUnavailable(
-                    f"replay of {self._topic}: no records for {STALL_TIMEOUT_S:g}s"
-                )
+        return reader
 
 
 class Replay:
@@ -500,7 +427,7 @@ class Replay:
             )
         return self.sent
 
-    async def _send_one(self, target: ReplayTarget, fetched: _Fetched) -> None:
+    async def _send_one(self, target: ReplayTarget, fetched: Record) -> None:
         try:
             chat = decode_record(fetched.value)
         except RecordError:

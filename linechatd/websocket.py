@@ -8,14 +8,17 @@ touching routing or partition code.
 wsproto is driven directly on the trio stream: the task that calls
 ``receive()`` does the reading (pings are answered there), so a connection
 costs no task of its own, and writes share one lock that sends whatever else
-was queued meanwhile in the same system call. ``try_send()`` writes a frame
+was queued meanwhile in the same system call. ``write_now()`` writes a frame
 without a task switch when nothing else is being sent: most frames leave in
 the call that produced them.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -23,22 +26,17 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from urllib.parse import unquote_plus
 
+import h11
 import trio
 from wsproto import ConnectionState, ConnectionType
 from wsproto.connection import Connection as _WsConnection
 from wsproto.events import (
-    AcceptConnection,
     BytesMessage,
     CloseConnection,
     Event,
     Ping,
-    RejectConnection,
-    RejectData,
-    Request,
     TextMessage,
 )
-from wsproto.handshake import H11Handshake
-from wsproto.utilities import RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +56,9 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 # accept() failures that mean "no room now", not "the listener is broken".
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_RETRY_S = 0.1
+# The upgrade request's line and headers together; more is refused (431).
+MAX_REQUEST_HEAD_BYTES = 16 * 1024
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class ConnectionClosed(Exception):
@@ -199,27 +200,32 @@ class Connection:
             raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
         await self._write(self._ws.send(TextMessage(data=text)))
 
-    def try_send(self, text: str) -> bool:
-        """Write a text frame now, without waiting: True if it was taken.
+    @property
+    def can_write_now(self) -> bool:
+        """Whether :meth:`write_now` may be used: a plain TCP socket with
+        nothing queued or being written (so frames keep their order)."""
+        sock = self._socket
+        return (
+            sock is not None
+            and not self._pending
+            and not self._send_lock.locked()
+            and not self._broken
+            and not self._dropped
+            and self._ws.state is ConnectionState.OPEN
+        )
 
-        Taken only when nothing is queued or being written (so frames keep
-        their order) on a plain TCP socket; what the socket does not accept at
-        once stays queued, and ``unflushed`` says that ``flush()`` must follow.
-        False means: use ``send()``. Raises ConnectionClosed on a dead stream.
+    def write_now(self, text: str) -> None:
+        """Write a text frame without waiting (only when :attr:`can_write_now`).
+
+        What the socket does not accept at once stays queued, and
+        ``unflushed`` says that ``flush()`` must follow. Raises
+        ConnectionClosed on a dead stream.
         """
         sock = self._socket
-        if (
-            sock is None
-            or self._pending
-            or self._send_lock.locked()
-            or self._broken
-            or self._dropped
-            or self._ws.state is not ConnectionState.OPEN
-        ):
-            return False
+        assert sock is not None, "write_now() needs can_write_now"
         fd = sock.fileno()  # -1 once closed: never a number another socket reuses
         if fd < 0:
-            return False
+            raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
         data = self._ws.send(TextMessage(data=text))
         try:
             sent = os.write(fd, data)
@@ -232,15 +238,14 @@ class Connection:
             raise ConnectionClosed(self.closed_code, self._closed_reason) from None
         if sent < len(data):
             self._pending.append(data[sent:])
-        return True
 
     @property
     def unflushed(self) -> bool:
-        """Bytes of a frame ``try_send()`` took are still waiting for ``flush()``."""
+        """Bytes of a frame ``write_now()`` took are still waiting for ``flush()``."""
         return bool(self._pending)
 
     async def flush(self) -> None:
-        """Send what ``try_send()`` left queued."""
+        """Send what ``write_now()`` left queued."""
         if self._pending:
             await self._write(b"")
 
@@ -372,9 +377,11 @@ class Handshake:
 
     __slots__ = (
         "_stream",
-        "_handshake",
+        "_http",
+        "_key",
         "_max_bytes",
         "_detached",
+        "_answered",
         "connection",
         "path",
         "query",
@@ -385,24 +392,26 @@ class Handshake:
     def __init__(
         self,
         stream: trio.abc.Stream,
-        handshake: H11Handshake,
-        request: Request,
+        http: h11.Connection,
+        request: h11.Request,
+        key: bytes,
         remote: str,
         max_message_bytes: int,
     ) -> None:
         self._stream = stream
-        self._handshake: H11Handshake | None = handshake
+        self._http = http
+        self._key = key
         self._max_bytes = max_message_bytes
         self._detached = False
+        self._answered = False
         self.connection: Connection | None = None
         # Split by hand: urlsplit() raises on targets like "//[x" (h11 lets
         # any visible characters through).
-        path, _, query = request.target.partition("?")
+        path, _, query = bytes(request.target).decode("latin-1").partition("?")
         self.path = path
         self.query, _, _fragment = query.partition("#")
         self.headers: Mapping[str, str] = {
-            bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
-            for k, v in request.extra_headers
+            bytes(k).decode("latin-1"): bytes(v).decode("latin-1") for k, v in request.headers
         }
         self.remote = remote
 
@@ -410,28 +419,31 @@ class Handshake:
         # Never the query string: it carries the bearer token.
         return f"<Handshake {self.path} from {self.remote}>"
 
-    def _take(self) -> H11Handshake:
-        handshake = self._handshake
-        if handshake is None:
-            raise RuntimeError("the handshake was already answered")
-        self._handshake = None
-        return handshake
-
     async def accept(self) -> Connection:
-        handshake = self._take()
+        if self._answered:
+            raise RuntimeError("the handshake was already answered")
+        self._answered = True
         # No extensions: permessage-deflate invites compression oracles and zip bombs.
-        response = handshake.send(AcceptConnection())
-        ws = handshake.connection
-        assert ws is not None
-        # Frames the client sent right behind its request wait in h11's buffer.
-        trailing = _trailing_data(handshake)
+        response = self._http.send(
+            h11.InformationalResponse(
+                status_code=101,
+                headers=[
+                    (b"upgrade", b"websocket"),
+                    (b"connection", b"Upgrade"),
+                    (b"sec-websocket-accept", _accept_token(self._key)),
+                ],
+            )
+        )
+        # Frames the client sent right behind its request wait in h11's buffer
+        # (public: ``trailing_data``), and go to wsproto before anything read later.
+        trailing, _closed = self._http.trailing_data
+        ws = _WsConnection(ConnectionType.SERVER, extensions=None, trailing_data=trailing)
         conn = Connection(self._stream, ws, self._max_bytes)
         self.connection = conn
         if trailing:
-            ws.receive_data(trailing)
             conn._events = ws.events()
         try:
-            await conn._write(response)
+            await conn._write(response or b"")
         except ConnectionClosed:
             pass  # the first receive() or send() reports it
         return conn
@@ -449,31 +461,71 @@ class Handshake:
     async def reject(
         self, status: int, body: Mapping[str, object], headers: Mapping[str, str] | None = None
     ) -> None:
-        try:
-            handshake = self._take()
-        except RuntimeError:
+        if self._answered:
             return
-        payload = json.dumps(body).encode()
-        extra = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-        ]
-        extra += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-        try:
-            data = handshake.send(
-                RejectConnection(status_code=status, headers=extra, has_body=True)
-            )
-            data += handshake.send(RejectData(data=payload, body_finished=True))
-            await self._stream.send_all(data)
-        except _STREAM_ERRORS:
-            pass
+        self._answered = True
+        await _send_rejection(self._stream, self._http, status, body, headers)
 
 
-def _trailing_data(handshake: H11Handshake) -> bytes:
-    h11_connection = getattr(handshake, "_h11_connection", None)
-    if h11_connection is None:
-        return b""
-    return bytes(h11_connection.trailing_data[0])
+async def _send_rejection(
+    stream: trio.abc.Stream,
+    http: h11.Connection,
+    status: int,
+    body: Mapping[str, object],
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """A JSON answer; the connection closes after it."""
+    payload = json.dumps(body).encode()
+    extra = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close"),
+    ]
+    extra += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    try:
+        data = http.send(h11.Response(status_code=status, headers=extra)) or b""
+        data += http.send(h11.Data(data=payload)) or b""
+        data += http.send(h11.EndOfMessage()) or b""
+        await stream.send_all(data)
+    except (h11.LocalProtocolError, *_STREAM_ERRORS):
+        pass
+
+
+def _accept_token(key: bytes) -> bytes:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
+
+
+def _header_tokens(request: h11.Request, name: bytes) -> set[bytes]:
+    """The comma-separated tokens of every ``name`` header, lower-cased."""
+    return {
+        token.strip().lower()
+        for header, value in request.headers
+        if header == name
+        for token in bytes(value).split(b",")
+    }
+
+
+def _upgrade_problem(request: h11.Request) -> tuple[int, str, dict[str, str]] | None:
+    """Why ``request`` is no WebSocket upgrade: (status, message, headers), or None."""
+    if request.method != b"GET":
+        return 405, "a WebSocket upgrade is a GET request", {"Allow": "GET"}
+    if request.http_version != b"1.1":
+        return 400, "a WebSocket upgrade needs HTTP/1.1", {}
+    if b"websocket" not in _header_tokens(request, b"upgrade") or b"upgrade" not in _header_tokens(
+        request, b"connection"
+    ):
+        return 426, "this endpoint speaks WebSocket only", {"Upgrade": "websocket"}
+    if _header_tokens(request, b"sec-websocket-version") != {b"13"}:
+        return 426, "WebSocket version 13 is required", {"Sec-WebSocket-Version": "13"}
+    keys = [bytes(v) for k, v in request.headers if k == b"sec-websocket-key"]
+    try:
+        valid_key = len(keys) == 1 and len(base64.b64decode(keys[0], validate=True)) == 16
+    except binascii.Error:
+        valid_key = False
+    if not valid_key:
+        return 400, "Sec-WebSocket-Key must be 16 bytes in base64", {}
+    return None
 
 
 def _remote_address(stream: trio.SocketStream) -> str:
@@ -501,35 +553,41 @@ def redact_query(query: str, limit: int = 512) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-async def _read_request(stream: trio.abc.Stream, handshake: H11Handshake) -> Request | None:
-    """The upgrade request, or None once a bad one was answered (or the peer left)."""
+async def _read_request(
+    stream: trio.abc.Stream, remote: str, max_message_bytes: int
+) -> Handshake | None:
+    """The upgrade request (parsed by h11), or None once a bad one was answered or the peer left."""
     if isinstance(stream, trio.SSLStream):
         await stream.do_handshake()
+    http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+    request: h11.Request | None = None
     while True:
-        data = await stream.receive_some(RECEIVE_BYTES)
         try:
-            handshake.receive_data(bytes(data) if data else None)
-            for event in handshake.events():
-                if isinstance(event, Request):
-                    return event
-        except RemoteProtocolError as exc:
-            hint = exc.event_hint
-            if isinstance(hint, RejectConnection):
-                body = json.dumps({"error": "bad_request"}).encode()
-                extra = [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ]
-                try:
-                    answer = handshake.send(
-                        RejectConnection(status_code=hint.status_code, headers=extra, has_body=True)
-                    )
-                    answer += handshake.send(RejectData(data=body, body_finished=True))
-                    await stream.send_all(answer)
-                except Exception:
-                    pass
+            event = http.next_event()
+        except h11.RemoteProtocolError as exc:
+            await _send_rejection(stream, http, exc.error_status_hint, {"error": "bad_request"})
             return None
-        if not data:
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(RECEIVE_BYTES)
+            http.receive_data(bytes(data))  # b"": the peer closed
+        elif isinstance(event, h11.Request):
+            problem = _upgrade_problem(event)
+            if problem is not None:
+                status, message, headers = problem
+                body = {"error": "bad_request", "message": message}
+                await _send_rejection(stream, http, status, body, headers)
+                return None
+            request = event
+        elif event is h11.PAUSED and request is not None:
+            # The whole request is in (h11 pauses at a protocol switch); what
+            # follows belongs to the WebSocket.
+            key = next(bytes(v) for k, v in request.headers if k == b"sec-websocket-key")
+            return Handshake(stream, http, request, key, remote, max_message_bytes)
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+        elif isinstance(event, h11.Data):
+            # A body on an upgrade request: not a WebSocket client.
+            await _send_rejection(stream, http, 400, {"error": "bad_request"})
             return None
 
 
@@ -557,16 +615,13 @@ async def serve(
         # A fault boundary per connection: one that raised would stop the listener.
         try:
             remote = _remote_address(tcp)
-            handshake = H11Handshake(ConnectionType.SERVER)
-            request: Request | None = None
             with trio.move_on_after(handshake_timeout_s):
                 try:
-                    request = await _read_request(stream, handshake)
+                    hs = await _read_request(stream, remote, max_message_bytes)
                 except _STREAM_ERRORS:
                     pass
-            if request is None:
+            if hs is None:
                 return
-            hs = Handshake(stream, handshake, request, remote, max_message_bytes)
             await handler(hs)
             if hs._detached:
                 return  # the connection's owner closes it

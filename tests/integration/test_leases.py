@@ -44,6 +44,8 @@ from support.leasekit import (
     wait_shares,
 )
 
+from linechatd.protocol import CloseCode
+
 PARTITIONS = 6
 SESSION_TIMEOUT_S = 2.0
 EVEN = {"gw-0": PARTITIONS // 2, "gw-1": PARTITIONS // 2}
@@ -156,7 +158,7 @@ async def test_deleting_one_lock_node_ends_exactly_that_partition(
             await zk.call(zk.client.delete, zk.paths.owner(victim))
 
             for ws in victim_sockets:
-                assert await close_code(ws) == 1012
+                assert await close_code(ws) == CloseCode.MOVED
             ended = await wait_event(gateway, "lease_ended", partition=victim, after=deleted_at)
             assert ended["reason"] == "lease_lost" and ended["epoch"] == mine[victim]
             stopped = await wait_event(
@@ -226,7 +228,7 @@ async def test_a_reload_with_a_lower_cap_releases_only_what_must_move(
             moved = set(mine) - {keep}
             for k in moved:
                 for ws in ws_of[k]:
-                    assert await close_code(ws) == 1012
+                    assert await close_code(ws) == CloseCode.MOVED
                 stopped = await wait_event(
                     gateway, "partition_stopped", partition=k, after=reloaded_at
                 )

@@ -34,7 +34,7 @@ from support.leasekit import events
 from linechatd.client import ChatClient, Message, connect, open_websocket
 from linechatd.hashing import partition_for
 from linechatd.ownership import ZkPaths
-from linechatd.protocol import ChatRecord, decode_record, encode_record
+from linechatd.protocol import ChatRecord, CloseCode, decode_record, encode_record
 
 PARTITIONS = 8
 INSTANCES = 3
@@ -668,7 +668,7 @@ async def test_bad_input_gets_its_answer_and_other_sessions_carry_on(
                     assert ack["id"] == "ok1"
                     # ... until the sixth within a minute: 1008.
                     await ws.send_message("{")
-                    await expect_close(ws, 1008)
+                    await expect_close(ws, CloseCode.POLICY)
 
                 # A frame over max_frame_bytes (4096): 1009.
                 async with open_websocket(
@@ -679,7 +679,7 @@ async def test_bad_input_gets_its_answer_and_other_sessions_carry_on(
                     await ws.send_message(
                         json.dumps({"type": "send", "id": "big", "to": peggy, "body": body})
                     )
-                    await expect_close(ws, 1009)
+                    await expect_close(ws, CloseCode.TOO_BIG)
 
                 await trio.sleep(0.3)
                 chatter.stop.set()
@@ -742,7 +742,7 @@ async def test_a_reader_that_stops_reading_is_closed_and_stalls_nobody(
             # Healthy users: the receiver shares the slow reader's partition.
             neighbour = uid_in(partition, "neighbour")
             friend = uid_owned_by(owners, "gw-1", "friend")
-            closes_1013 = f'linechatd_closes_total{{code="{1013}"}}'
+            closes_1013 = f'linechatd_closes_total{{code="{CloseCode.BEHIND}"}}'
             before_1013 = await metric_value(cluster, "gw-0", closes_1013)
             async with (
                 connect(cluster[1].http_url, neighbour) as a,

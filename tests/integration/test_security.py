@@ -42,16 +42,12 @@ from cryptography.x509.oid import NameOID
 from support.cluster import GatewayProcess, http_get, new_cluster_names, start_cluster
 
 from linechatd import websocket
+from linechatd.admission import ConnectionCounter, address_key
 from linechatd.config import parse_config
-from linechatd.gateway import (
-    ConnectionCounter,
-    Gateway,
-    StartupError,
-    address_key,
-    server_tls_context,
-    startup_error,
-)
 from linechatd.hashing import partition_for
+from linechatd.protocol import CloseCode
+from linechatd.startup import StartupError, startup_error
+from linechatd.tls import ListenerTLS
 
 PARTITIONS = 4
 SECRET = b"integration-secret-integration-secret-0123456789"
@@ -404,7 +400,7 @@ async def test_expired_token_closes_the_session_with_4401(
             await next_frame(ws, "pong")
             code = await close_code(ws, timeout_s=15)
             closed_at = time.time()
-        assert code == 4401
+        assert code == CloseCode.TOKEN_EXPIRED
         # The session lives exactly as long as the token is accepted: exp + leeway (1 s).
         print(f"closed {closed_at - exp:.2f}s after exp (leeway 1s)")
         assert closed_at >= exp + 1.0 - 0.2
@@ -580,7 +576,11 @@ async def echo_handshake(hs: websocket.Handshake) -> None:
 async def test_tls_websocket_listener_rotation_and_handshake_timeout(tmp_path: Path) -> None:
     """The transport with the gateway's TLS context, in process (no cluster needed)."""
     cert, key = self_signed(tmp_path, "one")
-    context = server_tls_context(cert, key, ("http/1.1",))
+    config = minimal_config()
+    tls_config = with_websocket_tls(config, cert, key)
+    listeners = ListenerTLS(tls_config)
+    context = listeners.context("websocket")
+    assert context is not None
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
             lambda task_status: websocket.serve(
@@ -615,22 +615,18 @@ async def test_tls_websocket_listener_rotation_and_handshake_timeout(tmp_path: P
         print(f"idle TLS socket dropped after {trio.current_time() - started:.2f}s (timeout 1s)")
 
         # SIGHUP's certificate reload: new certificate in the same files, same listener.
-        config = minimal_config()
-        gateway = Gateway(config)
-        gateway._tls["websocket"] = (cert, key, context)
         new_cert, new_key = self_signed(tmp_path, "two")
         cert.write_bytes(new_cert.read_bytes())
         key.write_bytes(new_key.read_bytes())
-        tls_config = with_websocket_tls(config, cert, key)
-        assert gateway._reload_tls(tls_config) == []
+        assert listeners.reload(tls_config) == []
         async with ws_open(url, ssl_context=trusting(new_cert)):
             pass
         # A broken pair is reported and the running certificate stays.
         key.write_bytes(self_signed(tmp_path, "three")[1].read_bytes())
-        [problem] = gateway._reload_tls(tls_config)
+        [problem] = listeners.reload(tls_config)
         assert problem.startswith("websocket.tls_cert_file: cannot load the certificate")
         # Turning TLS off (or on) is for a restart, not a reload.
-        [problem] = gateway._reload_tls(config)
+        [problem] = listeners.reload(config)
         assert problem == "websocket.tls_cert_file: turning TLS on or off needs a restart"
         async with ws_open(url, ssl_context=trusting(new_cert)):
             pass
@@ -817,15 +813,15 @@ async def test_frame_size_deflate_and_hostile_request_target(
             await ws.send_message(fits)
             await next_frame(ws, "ack")
             await ws.send_message(send_frame("m2", "bob", "x" * 1100))
-            assert await close_code(ws) == 1009
+            assert await close_code(ws) == CloseCode.TOO_BIG
         async with ws_open(ws_url(gw, "alice")) as ws:
             # 400 characters, 1200 bytes: the limit is in bytes.
             wide = send_frame("m3", "bob", "\u20ac" * 400)
             assert len(wide) < 1024 < len(wide.encode())
             await ws.send_message(wide)
-            assert await close_code(ws) == 1009
+            assert await close_code(ws) == CloseCode.TOO_BIG
         metrics = (await http_get(gw.http_url + "/metrics"))[2]
-        assert gateway_metric(metrics, "linechatd_closes_total", 'code="1009"') == 2
+        assert gateway_metric(metrics, "linechatd_closes_total", f'code="{CloseCode.TOO_BIG}"') == 2
 
 
 async def test_a_frame_too_large_to_store_is_refused_not_a_crash(
@@ -921,7 +917,7 @@ async def test_rate_limit_then_close_without_slowing_other_users(
 
 async def policy_closes(gw: GatewayProcess) -> float:
     metrics = (await http_get(gw.http_url + "/metrics"))[2]
-    return gateway_metric(metrics, "linechatd_closes_total", 'code="1008"')
+    return gateway_metric(metrics, "linechatd_closes_total", f'code="{CloseCode.POLICY}"')
 
 
 def masked_text_frame(text: str) -> bytes:

@@ -36,6 +36,8 @@ from support.leasekit import (
     wait_shares,
 )
 
+from linechatd.protocol import CloseCode
+
 PARTITIONS = 4
 SESSION_TIMEOUT_S = 3.0
 EVEN = {"gw-0": 2, "gw-1": 2}
@@ -136,7 +138,7 @@ async def test_blackhole_stops_partitions_before_the_session_can_expire(
             zk_proxy.blackhole()
             suspended = await wait_event(a, "zookeeper_session", state="suspended", after=t0)
             for ws in sockets.values():
-                assert await close_code(ws) == 1012
+                assert await close_code(ws) == CloseCode.MOVED
             status, _, _ = await http_get(a.http_url + "/readyz")
             assert status == 503, "not ready while ZooKeeper cannot be trusted"
             stopped, started = await _handover(a, b, mine, t0)
@@ -189,7 +191,7 @@ async def test_a_short_cut_keeps_the_session_and_the_same_leases(
             zk_proxy.cut()
             suspended = await wait_event(a, "zookeeper_session", state="suspended", after=t0)
             for ws in sockets.values():
-                assert await close_code(ws) == 1012
+                assert await close_code(ws) == CloseCode.MOVED
             stopped = [
                 await wait_event(a, "partition_stopped", partition=k, after=t0) for k in mine
             ]
@@ -299,7 +301,7 @@ async def test_delay_below_the_threshold_disturbs_nothing_above_it_hands_over(
             zk_proxy.delay(1.0)
             stopped, started = await _handover(a, b, mine, t1)
             for ws in sockets.values():
-                assert await close_code(ws) == 1012
+                assert await close_code(ws) == CloseCode.MOVED
             abandoned = await wait_event(a, "zookeeper_session_abandoned", after=t1)
             closed = _expiry(deleted, mine, stopped)
             print(

@@ -27,7 +27,7 @@ from linechatd.auth import (
     load_key,
 )
 from linechatd.config import AuthConfig, HostPort, parse_config
-from linechatd.gateway import auth_exposure_problems, is_loopback
+from linechatd.startup import auth_exposure_problems, is_loopback
 
 SECRET = b"s3cret-s3cret-s3cret-s3cret-s3cret-s3cret"  # 41 bytes
 

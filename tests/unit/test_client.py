@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +28,7 @@ from linechatd.client import (
     connect,
     open_websocket,
 )
+from linechatd.protocol import CloseCode
 
 Script = Callable[[trio_websocket.WebSocketRequest, dict[str, str]], Awaitable[None]]
 
@@ -40,6 +43,7 @@ class FakeGateway:
         self.peers: list[str] = []  # what GET /api/partitions lists
         self.http_requests: list[str] = []
         self.http_scope = trio.CancelScope()
+        self.resets = 0  # connection-url requests answered with a TCP reset (a crashing instance)
 
     async def _http(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -50,6 +54,11 @@ class FakeGateway:
                 continue
             if isinstance(event, h11.Request):
                 self.http_requests.append(event.target.decode())
+                if self.resets and event.target.startswith(b"/api/connection-url"):
+                    self.resets -= 1
+                    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    stream.socket.close()
+                    return
                 if event.target.startswith(b"/api/partitions"):
                     status, doc = 200, {"partitions": [{"http_url": u} for u in self.peers]}
                 elif self.url_status == 200:
@@ -73,7 +82,7 @@ class FakeGateway:
 
 async def hang_up(request: trio_websocket.WebSocketRequest, query: dict[str, str]) -> None:
     ws = await request.accept()
-    await ws.aclose(1012, "no more scripts")
+    await ws.aclose(CloseCode.MOVED, "no more scripts")
 
 
 @asynccontextmanager
@@ -143,7 +152,7 @@ async def test_reconnects_after_1012_and_resumes_from_its_cursor() -> None:
         ws = await request.accept()
         await ws.send_message(welcome(10))
         await ws.send_message(message(12, "m12"))
-        await ws.aclose(1012, "partition moved")
+        await ws.aclose(CloseCode.MOVED, "partition moved")
 
     second_done = trio.Event()
 
@@ -160,7 +169,7 @@ async def test_reconnects_after_1012_and_resumes_from_its_cursor() -> None:
                 assert (await client.receive()).id == "m12"
                 assert (await client.receive()).id == "m15"
                 assert client.connections == 2
-                assert client.last_close == (1012, "partition moved")
+                assert client.last_close == (CloseCode.MOVED, "partition moved")
                 second_done.set()
     assert "resume" not in fake.queries[0]
     assert fake.queries[1] == {"uid": "alice", "device": "dev1", "resume": "12"}
@@ -248,7 +257,7 @@ async def test_a_send_without_ack_is_resent_once_after_a_reconnect() -> None:
             frame = json.loads(await ws.get_message())
             frames.append((connection, frame["id"]))
             if not answer:
-                await ws.aclose(1012, "moved")
+                await ws.aclose(CloseCode.MOVED, "moved")
                 return
             await ws.send_message(
                 json.dumps({"type": "ack", "id": frame["id"], "partition": 0, "offset": 5})
@@ -280,7 +289,7 @@ async def test_a_1008_close_stops_the_client_and_fails_pending_sends() -> None:
         ws = await request.accept()
         await ws.send_message(welcome(0))
         await ws.get_message()  # the send; never acked
-        await ws.aclose(1008, "too many bad frames")
+        await ws.aclose(CloseCode.POLICY, "too many bad frames")
 
     with trio.fail_after(10):
         async with fake_gateway() as fake:
@@ -300,7 +309,7 @@ async def test_run_reports_started_only_once_across_reconnects() -> None:
     async def brief(request: trio_websocket.WebSocketRequest, query: dict[str, str]) -> None:
         ws = await request.accept()
         await ws.send_message(welcome(0))
-        await ws.aclose(1013, "behind")
+        await ws.aclose(CloseCode.BEHIND, "behind")
 
     with trio.fail_after(10):
         async with fake_gateway() as fake:
@@ -369,7 +378,7 @@ async def test_instances_learnt_from_one_take_over_when_it_goes_away() -> None:
         ws = await request.accept()
         await ws.send_message(welcome(0))
         await ws.get_message()  # until told to move
-        await ws.aclose(1012, "partition moved")
+        await ws.aclose(CloseCode.MOVED, "partition moved")
 
     async def long(request: trio_websocket.WebSocketRequest, query: dict[str, str]) -> None:
         ws = await request.accept()
@@ -407,3 +416,20 @@ async def test_discovery_can_be_turned_off() -> None:
             async with connect(fake.http_url, "alice", discover=False, **fast()) as client:
                 assert client.http_urls == [fake.http_url]
             assert not any(t.startswith("/api/partitions") for t in fake.http_requests)
+
+
+async def test_a_reset_connection_url_request_is_retried_not_fatal() -> None:
+    """An instance that crashes mid-request resets the connection: the client tries again."""
+    async with fake_gateway() as fake:
+        fake.resets = 2
+
+        async def greet(request: trio_websocket.WebSocketRequest, query: dict[str, str]) -> None:
+            ws = await request.accept()
+            await ws.send_message(welcome(0))
+            await trio.sleep_forever()
+
+        fake.scripts.append(greet)
+        with trio.fail_after(10):
+            async with connect(fake.http_url, "alice", **fast()) as client:
+                assert client.state.value is State.CONNECTED
+        assert fake.resets == 0

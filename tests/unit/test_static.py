@@ -36,7 +36,7 @@ def make_api(demo_page: bool) -> HttpApi:
         }
     )
     ctx = SimpleNamespace(config=SimpleNamespace(value=config))
-    return HttpApi(ctx, gateway=None)  # type: ignore[arg-type]
+    return HttpApi(ctx, instance=None)  # type: ignore[arg-type]
 
 
 async def request(api: HttpApi, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
