@@ -1,8 +1,12 @@
 // A scripted gateway for the client's tests: a fake fetch answers
 // connection-url, FakeSocket plays the server side of each WebSocket.
-// The tests import the one source (linechatd/static/linechat.js), not a copy.
+// The tests load the one source (linechatd/static/linechat.js), not the
+// package's built copy.
 
 import { webcrypto } from "node:crypto";
+import { copyFileSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { afterEach } from "node:test";
 import { pathToFileURL } from "node:url";
 
@@ -17,8 +21,12 @@ globalThis.CustomEvent ??= class CustomEvent extends Event {
   }
 };
 
-export const SOURCE_URL = pathToFileURL(SOURCE).href;
-export const linechat = await import(SOURCE_URL);
+// Loaded from a .mjs copy of it: nothing marks linechatd/static as ES modules
+// (no package.json there), and Node 18 would read a .js file as CommonJS.
+const scratch = mkdtempSync(join(tmpdir(), "linechat-test-"));
+process.on("exit", () => rmSync(scratch, { recursive: true, force: true }));
+copyFileSync(SOURCE, join(scratch, "linechat.mjs"));
+export const linechat = await import(pathToFileURL(join(scratch, "linechat.mjs")).href);
 
 // Every client a test made is closed after it, passed or failed: a client left
 // running (pings, reconnects) would keep the test file's process alive.
