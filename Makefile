@@ -27,7 +27,7 @@ lint: install
 	$(VENV)/bin/mypy linechatd tests/support
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts
+	rm -rf $(VENV) build dist *.egg-info clients/js/node_modules clients/js/dist .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # --- benchmarks (see docs/performance.md) ---------------------------------------------

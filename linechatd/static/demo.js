@@ -2,9 +2,13 @@
 //
 // "delivered" is a demo convention, not part of the protocol: a page that gets a
 // text message answers its sender with a receipt message
-// ({"kind": "receipt", "ids": [...]}); the sender's page marks those ids delivered.
+// ({"kind": "receipt", "ids": [...]}); the sender's page marks those ids delivered
+// once every recipient has answered.
+//
+// The "to" field takes one uid (a one-to-one send) or several, separated by
+// commas or spaces (a group send).
 
-import { LineChatClient, isValidUid } from "./linechat.js";
+import { LineChatClient, isValidUid, recipientProblem } from "./linechat.js";
 
 const LAST_UID_KEY = "linechat-demo:uid";
 const LAST_TO_KEY = "linechat-demo:to";
@@ -13,7 +17,7 @@ const MAX_EVENTS = 60;
 const $ = (id) => document.getElementById(id);
 
 let client = null;
-const outgoing = new Map(); // message id -> <li>
+const outgoing = new Map(); // message id -> {item, recipients, delivered: Set of uids}
 
 function remember(key, value) {
   try {
@@ -96,7 +100,43 @@ function describeBody(body) {
   return JSON.stringify(body);
 }
 
-function addMessageItem({ direction, id, peer, text, meta }) {
+/** The uids typed in the "to" field, in order. */
+function parseRecipients(text) {
+  return text.split(/[\s,]+/).filter(Boolean);
+}
+
+/** What send() takes: a uid alone for one recipient, the list for a group. */
+function addressee(recipients) {
+  return recipients.length === 1 ? recipients[0] : recipients;
+}
+
+function showToError(text) {
+  const box = $("to-error");
+  box.textContent = text;
+  box.hidden = !text;
+  $("to").setCustomValidity(text);
+}
+
+/** "to you, bob, carol": a group message's recipients, this page's user marked. */
+function recipientsLine(recipients) {
+  const line = document.createElement("div");
+  line.className = "recipients";
+  line.append("to ");
+  recipients.forEach((uid, index) => {
+    if (index > 0) line.append(", ");
+    if (client && uid === client.uid) {
+      const you = document.createElement("span");
+      you.className = "you";
+      you.textContent = "you";
+      line.append(you);
+    } else {
+      line.append(uid);
+    }
+  });
+  return line;
+}
+
+function addMessageItem({ direction, id, peer, text, meta, recipients = null }) {
   const item = document.createElement("li");
   item.className = `msg ${direction}`;
   item.dataset.id = id;
@@ -107,9 +147,19 @@ function addMessageItem({ direction, id, peer, text, meta }) {
   const body = document.createElement("div");
   body.className = "text";
   body.textContent = text;
-  item.append(head, body);
+  item.append(head);
+  if (recipients) {
+    item.dataset.recipients = recipients.join(",");
+    item.append(recipientsLine(recipients));
+  }
+  item.append(body);
   if (direction === "out") {
     item.dataset.to = peer;
+    if (recipients) {
+      const receipts = document.createElement("div");
+      receipts.className = "receipts";
+      item.append(receipts);
+    }
     const status = document.createElement("div");
     status.className = "status";
     const pill = document.createElement("span");
@@ -130,7 +180,7 @@ function addMessageItem({ direction, id, peer, text, meta }) {
 const STATE_RANK = { queued: 0, sent: 1, acked: 2, delivered: 3, failed: 4 };
 
 function setMessageState(id, state, where) {
-  const item = outgoing.get(id);
+  const item = outgoing.get(id)?.item;
   if (!item) return;
   // The receipt can overtake the ack; never step back.
   if (item.dataset.state && STATE_RANK[item.dataset.state] >= STATE_RANK[state]) return;
@@ -139,6 +189,25 @@ function setMessageState(id, state, where) {
   pill.className = `pill ${state}`;
   pill.textContent = state;
   if (where) item.querySelector(".where").textContent = where;
+}
+
+/** `uid`'s page has message `id`: delivered once every recipient's page has it. */
+function markDelivered(id, uid) {
+  const entry = outgoing.get(id);
+  if (!entry || !entry.recipients.includes(uid)) return;
+  entry.delivered.add(uid);
+  const receipts = entry.item.querySelector(".receipts");
+  if (receipts) {
+    const who = entry.recipients.filter((r) => entry.delivered.has(r));
+    receipts.textContent = `delivered to ${who.join(", ")} (${who.length} of ${entry.recipients.length})`;
+  }
+  if (entry.delivered.size === entry.recipients.length) setMessageState(id, "delivered");
+}
+
+function ackWhere(ack) {
+  // A group send has one entry per recipient partition.
+  const entries = ack.acks ?? [ack];
+  return entries.map((a) => `p${a.partition} #${a.offset}`).join(" · ");
 }
 
 function sendReceipt(to, ids) {
@@ -151,20 +220,23 @@ function onMessage(message) {
   refreshFacts();
   const body = message.body;
   if (body && typeof body === "object" && body.kind === "receipt" && Array.isArray(body.ids)) {
-    for (const id of body.ids) setMessageState(String(id), "delivered");
+    for (const id of body.ids) markDelivered(String(id), message.from);
     return;
   }
+  // Messages from the application's backend (the server API) come from device "server".
+  const sender = message.fromDevice === "server" ? `${message.from} (server)` : message.from;
   const item = addMessageItem({
     direction: "in",
     id: message.id,
     peer: message.from,
     text: describeBody(body),
-    meta: `from ${message.from} · ${clock(message.ts)} · p${message.partition} #${message.offset}`,
+    meta: `from ${sender} · ${clock(message.ts)} · p${message.partition} #${message.offset}`,
+    recipients: message.recipients ?? null,
   });
   item.dataset.offset = String(message.offset);
   if (message.from === client.uid) {
-    setMessageState(message.id, "delivered"); // a note to self: we are the recipient
-  } else if (body && typeof body === "object" && body.kind === "text") {
+    markDelivered(message.id, client.uid); // a note to self: we are a recipient
+  } else if (message.fromDevice !== "server" && body && typeof body === "object" && body.kind === "text") {
     sendReceipt(message.from, [message.id]);
   }
 }
@@ -200,10 +272,10 @@ function startClient(uid) {
     if (d.attempt > 1) logEvent(`resent ${d.id} (attempt ${d.attempt})`);
   });
   client.on("ack", (d) => {
-    setMessageState(d.id, "acked", `p${d.partition} #${d.offset}`);
+    setMessageState(d.id, "acked", ackWhere(d));
     refreshFacts();
   });
-  (isValidUid($("to").value) ? $("text") : $("to")).focus();
+  (recipientProblem(addressee(parseRecipients($("to").value))) === null ? $("text") : $("to")).focus();
   client.connect().catch((error) => {
     // Refused for good (bad uid, auth): back to the form, with the reason.
     const box = $("login-error");
@@ -217,23 +289,33 @@ function startClient(uid) {
 
 function onSend(event) {
   event.preventDefault();
-  const to = $("to").value.trim();
+  const recipients = parseRecipients($("to").value);
   const text = $("text").value;
-  if (!client || !isValidUid(to) || !text) return;
-  remember(LAST_TO_KEY, to);
+  if (!client || !text) return;
+  // The client refuses a bad list too; checking first keeps the text and says why.
+  const problem = recipients.length === 0 ? "name at least one uid" : recipientProblem(addressee(recipients));
+  if (problem !== null) {
+    showToError(`Cannot send: ${problem}`);
+    $("to").focus();
+    return;
+  }
+  showToError("");
+  remember(LAST_TO_KEY, recipients.join(", "));
   const id = client.newId();
+  const group = recipients.length > 1;
   const item = addMessageItem({
     direction: "out",
     id,
-    peer: to,
+    peer: recipients.join(","),
     text,
-    meta: `to ${to} · ${clock()}`,
+    meta: group ? `${clock()}` : `to ${recipients[0]} · ${clock()}`,
+    recipients: group ? recipients : null,
   });
-  outgoing.set(id, item);
+  outgoing.set(id, { item, recipients, delivered: new Set() });
   setMessageState(id, "queued");
   $("text").value = "";
   $("text").focus();
-  client.send(to, { kind: "text", text }, { id }).catch((error) => {
+  client.send(addressee(recipients), { kind: "text", text }, { id }).catch((error) => {
     setMessageState(id, "failed", error.code || error.message);
     logEvent(`send ${id} failed: ${error.code || error.message}`, "bad");
   });
@@ -260,6 +342,7 @@ function main() {
   $("login-form").addEventListener("submit", onLogin);
   $("send-form").addEventListener("submit", onSend);
   $("switch").addEventListener("click", onSwitch);
+  $("to").addEventListener("input", () => showToError(""));
   const params = new URLSearchParams(location.search);
   const to = params.get("to") || recall(LAST_TO_KEY);
   if (to) $("to").value = to;

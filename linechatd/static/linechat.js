@@ -6,6 +6,7 @@
 //   client.on("state", (s) => console.log(s.state));
 //   await client.connect();
 //   const ack = await client.send("bob", { text: "hi" });
+//   const group = await client.send(["bob", "carol"], { text: "hi all" });
 //
 // It asks the HTTP API for the owner's WebSocket url, connects, follows
 // 1012/1013 (and a refused handshake, which a browser sees only as a close
@@ -13,9 +14,11 @@
 // jitter, resumes from the highest offset seen (kept in localStorage per
 // uid and device), drops duplicates (by offset, and by from/from_device/id
 // for resent messages) and resends unacknowledged sends with the same id.
+// A send to a list of uids is a group send (one ack with an entry per
+// recipient partition); the list is checked here before anything is written.
 // The protocol is described in docs/protocol.md; this module in docs/js-client.md.
 
-export const VERSION = "1";
+export const VERSION = "2";
 
 /** Connection states, in the order a healthy client goes through them. */
 export const State = Object.freeze({
@@ -36,6 +39,8 @@ const FATAL_CLOSES = new Map([
 // HTTP answers of /api/connection-url that retrying will not change.
 const FATAL_STATUSES = new Set([400, 401, 403]);
 const DEDUPE_MEMORY = 10000;
+// The server's default `limits.max_recipients`; a larger list is refused locally.
+const DEFAULT_MAX_RECIPIENTS = 100;
 const UNAVAILABLE_RESEND_MS = 1000;
 
 /** An error with a machine-readable code, e.g. "timeout", "bad_recipient", "closed". */
@@ -60,6 +65,30 @@ export class RefusedError extends LineChatError {
 /** Valid uid / device id: 1-128 characters of [A-Za-z0-9_.:@-]. */
 export function isValidUid(value) {
   return typeof value === "string" && UID_PATTERN.test(value);
+}
+
+/**
+ * Why `to` cannot be sent, or null when it can: a uid, or a list of 1 to
+ * `maxRecipients` distinct uids (a group send).
+ */
+export function recipientProblem(to, maxRecipients = DEFAULT_MAX_RECIPIENTS) {
+  if (!Array.isArray(to)) return isValidUid(to) ? null : `not a valid uid: ${describe(to)}`;
+  if (to.length === 0) return "no recipients";
+  if (to.length > maxRecipients) {
+    return `${to.length} recipients, more than the ${maxRecipients} allowed`;
+  }
+  const seen = new Set();
+  for (const [index, uid] of to.entries()) {
+    if (!isValidUid(uid)) return `to[${index}] is not a valid uid: ${describe(uid)}`;
+    if (seen.has(uid)) return `recipient ${uid} is listed twice`;
+    seen.add(uid);
+  }
+  return null;
+}
+
+function describe(value) {
+  const text = typeof value === "string" ? JSON.stringify(value) : String(value);
+  return text.length > 80 ? `${text.slice(0, 77)}...` : text;
 }
 
 function randomHex(bytes) {
@@ -144,9 +173,11 @@ function storageSet(storage, key, value) {
  *   connected    {instance, partition, offset, resumed, url}
  *   reconnecting {attempt, delay, code, reason}
  *   closed       {code, reason, error}
- *   message      {from, fromDevice, to, id, body, partition, offset, ts}
+ *   message      {from, fromDevice, to, id, body, partition, offset, ts, recipients?}
+ *                                           recipients: the whole list of a group message
  *   sent         {id, to, attempt}          a send frame went out on a socket
- *   ack          {id, partition, offset}
+ *   ack          {id, partition, offset}    for a send to one uid
+ *                {id, acks: [{partition, offset, to}]}   for a group send
  *   gap          {cursor, offset}           resume was impossible: messages in between are lost to this device
  *   cursorreset  {cursor, offset}           the stored cursor was ahead of the log (a new cluster): reset
  *   servererror  {id, code, message}        an error frame
@@ -170,6 +201,10 @@ export class LineChatClient extends EventTarget {
     this._pingIntervalMs = options.pingIntervalMs ?? 20000;
     this._sendTimeoutMs = options.sendTimeoutMs ?? 30000;
     this._maxFrameBytes = options.maxFrameBytes ?? 65536;
+    this._maxRecipients = options.maxRecipients ?? DEFAULT_MAX_RECIPIENTS;
+    if (!Number.isSafeInteger(this._maxRecipients) || this._maxRecipients < 1) {
+      throw new TypeError("maxRecipients must be a positive integer");
+    }
 
     this.device = options.device ?? this._storedDevice();
     if (!isValidUid(this.device)) {
@@ -189,7 +224,7 @@ export class LineChatClient extends EventTarget {
     // (receivers drop repeats of from/from_device/id).
     this._idPrefix = randomHex(4);
     this._idCounter = 0;
-    this._pending = new Map(); // id -> {id, to, frame, resolve, reject, timer, attempts}
+    this._pending = new Map(); // id -> {id, to, group, frame, resolve, reject, timer, attempts}
     this._seen = new Map(); // "from\ndevice\nid" -> true, oldest first
     this._ws = null;
     this._running = null;
@@ -236,18 +271,26 @@ export class LineChatClient extends EventTarget {
   }
 
   /**
-   * Send `body` (any JSON value) to `to`; resolves with the ack {id, partition, offset}
-   * once the broker has the message. Unacknowledged sends go out again, with the
-   * same id, after each reconnect. Rejects with a LineChatError: "bad_recipient",
-   * "too_large", "timeout", "closed", or a server error code ("rate_limited", ...).
+   * Send `body` (any JSON value) to `to`, a uid or a list of uids (a group send).
+   * Resolves once the broker has the message: with {id, partition, offset} for a
+   * uid, with {id, acks: [{partition, offset, to}]} (one entry per recipient
+   * partition) for a list. Unacknowledged sends go out again, with the same id,
+   * after each reconnect. Rejects with a LineChatError: "bad_recipient" (a bad
+   * uid; an empty, too long or repeating list: refused before anything is
+   * sent), "too_large", "timeout", "closed", or a server error code
+   * ("rate_limited", ...).
    */
   send(to, body, options = {}) {
     const id = options.id ?? this.newId();
     const timeoutMs = options.timeoutMs ?? this._sendTimeoutMs;
     if (this._stopped) return Promise.reject(new LineChatError("closed", "client is closed", { id }));
-    if (!isValidUid(to)) {
-      return Promise.reject(new LineChatError("bad_recipient", `not a valid uid: ${to}`, { id }));
+    const problem = recipientProblem(to, this._maxRecipients);
+    if (problem !== null) {
+      return Promise.reject(new LineChatError("bad_recipient", problem, { id }));
     }
+    // Our own copy: a caller changing its array later must not change a resend.
+    const group = Array.isArray(to);
+    if (group) to = Object.freeze([...to]);
     if (typeof id !== "string" || id.length < 1 || id.length > 64) {
       return Promise.reject(new TypeError("id must be a string of 1-64 characters"));
     }
@@ -267,7 +310,7 @@ export class LineChatClient extends EventTarget {
       );
     }
     return new Promise((resolve, reject) => {
-      const entry = { id, to, frame, resolve, reject, timer: null, attempts: 0 };
+      const entry = { id, to, group, frame, resolve, reject, timer: null, attempts: 0 };
       entry.timer = setTimeout(() => {
         if (this._pending.get(id) === entry) {
           this._pending.delete(id);
@@ -480,7 +523,7 @@ export class LineChatClient extends EventTarget {
         this._onMessage(frame);
         break;
       case "ack":
-        this._resolve(frame.id, null, { id: frame.id, partition: frame.partition, offset: frame.offset });
+        this._onAck(frame);
         break;
       case "error": {
         const detail = { id: frame.id ?? null, code: frame.code, message: frame.message };
@@ -504,6 +547,25 @@ export class LineChatClient extends EventTarget {
     }
   }
 
+  _onAck(frame) {
+    const entry = this._pending.get(frame.id);
+    if (!entry) return; // an ack of a send that timed out, or of another tab's
+    if (!entry.group) {
+      this._resolve(frame.id, null, { id: frame.id, partition: frame.partition, offset: frame.offset });
+      return;
+    }
+    const acks = Array.isArray(frame.acks)
+      ? frame.acks.map((a) => ({
+          partition: a.partition,
+          offset: a.offset,
+          to: Array.isArray(a.to) ? [...a.to] : [],
+        }))
+      : // The protocol always answers a list with `acks`; should a server use the
+        // one-to-one form, the caller still gets the shape it was promised.
+        [{ partition: frame.partition, offset: frame.offset, to: [...entry.to] }];
+    this._resolve(frame.id, null, { id: frame.id, acks });
+  }
+
   _onMessage(frame) {
     const offset = frame.offset;
     if (!Number.isInteger(offset)) return;
@@ -519,7 +581,7 @@ export class LineChatClient extends EventTarget {
     }
     this._seen.set(key, true);
     if (this._seen.size > DEDUPE_MEMORY) this._seen.delete(this._seen.keys().next().value);
-    this._emit("message", {
+    const message = {
       from: frame.from,
       fromDevice: frame.from_device,
       to: frame.to,
@@ -528,7 +590,10 @@ export class LineChatClient extends EventTarget {
       partition: frame.partition,
       offset,
       ts: frame.ts,
-    });
+    };
+    // Only group messages carry the list (in the sender's order, ours among them).
+    if (Array.isArray(frame.recipients)) message.recipients = [...frame.recipients];
+    this._emit("message", message);
   }
 
   _resolve(id, error, ack) {
