@@ -133,9 +133,16 @@ def _given(zookeeper: str, kafka: str, workdir: Path) -> stack.Services:
 def linechatd_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Defaults everywhere except what would make the benchmark measure a limit instead."""
     overrides: dict[str, dict[str, Any]] = {
-        # The per-connection send budget (default 100/s, burst 200) is a policy, not a
-        # cost: a few hundred senders at saturation would only measure rate_limited errors.
-        "limits": {"sends_per_second": 100_000.0, "send_burst": 100_000},
+        # The per-uid send budget (default 100/s, burst 200) and the frame budget are
+        # policies, not costs: a few hundred senders at saturation would only measure
+        # rate_limited errors and 1008 closes. The idle connections of the
+        # connections phase send nothing, and must not be closed as idle meanwhile.
+        "limits": {
+            "sends_per_second": 100_000.0,
+            "send_burst": 100_000,
+            "max_frames_per_s": 100_000.0,
+            "idle_timeout_s": 0.0,
+        },
     }
     if args.session_timeout is not None:
         overrides["zookeeper"] = {"session_timeout": args.session_timeout}

@@ -41,6 +41,7 @@ from .protocol import (
     RemoteProtocolError,
     Welcome,
     decode_server_frame,
+    encode_ping,
     encode_send,
 )
 
@@ -257,6 +258,7 @@ class ChatClient:
         max_backoff_s: float = 5.0,
         message_buffer: int = 10_000,
         discover: bool = True,
+        ping_interval_s: float = 30.0,
     ) -> None:
         urls = [http_url] if isinstance(http_url, str) else list(http_url)
         if not urls:
@@ -278,6 +280,8 @@ class ChatClient:
         self.duplicates_dropped = 0
         self.last_close: tuple[int | None, str | None] | None = None  # (code, reason)
         self.fatal: Exception | None = None
+        # Well inside the gateway's default idle timeout (120 s); 0: no pings.
+        self._ping_interval_s = ping_interval_s
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
         self._ws: trio_websocket.WebSocketConnection | None = None
@@ -511,8 +515,17 @@ class ChatClient:
                 # Sends that never got their ack go out again, same ids, in send order.
                 for msg_id in list(self._pending):
                     await self._transmit(msg_id)
-                while True:
-                    await self._on_frame(await ws.get_message())
+                try:
+                    async with trio.open_nursery() as nursery:
+                        if self._ping_interval_s > 0:
+                            nursery.start_soon(self._keepalive, ws)
+                        try:
+                            while True:
+                                await self._on_frame(await ws.get_message())
+                        finally:
+                            nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    raise _first_error(group) from None
         except trio_websocket.HandshakeError as exc:
             rejection = getattr(exc, "status_code", None)
             if rejection is not None:
@@ -523,6 +536,16 @@ class ChatClient:
                     pass
                 raise _Refused(rejection, body if isinstance(body, dict) else {}) from None
             raise
+
+    async def _keepalive(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """A ping every ``ping_interval_s``: the gateway closes silent connections."""
+        while True:
+            await trio.sleep(self._ping_interval_s)
+            async with self._send_lock:
+                try:
+                    await ws.send_message(encode_ping())
+                except trio_websocket.ConnectionClosed:
+                    return  # the reader sees it too
 
     async def _transmit(self, msg_id: str) -> None:
         ws = self._ws

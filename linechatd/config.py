@@ -434,6 +434,13 @@ class LimitsConfig:
     max_connections: int = _setting(100000, _integer(1))
     max_connections_per_address: int = _setting(10000, _integer(1))
     max_devices_per_uid: int = _setting(16, _integer(1, 1024))
+    # Frames of any kind per second per connection, counted before decoding;
+    # bursts of twice as many. Above it: 1008 (CONTRACT.md §5).
+    max_frames_per_s: float = _setting(200.0, _number(1, 100000))
+    # A connection that sends nothing (not even a ping) this long is closed; 0: never.
+    idle_timeout_s: float = _setting(120.0, _number(0, 86400))
+    # A fragmented message must be complete within this many seconds of its first part.
+    partial_message_timeout_s: float = _setting(10.0, _number(0, 300, above=True))
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,14 @@ The rules, all here:
 - **Acks in send order.** Sends wait in an in-flight queue; a delivery report
   answers every send at its head that is done, as ``ack`` or ``error``.
   At ``max_in_flight`` the shell stops reading (TCP pushes back).
-- **Budgets.** Sends over the send rate get ``rate_limited``; a minute with
-  more refused sends than a whole burst closes with 1008; more than
+- **Budgets.** Every frame the client sends, of any kind, is counted before
+  it is decoded (:meth:`~SessionCore.frame_arrived`, called by the transport
+  for pings and close frames too): past ``max_frames_per_s`` sustained (bursts
+  of twice that) the session closes with 1008 at once. Sends over the send
+  rate (a bucket shared by the uid's devices) get ``rate_limited``; a minute
+  with more refused sends than a whole burst closes with 1008; more than
   ``bad_frames_per_minute`` bad frames close with 1008.
+- **Idle.** A client that sends nothing for ``idle_timeout_s`` is closed (1000).
 - **Closing.** The first reason given wins; afterwards nothing more is queued.
 """
 
@@ -106,6 +111,10 @@ class CoreLimits:
     max_in_flight: int = MAX_IN_FLIGHT
     # What a stored record may weigh (the broker's own limit is about 1 MB).
     max_record_bytes: int = MAX_RECORD_BYTES
+    # Frames of any kind per second, bursts of twice as many (CONTRACT.md §5).
+    max_frames_per_s: float = 200.0
+    # Silence after which the session closes; 0: never.
+    idle_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +168,8 @@ class SessionCore:
         "_limits",
         "_partitions",
         "_send_bucket",
+        "_frame_bucket",
+        "_heard_at",
         "_strikes",
         "_flood_strikes",
         "_counts",
@@ -179,6 +190,7 @@ class SessionCore:
         partitions: int,
         limits: CoreLimits,
         send_bucket: TokenBucket,
+        now: float,
         counts: CoreCounts | None = None,
     ) -> None:
         self.uid = uid
@@ -188,8 +200,11 @@ class SessionCore:
         self.closing: Close | None = None
         self._limits = limits
         self._partitions = partitions
-        # Shared by every session of the uid when the caller wants a per-uid rate.
+        # Shared by every session of the uid (ratelimit.UidBuckets).
         self._send_bucket = send_bucket
+        rate = limits.max_frames_per_s
+        self._frame_bucket = TokenBucket(rate, max(1, int(2 * rate)), now)
+        self._heard_at = now
         self._strikes = StrikeCounter(limits.bad_frames_per_minute)
         # Sustained flooding (not one burst) closes the session: a minute with
         # more refused sends than a whole burst allowance.
@@ -273,6 +288,29 @@ class SessionCore:
         return self._outbox_bytes
 
     # -- frames in -------------------------------------------------------------
+
+    def frame_arrived(self, now: float) -> bool:
+        """One frame of any kind arrived (before it is decoded); False: stop reading, closing."""
+        self._heard_at = now
+        if self.closing is not None:
+            return False
+        if self._frame_bucket.allow(now):
+            return True
+        self.close(CloseCode.POLICY, "too many frames")
+        return False
+
+    @property
+    def idle_deadline(self) -> float | None:
+        """When the session closes for silence, unless a frame arrives first."""
+        idle_s = self._limits.idle_timeout_s
+        return self._heard_at + idle_s if idle_s > 0 else None
+
+    def check_idle(self, now: float) -> None:
+        """Close with 1000 if nothing was heard for ``idle_timeout_s``."""
+        deadline = self.idle_deadline
+        if deadline is not None and now >= deadline:
+            idle_s = self._limits.idle_timeout_s
+            self.close(CloseCode.NORMAL, f"idle for {idle_s:g} s: send a ping more often")
 
     def on_frame(self, data: str | bytes, now: float, wall_ms: int) -> ProduceRequest | None:
         """A frame from the client; returns the record to produce for a valid, allowed send."""

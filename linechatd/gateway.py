@@ -310,6 +310,7 @@ class Instance:
             ssl_context=self.tls.context("websocket"),
             max_message_bytes=config.limits.max_frame_bytes,
             handshake_timeout_s=config.websocket.handshake_timeout_s,
+            partial_message_timeout_s=config.limits.partial_message_timeout_s,
             task_status=task_status,
         )
 
@@ -433,8 +434,11 @@ class Instance:
             return
         # Counted from before the first await: concurrent handshakes cannot all
         # pass the checks above and then all be accepted. The session releases
-        # it when it ends.
+        # the connection when it ends; the device slot becomes the session's
+        # own when the partition registers it.
+        runtime, uid = decision.runtime, decision.params.uid
         release = self.connections.add(decision.address)
+        release_device = runtime.reserve_device(uid)
         try:
             conn = await hs.accept()
             metrics.handshakes.labels("accepted").inc()
@@ -444,15 +448,18 @@ class Instance:
                 identity=decision.identity,
                 partition=decision.partition,
                 ctx=ctx,
+                send_bucket=runtime.send_buckets.bucket(uid, trio.current_time()),
                 on_end=release,
             )
-            if not decision.runtime.serve(session):
+            release_device()
+            if not runtime.serve(session):
                 # The partition stopped while we accepted: the client asks again.
                 await conn.close(CloseCode.MOVED, "partition moved")
                 await conn.aclose()
                 release()
                 return
         except BaseException:
+            release_device()
             release()
             raise
         # The session's task, in the partition's nursery, owns the socket now.

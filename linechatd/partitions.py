@@ -31,6 +31,7 @@ from trio_util import AsyncValue
 from .kafka import KafkaUnavailable, TopicFeed
 from .ownership import lease_data
 from .protocol import RecordError, decode_record, encode_message
+from .ratelimit import UidBuckets
 from .replay import ReplayHub
 from .zk import NodeExistsError, NodeStat, NoNodeError, SessionState, ZooKeeperError
 
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 1.0
+# How often an idle sweep looks at the configuration again while idle
+# timeouts are off.
+IDLE_SWEEP_OFF_S = 30.0
 
 
 class PartitionState(enum.Enum):
@@ -97,6 +101,11 @@ class PartitionRuntime:
         # Resumes share its reads (one scan for a reconnect storm, not one consumer each).
         self.replay_hub = ReplayHub(ctx, partition)
         self.sessions: dict[str, set[Session]] = {}
+        # Device slots held by handshakes between admission and serve().
+        self._reserved: dict[str, int] = {}
+        limits = ctx.config.value.limits
+        # One send allowance per uid, shared by its devices and kept across reconnects.
+        self.send_buckets = UidBuckets(limits.sends_per_second, limits.send_burst)
         self.next_offset = 0  # the offset after the last one delivered
         self._committed = -1
         self._scope = trio.CancelScope()
@@ -154,7 +163,32 @@ class PartitionRuntime:
                 del self.sessions[session.uid]
 
     def devices_of(self, uid: str) -> int:
-        return len(self.sessions.get(uid, ()))
+        """Sessions of ``uid`` here, counting those admitted and not yet served."""
+        return len(self.sessions.get(uid, ())) + self._reserved.get(uid, 0)
+
+    def reserve_device(self, uid: str) -> Callable[[], None]:
+        """Hold one of ``uid``'s device slots until the returned release (idempotent) is called.
+
+        Taken in the same step as the admission check that counted the slots,
+        so concurrent handshakes of one uid cannot all pass it; released just
+        before ``serve()`` registers the session (again with no checkpoint
+        between) or when the handshake fails.
+        """
+        self._reserved[uid] = self._reserved.get(uid, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self._reserved[uid] - 1
+            if left:
+                self._reserved[uid] = left
+            else:
+                del self._reserved[uid]
+
+        return release
 
     # -- the subtree ----------------------------------------------------------
 
@@ -175,6 +209,7 @@ class PartitionRuntime:
                         await confirmed.wait()
                         nursery.start_soon(self._deliver, feed)
                         nursery.start_soon(self._commit_loop)
+                        nursery.start_soon(self._sweep_idle)
                         nursery.start_soon(self.replay_hub.run)
                         self._nursery = nursery
                         self.serving_since = time.time()
@@ -353,6 +388,18 @@ class PartitionRuntime:
                     session.offer(record.offset, frame)
                 metrics.messages_delivered.inc(len(devices))
                 metrics.delivery_latency.observe(max(0.0, now - chat.ts / 1000))
+
+    async def _sweep_idle(self) -> None:
+        """Close the sessions whose clients went silent: one task per partition, not per socket."""
+        while True:
+            idle_s = self._ctx.config.value.limits.idle_timeout_s
+            await trio.sleep(max(1.0, idle_s / 4) if idle_s > 0 else IDLE_SWEEP_OFF_S)
+            if idle_s <= 0:
+                continue
+            now = trio.current_time()
+            for devices in list(self.sessions.values()):
+                for session in list(devices):
+                    session.check_idle(now)
 
     async def _commit_loop(self) -> None:
         while True:

@@ -15,7 +15,8 @@ Errors share one root, split by side (as in h11):
 JSON accepted from the outside (client frames and Kafka records) is strict:
 valid UTF-8, no duplicate keys, no ``NaN``/``Infinity`` (nor numbers that only
 fit a float as infinity), nesting at most :data:`MAX_JSON_DEPTH` containers
-deep, integers within Python's digit limit, and no unpaired UTF-16 surrogate
+deep, at most :data:`MAX_JSON_MEMBERS` members and elements in all (both
+checked before parsing), integers within Python's digit limit, and no unpaired UTF-16 surrogate
 escapes (``"\\ud800"``), since those could not be encoded again for delivery.
 """
 
@@ -40,6 +41,7 @@ __all__ = [
     "BAD_UID",
     "MAX_ID_CHARS",
     "MAX_JSON_DEPTH",
+    "MAX_JSON_MEMBERS",
     "MAX_QUERY_CHARS",
     "MAX_RECORD_BYTES",
     "RECORD_VERSION",
@@ -87,6 +89,10 @@ BAD_REQUEST = "bad_request"
 UID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 MAX_ID_CHARS = 64
 MAX_JSON_DEPTH = 64
+# Members of objects and elements of arrays in one document, all levels
+# together: what a chat frame needs is far below; what a 64 KiB frame of
+# "[1,1,1,..." costs to parse is not.
+MAX_JSON_MEMBERS = 4096
 MAX_QUERY_CHARS = 8192
 RECORD_VERSION = 1
 # Bigger than anything a default-sized frame (64 KiB) can become once re-encoded
@@ -217,19 +223,23 @@ _DECODER = json.JSONDecoder(
 )
 
 # A string token (an unterminated one runs to the end, so a failed match never
-# restarts scanning inside it) or a bracket.
-_DEPTH_TOKEN = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
+# restarts scanning inside it), a bracket or a comma.
+_STRUCTURE_TOKEN = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{},]', re.DOTALL)
 # Only escapes in D800-DFFF can decode to an unpaired surrogate.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _check_depth(text: str) -> None:
-    """Reject nesting deeper than MAX_JSON_DEPTH before the recursive parser sees it."""
-    # Fast path: too few brackets to be too deep, whatever their order.
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+def _check_structure(text: str) -> None:
+    """Reject nesting deeper than MAX_JSON_DEPTH, or more than MAX_JSON_MEMBERS
+    members and elements, before the parser spends anything on the text."""
+    # Fast path, three passes in C: too few brackets to be too deep and too
+    # few commas (even counting those inside strings) to be too many members.
+    shallow = text.count("[") + text.count("{") <= MAX_JSON_DEPTH
+    if shallow and text.count(",") <= MAX_JSON_MEMBERS:
         return
     depth = 0
-    for match in _DEPTH_TOKEN.finditer(text):
+    members = 0
+    for match in _STRUCTURE_TOKEN.finditer(text):
         char = text[match.start()]
         if char in "[{":
             depth += 1
@@ -237,6 +247,10 @@ def _check_depth(text: str) -> None:
                 raise _JSONRejected(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         elif char in "]}":
             depth -= 1
+        elif char == ",":
+            members += 1
+            if members > MAX_JSON_MEMBERS:
+                raise _JSONRejected(f"JSON with more than {MAX_JSON_MEMBERS} members or elements")
 
 
 def _loads_strict(text: str) -> Any:
@@ -244,7 +258,7 @@ def _loads_strict(text: str) -> Any:
 
     The text itself must not contain surrogate code points (callers check).
     """
-    _check_depth(text)
+    _check_structure(text)
     try:
         value = _DECODER.decode(text)
     except RecursionError:

@@ -34,7 +34,7 @@ from .kafka import KafkaUnavailable
 from .protocol import CloseCode, encode_welcome
 from .ratelimit import TokenBucket
 from .replay import Replay, ReplayHub
-from .websocket import Connection, ConnectionClosed
+from .websocket import Connection, ConnectionClosed, FrameRefused
 
 if TYPE_CHECKING:
     from .auth import Identity
@@ -81,6 +81,7 @@ class Session:
         identity: Identity,
         partition: int,
         ctx: Context,
+        send_bucket: TokenBucket,
         on_end: Callable[[], object] | None = None,
     ) -> None:
         self.uid = params.uid
@@ -98,12 +99,15 @@ class Session:
             limits=CoreLimits(
                 outbox_frames=limits.outbound_queue_messages,
                 bad_frames_per_minute=limits.bad_frames_per_minute,
+                max_frames_per_s=limits.max_frames_per_s,
+                idle_timeout_s=limits.idle_timeout_s,
             ),
-            send_bucket=TokenBucket(
-                limits.sends_per_second, limits.send_burst, trio.current_time()
-            ),
+            send_bucket=send_bucket,
+            now=trio.current_time(),
             counts=_Counts(ctx),
         )
+        # Every frame is counted before it is looked at (pings and closes too).
+        conn.frame_hook = self._frame_arrived
         self._room = trio.Event()
         # While the writer runs it owns the socket's sending side; the
         # session's nursery (for the writer) exists only while live.
@@ -126,6 +130,18 @@ class Session:
         """A live frame from the partition's delivery task; never waits."""
         self.core.offer(offset, frame)
         self._carry_out()
+
+    def check_idle(self, now: float) -> None:
+        """Close the session if its client has been silent too long (the partition sweeps)."""
+        self.core.check_idle(now)
+        self._carry_out()
+
+    def _frame_arrived(self) -> bool:
+        # The transport, for every frame, before it is decoded.
+        if self.core.frame_arrived(trio.current_time()):
+            return True
+        self._carry_out()
+        return False
 
     # -- carrying out the core's decisions ------------------------------------------
 
@@ -288,6 +304,8 @@ class Session:
             except ConnectionClosed:
                 self._peer_closed = True
                 return
+            except FrameRefused:
+                return  # the core decided to close: _carry_out() has cancelled us
             request = core.on_frame(data, trio.current_time(), int(time.time() * 1000))
             if request is not None:
                 self._produce(request)

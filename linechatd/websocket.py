@@ -21,6 +21,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -56,9 +57,14 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 # accept() failures that mean "no room now", not "the listener is broken".
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_RETRY_S = 0.1
+DEFAULT_PARTIAL_MESSAGE_TIMEOUT_S = 10.0
 # The upgrade request's line and headers together; more is refused (431).
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class FrameRefused(Exception):
+    """The connection's ``frame_hook`` refused a frame: its owner closes it (1008)."""
 
 
 class ConnectionClosed(Exception):
@@ -74,9 +80,13 @@ class Connection:
     """An accepted WebSocket: text frames in and out, and a close with a code."""
 
     __slots__ = (
+        "frame_hook",
         "_stream",
         "_ws",
         "_max_bytes",
+        "_partial_timeout_s",
+        "_partial_deadline",
+        "_fresh_read",
         "_events",
         "_parts",
         "_part_bytes",
@@ -91,10 +101,21 @@ class Connection:
         "_closed_reason",
     )
 
-    def __init__(self, stream: trio.abc.Stream, ws: _WsConnection, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws: _WsConnection,
+        max_message_bytes: int,
+        partial_message_timeout_s: float = DEFAULT_PARTIAL_MESSAGE_TIMEOUT_S,
+    ) -> None:
+        # Called for every frame received, before it is looked at: False refuses it.
+        self.frame_hook: Callable[[], bool] | None = None
         self._stream = stream
         self._ws = ws
         self._max_bytes = max_message_bytes
+        self._partial_timeout_s = partial_message_timeout_s
+        self._partial_deadline = math.inf
+        self._fresh_read = False
         # Events parsed but not yet handed out (several frames can arrive in one read).
         self._events: Iterator[Event] | None = None
         # A fragmented message so far, and its size in bytes.
@@ -114,6 +135,15 @@ class Connection:
     # -- receiving -----------------------------------------------------------
 
     async def receive(self) -> str | bytes:
+        """The next text (str) or binary (bytes) message; pings are answered here.
+
+        Every frame, control frames included, is first shown to ``frame_hook``
+        (if set) before anything else is done with it: when the hook says
+        False, the rest of what was read is dropped unexamined and
+        :class:`FrameRefused` is raised (the owner closes the connection). A
+        message that is not the first of its read follows a checkpoint, so a
+        read full of tiny frames cannot keep other tasks waiting.
+        """
         ws = self._ws
         while True:
             if self._closed_code is not None or self._local_close_code is not None:
@@ -121,6 +151,10 @@ class Connection:
             events = self._events
             if events is not None:
                 for event in events:
+                    hook = self.frame_hook
+                    if hook is not None and not hook():
+                        self._events = None
+                        raise FrameRefused
                     if type(event) is TextMessage or type(event) is BytesMessage:
                         message = self._message(event)  # type: ignore[arg-type]
                         if message is None:
@@ -130,6 +164,10 @@ class Connection:
                                 CLOSE_TOO_BIG, f"message larger than {self._max_bytes} bytes"
                             )
                             raise ConnectionClosed(CLOSE_TOO_BIG, "message too big")
+                        if self._fresh_read:
+                            self._fresh_read = False
+                        else:
+                            await trio.lowlevel.checkpoint()
                         return message  # type: ignore[return-value]
                     if isinstance(event, Ping):
                         await self._write(ws.send(event.response()))
@@ -149,6 +187,8 @@ class Connection:
             size = len(data)
         if event.message_finished and not self._parts:
             return data if size <= self._max_bytes else _TOO_BIG
+        if not self._parts:
+            self._partial_deadline = trio.current_time() + self._partial_timeout_s
         self._part_bytes += size
         if self._part_bytes > self._max_bytes:
             self._parts.clear()
@@ -160,16 +200,27 @@ class Connection:
         return "".join(parts) if type(data) is str else b"".join(parts)  # type: ignore[arg-type]
 
     async def _read(self) -> None:
-        """One read from the stream into wsproto; a dead stream becomes a close event."""
+        """One read from the stream into wsproto; a dead stream becomes a close event.
+
+        While a fragmented message is incomplete the read waits until its
+        deadline at most; past it the connection is failed (1008).
+        """
+        data: bytes | bytearray = b""
         self._reading = True
         try:
-            data = await self._stream.receive_some(RECEIVE_BYTES)
+            with trio.move_on_at(self._partial_deadline if self._parts else math.inf) as late:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
         except _STREAM_ERRORS:
             data = b""
         finally:
             self._reading = False
+        if late.cancelled_caught:
+            self._parts.clear()
+            await self._fail(CLOSE_POLICY, "fragmented message not completed in time")
+            raise ConnectionClosed(CLOSE_POLICY, "fragmented message not completed in time")
         self._ws.receive_data(bytes(data) if data else None)
         self._events = self._ws.events()
+        self._fresh_read = True
 
     async def _on_close(self, event: CloseConnection) -> None:
         state = self._ws.state
@@ -380,6 +431,7 @@ class Handshake:
         "_http",
         "_key",
         "_max_bytes",
+        "_partial_timeout_s",
         "_detached",
         "_answered",
         "connection",
@@ -397,11 +449,13 @@ class Handshake:
         key: bytes,
         remote: str,
         max_message_bytes: int,
+        partial_message_timeout_s: float = DEFAULT_PARTIAL_MESSAGE_TIMEOUT_S,
     ) -> None:
         self._stream = stream
         self._http = http
         self._key = key
         self._max_bytes = max_message_bytes
+        self._partial_timeout_s = partial_message_timeout_s
         self._detached = False
         self._answered = False
         self.connection: Connection | None = None
@@ -438,7 +492,7 @@ class Handshake:
         # (public: ``trailing_data``), and go to wsproto before anything read later.
         trailing, _closed = self._http.trailing_data
         ws = _WsConnection(ConnectionType.SERVER, extensions=None, trailing_data=trailing)
-        conn = Connection(self._stream, ws, self._max_bytes)
+        conn = Connection(self._stream, ws, self._max_bytes, self._partial_timeout_s)
         self.connection = conn
         if trailing:
             conn._events = ws.events()
@@ -554,7 +608,7 @@ def redact_query(query: str, limit: int = 512) -> str:
 
 
 async def _read_request(
-    stream: trio.abc.Stream, remote: str, max_message_bytes: int
+    stream: trio.abc.Stream, remote: str, max_message_bytes: int, partial_message_timeout_s: float
 ) -> Handshake | None:
     """The upgrade request (parsed by h11), or None once a bad one was answered or the peer left."""
     if isinstance(stream, trio.SSLStream):
@@ -582,7 +636,9 @@ async def _read_request(
             # The whole request is in (h11 pauses at a protocol switch); what
             # follows belongs to the WebSocket.
             key = next(bytes(v) for k, v in request.headers if k == b"sec-websocket-key")
-            return Handshake(stream, http, request, key, remote, max_message_bytes)
+            return Handshake(
+                stream, http, request, key, remote, max_message_bytes, partial_message_timeout_s
+            )
         elif isinstance(event, h11.ConnectionClosed):
             return None
         elif isinstance(event, h11.Data):
@@ -599,6 +655,7 @@ async def serve(
     ssl_context: ssl.SSLContext | None,
     max_message_bytes: int,
     handshake_timeout_s: float,
+    partial_message_timeout_s: float = DEFAULT_PARTIAL_MESSAGE_TIMEOUT_S,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen until cancelled; ``task_status.started(port)`` once bound.
@@ -617,7 +674,9 @@ async def serve(
             remote = _remote_address(tcp)
             with trio.move_on_after(handshake_timeout_s):
                 try:
-                    hs = await _read_request(stream, remote, max_message_bytes)
+                    hs = await _read_request(
+                        stream, remote, max_message_bytes, partial_message_timeout_s
+                    )
                 except _STREAM_ERRORS:
                     pass
             if hs is None:

@@ -1180,3 +1180,144 @@ if __name__ == "__main__":
     # The flooding client of the rate-limit test, run as its own process.
     _, port_arg, uid_arg, to_arg, flooders_arg = sys.argv
     trio.run(flood_main, int(port_arg), uid_arg, to_arg, int(flooders_arg))
+
+
+# --- frame budget, per-uid limits, silence (CONTRACT.md §5) ------------------------------
+
+
+def masked_control_frame(opcode: int, payload: bytes = b"") -> bytes:
+    mask = secrets.token_bytes(4)
+    return (
+        bytes([0x80 | opcode, 0x80 | len(payload)])
+        + mask
+        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    )
+
+
+async def flood_and_count_pongs(port: int, uid: str, blob: bytes) -> tuple[int, int | None]:
+    """Send ``blob`` on a fresh socket; (JSON pongs and WebSocket pongs received, close code)."""
+    answers = 0
+    code: int | None = None
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(upgrade_request(port, f"/ws?uid={uid}"))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(4096)
+            assert data.startswith(b"HTTP/1.1 101"), data[:100]
+            data = data.partition(b"\r\n\r\n")[2]
+            try:
+                await stream.send_all(blob)
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+    # Unmasked server frames: count text pongs and control pongs, find the close.
+    while len(data) >= 2:
+        opcode, length = data[0] & 0x0F, data[1] & 0x7F
+        start = 2
+        if length == 126:
+            length, start = int.from_bytes(data[2:4], "big"), 4
+        payload, data = data[start : start + length], data[start + length :]
+        if opcode == 0x1 and b'"pong"' in payload:
+            answers += 1
+        elif opcode == 0xA:
+            answers += 1
+        elif opcode == 0x8 and len(payload) >= 2:
+            code = int.from_bytes(payload[:2], "big")
+    return answers, code
+
+
+async def test_a_frame_flood_is_closed_with_1008_within_its_budget(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
+) -> None:
+    # 20 frames/s, bursts of 40: JSON pings and WebSocket pings count alike.
+    sections = {"limits": {"max_frames_per_s": 20.0}}
+    async with one_gateway(tmp_path, zookeeper_hosts, kafka_bootstrap, sections) as gw:
+        port = int(gw.ws_url.rsplit(":", 1)[1].split("/")[0])
+        json_pings = b"".join(masked_text_frame('{"type":"ping"}') for _ in range(1000))
+        answered, code = await flood_and_count_pongs(port, "flood1", json_pings)
+        assert code == CloseCode.POLICY
+        # The burst (40), plus whatever refilled while the frames were read.
+        assert 40 <= answered <= 60, answered
+        control_pings = b"".join(masked_control_frame(0x9, b"p") for _ in range(1000))
+        answered, code = await flood_and_count_pongs(port, "flood2", control_pings)
+        assert code == CloseCode.POLICY
+        assert 40 <= answered <= 60, answered
+        # A client at its send rate never meets the budget.
+        async with ws_open(ws_url(gw, "calm")) as ws:
+            for i in range(30):
+                await ws.send_message(json.dumps({"type": "ping"}))
+                await next_frame(ws, "pong")
+                if i % 10 == 9:
+                    await trio.sleep(1.0)  # noqa: ASYNC251 - pacing the client, not synchronising
+
+
+async def test_the_send_rate_is_per_uid_across_devices_and_reconnects(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
+) -> None:
+    sections = {"limits": {"sends_per_second": 0.5, "send_burst": 4}}
+    sender, recipient = uids_in_one_partition(2, "perid")
+    async with one_gateway(tmp_path, zookeeper_hosts, kafka_bootstrap, sections) as gw:
+        answers: list[str] = []
+        for round_ in range(3):  # a fresh socket each time: reconnecting buys nothing
+            device = f"d{round_ % 2}"
+            async with ws_open(ws_url(gw, sender, device=device)) as ws:
+                for i in range(2):
+                    await ws.send_message(send_frame(f"r{round_}-{i}", recipient))
+                    answers.append((await next_frame_of(ws, {"ack", "error"}))["type"])
+        # 4 in the burst, then refused (at most one token refilled meanwhile).
+        assert answers[:4] == ["ack"] * 4, answers
+        assert answers[4:].count("error") >= 1, answers
+
+
+async def test_parallel_handshakes_of_one_uid_cannot_exceed_its_devices(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
+) -> None:
+    sections = {"limits": {"max_devices_per_uid": 2}}
+    async with one_gateway(tmp_path, zookeeper_hosts, kafka_bootstrap, sections) as gw:
+        port = int(gw.ws_url.rsplit(":", 1)[1].split("/")[0])
+        statuses: list[int] = []
+        streams: list[trio.SocketStream] = []
+
+        async def handshake(n: int) -> None:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            streams.append(stream)
+            await stream.send_all(upgrade_request(port, f"/ws?uid=many&device=d{n}"))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+            statuses.append(int(data.split(b" ", 2)[1]))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for n in range(12):
+                    nursery.start_soon(handshake, n)
+        for stream in streams:
+            await stream.aclose()
+        assert sorted(statuses).count(101) == 2, statuses
+        assert statuses.count(429) == 10, statuses
+
+
+async def test_a_silent_connection_is_closed_and_a_half_sent_message_times_out(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
+) -> None:
+    sections = {"limits": {"idle_timeout_s": 2.0, "partial_message_timeout_s": 1.0}}
+    async with one_gateway(tmp_path, zookeeper_hosts, kafka_bootstrap, sections) as gw:
+        async with ws_open(ws_url(gw, "quiet")) as ws:
+            assert await close_code(ws, timeout_s=20) == CloseCode.NORMAL
+        port = int(gw.ws_url.rsplit(":", 1)[1].split("/")[0])
+        # The first fragment of a text message (FIN clear), and never the rest.
+        payload = b'{"type":"ping"'
+        mask = secrets.token_bytes(4)
+        fragment = (
+            bytes([0x01, 0x80 | len(payload)])
+            + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        )
+        answered, code = await flood_and_count_pongs(port, "halfway", fragment)
+        assert (answered, code) == (0, CloseCode.POLICY)

@@ -47,6 +47,7 @@ def new_core(
         partitions=PARTITIONS,
         limits=CoreLimits(outbox_frames=outbox_frames, bad_frames_per_minute=bad_frames),
         send_bucket=TokenBucket(rate, burst, 0.0),
+        now=0.0,
     )
     core.start(live_from)
     return core
@@ -122,6 +123,7 @@ def test_the_outbox_is_bounded_in_characters_too() -> None:
         partitions=PARTITIONS,
         limits=CoreLimits(outbox_frames=1000, bad_frames_per_minute=10, outbox_bytes=100),
         send_bucket=TokenBucket(100, 200, 0.0),
+        now=0.0,
     )
     core.start(0)
     core.offer(None, "x" * 200)  # one big frame alone always fits
@@ -180,6 +182,7 @@ def test_reading_stops_at_the_in_flight_bound() -> None:
         partitions=PARTITIONS,
         limits=CoreLimits(outbox_frames=100, bad_frames_per_minute=10, max_in_flight=2),
         send_bucket=TokenBucket(100, 200, 0.0),
+        now=0.0,
     )
     core.start(0)
     reports = []
@@ -223,6 +226,65 @@ def test_bad_frames_are_answered_and_too_many_close_with_1008() -> None:
     for t in (0.0, 1.0, 61.5, 62.0):
         core.on_frame("{", t, WALL_MS)
     assert core.closing is None
+
+
+def test_the_frame_budget_allows_bursts_of_twice_the_rate_then_closes_with_1008() -> None:
+    core = SessionCore(
+        uid="alice",
+        device="d1",
+        resume=None,
+        partitions=PARTITIONS,
+        limits=CoreLimits(outbox_frames=100, bad_frames_per_minute=10, max_frames_per_s=10),
+        send_bucket=TokenBucket(100, 200, 0.0),
+        now=0.0,
+    )
+    core.start(0)
+    assert all(core.frame_arrived(0.0) for _ in range(20)), "a burst of twice the rate"
+    assert core.frame_arrived(0.1), "one more after a tenth of a second at 10/s"
+    assert not core.frame_arrived(0.1)
+    assert core.closing is not None and core.closing.code == CloseCode.POLICY
+    assert not core.frame_arrived(5.0), "a closing session reads nothing more"
+
+
+def test_a_client_at_its_send_rate_never_meets_the_frame_budget() -> None:
+    # Defaults: 100 sends/s (burst 200) against 200 frames/s (burst 400).
+    core = SessionCore(
+        uid="alice",
+        device="d1",
+        resume=None,
+        partitions=PARTITIONS,
+        limits=CoreLimits(outbox_frames=10_000, bad_frames_per_minute=10),
+        send_bucket=TokenBucket(100, 200, 0.0),
+        now=0.0,
+    )
+    core.start(0)
+    t = 0.0
+    for n in range(2000):  # 20 s at 100/s, plus a ping every 10 frames
+        t += 0.01
+        assert core.frame_arrived(t)
+        assert core.on_frame(send(f"m{n}"), t, WALL_MS) is not None
+        if n % 10 == 0:
+            assert core.frame_arrived(t)
+    assert core.closing is None
+
+
+def test_silence_closes_with_1000_at_the_idle_timeout() -> None:
+    core = SessionCore(
+        uid="alice",
+        device="d1",
+        resume=None,
+        partitions=PARTITIONS,
+        limits=CoreLimits(outbox_frames=100, bad_frames_per_minute=10, idle_timeout_s=60),
+        send_bucket=TokenBucket(100, 200, 0.0),
+        now=0.0,
+    )
+    core.start(0)
+    assert core.idle_deadline == 60.0
+    core.frame_arrived(30.0)
+    core.check_idle(89.0)
+    assert core.closing is None
+    core.check_idle(90.0)
+    assert core.closing is not None and core.closing.code == CloseCode.NORMAL
 
 
 def test_pings_are_answered_with_pongs() -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from linechatd.protocol import (
     MAX_JSON_DEPTH,
+    MAX_JSON_MEMBERS,
     MAX_QUERY_CHARS,
     MAX_RECORD_BYTES,
     RECORD_VERSION,
@@ -263,6 +264,21 @@ def test_brackets_inside_strings_do_not_count() -> None:
     body = "[{" * 200 + '\\"' + "]}" * 10
     frame = '{"type":"send","id":"m","to":"bob","body":"' + body + '"}'
     assert decode_client_frame(frame).body == body.replace('\\"', '"')  # type: ignore[union-attr]
+
+
+def test_members_are_capped_before_parsing() -> None:
+    ok = send_frame(id="m", to="bob", body=[1] * (MAX_JSON_MEMBERS - 10))
+    assert isinstance(decode_client_frame(ok), Send)
+    err = remote_error(send_frame(id="m", to="bob", body=[1] * (MAX_JSON_MEMBERS + 10)))
+    assert err.code == "bad_frame" and f"more than {MAX_JSON_MEMBERS} members" in err.message
+    err = remote_error(send_frame(id="m", to="bob", body={f"k{n}": n for n in range(5000)}))
+    assert err.code == "bad_frame"
+
+
+def test_commas_inside_strings_are_not_members() -> None:
+    text = "," * 20_000
+    frame = send_frame(id="m", to="bob", body=text)
+    assert decode_client_frame(frame).body == text  # type: ignore[union-attr]
 
 
 def test_many_flat_containers_are_fine() -> None:

@@ -20,6 +20,7 @@ from linechatd.config import parse_config
 from linechatd.kafka import DeliveryReceipt
 from linechatd.metrics import Metrics
 from linechatd.protocol import CloseCode, HandshakeParams
+from linechatd.ratelimit import TokenBucket
 from linechatd.session import Session
 from linechatd.websocket import ConnectionClosed
 
@@ -35,6 +36,7 @@ class FakeConnection:
     """The parts of websocket.Connection a session uses; ``stalled`` makes sends block."""
 
     def __init__(self) -> None:
+        self.frame_hook: Any = None
         self.sent: list[dict[str, Any]] = []
         self.stalled = False
         self.closed: tuple[int, str] | None = None
@@ -128,6 +130,7 @@ def make_session(
         identity=Identity("alice", expires_at),
         partition=3,
         ctx=ctx,  # type: ignore[arg-type]
+        send_bucket=TokenBucket(100, 200, trio.current_time()),
     )
     session.join(0)
     return session, producer
