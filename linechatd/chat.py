@@ -20,7 +20,7 @@ from typing import TextIO
 
 import trio
 
-from .client import ChatClient, ClientError, Message, SendFailed, State
+from .client import ChatClient, ClientError, GroupAck, Message, SendFailed, State
 from .protocol import is_valid_uid
 
 # The first instance of `linechatd dev` (its default --base-port).
@@ -34,7 +34,8 @@ def run(http_url: str, uid: str, to: str) -> int:
     0 after end of input or Ctrl-C, 1 when the gateway refuses us for good
     (bad uid, bad token, closed for abuse), 2 for an invalid uid argument.
     """
-    for name, value in (("uid", uid), ("to", to)):
+    recipients = [r for r in to.replace(",", " ").split() if r]
+    for name, value in (("uid", uid), *(("to", r) for r in recipients or [to])):
         if not is_valid_uid(value):
             print(
                 f"linechatd chat: --{name} must be 1-128 characters of [A-Za-z0-9_.:@-], "
@@ -43,20 +44,27 @@ def run(http_url: str, uid: str, to: str) -> int:
             )
             return 2
     try:
-        return trio.run(chat, http_url, uid, to, sys.stdin, sys.stdout, sys.stderr)
+        target: str | list[str] = recipients[0] if len(recipients) == 1 else recipients
+        return trio.run(chat, http_url, uid, target, sys.stdin, sys.stdout, sys.stderr)
     except KeyboardInterrupt:
         print("\n* bye", file=sys.stderr, flush=True)
         return 0
 
 
 async def chat(
-    http_url: str, uid: str, to: str, stdin: TextIO, stdout: TextIO, stderr: TextIO
+    http_url: str,
+    uid: str,
+    to: str | list[str],
+    stdin: TextIO,
+    stdout: TextIO,
+    stderr: TextIO,
 ) -> int:
     def status(text: str) -> None:
         print(f"* {text}", file=stderr, flush=True)
 
     client = ChatClient(http_url, uid)
-    status(f"{uid} chatting with {to} via {http_url} (end of input or Ctrl-C to quit)")
+    peers = to if isinstance(to, str) else ", ".join(to)
+    status(f"{uid} chatting with {peers} via {http_url} (end of input or Ctrl-C to quit)")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_quit_on_interrupt, nursery.cancel_scope)
         nursery.start_soon(_show_connection, client, status)
@@ -90,7 +98,7 @@ async def _run_client(client: ChatClient, scope: trio.CancelScope) -> None:
 
 
 async def _send_lines(
-    client: ChatClient, to: str, stdin: TextIO, status: Callable[[str], None]
+    client: ChatClient, to: str | list[str], stdin: TextIO, status: Callable[[str], None]
 ) -> None:
     while True:
         # A thread, because terminal input is not reliably pollable; it is
@@ -109,12 +117,17 @@ async def _send_lines(
         except trio.TooSlowError:
             status(f"not confirmed within {timeout:g}s: {text!r}")
         else:
-            status(f"sent (offset {ack.offset})")
+            if isinstance(ack, GroupAck):
+                where = ", ".join(f"{a.partition}/{a.offset}" for a in ack.acks)
+                status(f"sent to {len(to)} (partition/offset {where})")
+            else:
+                status(f"sent (offset {ack.offset})")
 
 
 async def _show_messages(client: ChatClient, stdout: TextIO) -> None:
     async for message in client.messages():
-        print(f"[offset {message.offset}] {message.from_uid}: {_text(message)}", file=stdout)
+        group = f" (to {', '.join(message.recipients)})" if message.recipients else ""
+        print(f"[offset {message.offset}] {message.from_uid}{group}: {_text(message)}", file=stdout)
         stdout.flush()
 
 
@@ -155,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m linechatd.chat``: the same as ``linechatd chat``."""
     parser = argparse.ArgumentParser(prog="linechatd chat", description=__doc__.splitlines()[0])
     parser.add_argument("--uid", required=True, help="who you are")
-    parser.add_argument("--to", required=True, help="who you write to")
+    parser.add_argument(
+        "--to", required=True, help="who you write to (several: a comma-separated list)"
+    )
     parser.add_argument(
         "--http",
         default=DEFAULT_HTTP_URL,

@@ -75,6 +75,36 @@ def _drain(args: argparse.Namespace) -> int:
     return drain_command(hosts, cluster, args.instance, token_file=token_file, as_json=args.json)
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from .publisher import publish_command
+
+    url, key_file = args.url, args.key_file
+    if args.config:
+        from .config import ConfigError, load_config
+
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            raise SystemExit(f"{args.config}: invalid configuration:\n{exc}") from None
+        url = url or config.http.advertise
+        key_file = key_file or config.server_api.key_file
+    if not url or not key_file:
+        raise SystemExit(
+            "linechatd publish: give --config PATH (with [server_api] key_file), "
+            "or --url and --key-file"
+        )
+    to = [uid for uid in args.to.replace(",", " ").split() if uid]
+    return publish_command(
+        url=url,
+        key_file=Path(key_file),
+        to=to,
+        body=args.body,
+        msg_id=args.id,
+        from_name=args.sender,
+        as_json=args.json,
+    )
+
+
 def _chat(args: argparse.Namespace) -> int:
     from . import chat
 
@@ -134,9 +164,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drain.set_defaults(func=_drain)
 
+    publish = sub.add_parser(
+        "publish",
+        help="publish a message to users through the server API (exit 0 stored, 1 retry, 2 refused)",
+    )
+    publish.add_argument("--to", required=True, help="recipients, comma-separated (up to 1,000)")
+    publish.add_argument(
+        "--body", required=True, help='the message body, JSON (e.g. \'{"text": "hi"}\')'
+    )
+    publish.add_argument("--id", help="message id (default: random); reuse it to retry")
+    publish.add_argument("--from", dest="sender", help='the sender name shown (default "server")')
+    publish.add_argument("--config", metavar="PATH", help="an instance's TOML file (url and key)")
+    publish.add_argument("--url", help="an instance's HTTP url (default: from --config)")
+    publish.add_argument("--key-file", help="the server key file (default: from --config)")
+    publish.add_argument("--json", action="store_true", help="machine-readable output")
+    publish.set_defaults(func=_publish)
+
     chat = sub.add_parser("chat", help="a terminal chat for trying the system by hand")
     chat.add_argument("--uid", required=True, help="who you are")
-    chat.add_argument("--to", required=True, help="who you write to")
+    chat.add_argument(
+        "--to", required=True, help="who you write to (several: a comma-separated list)"
+    )
     chat.add_argument(
         "--http",
         default="http://127.0.0.1:7110",

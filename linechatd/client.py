@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 from urllib.parse import urlencode, urlsplit
 
 import h11
@@ -34,19 +34,23 @@ import trio_websocket
 from trio_util import AsyncValue
 
 from .protocol import (
+    DEFAULT_MAX_RECIPIENTS,
     Ack,
     CloseCode,
     ErrorFrame,
+    GroupAck,
     Message,
     RemoteProtocolError,
     Welcome,
     decode_server_frame,
     encode_ping,
     encode_send,
+    recipients_problem,
 )
 
 __all__ = [
     "Ack",
+    "GroupAck",
     "ChatClient",
     "ClientError",
     "Message",
@@ -95,10 +99,10 @@ class State(enum.Enum):
 class _Pending:
     """A send waiting for its ack; transmitted once per connection."""
 
-    to: str
+    to: str | tuple[str, ...]
     body: Any
     done: trio.Event = field(default_factory=trio.Event)
-    outcome: Ack | SendFailed | ClientError | None = None
+    outcome: Ack | GroupAck | SendFailed | ClientError | None = None
     sent_on: int = -1  # the connection number it was last transmitted on
 
 
@@ -259,6 +263,7 @@ class ChatClient:
         message_buffer: int = 10_000,
         discover: bool = True,
         ping_interval_s: float = 30.0,
+        max_recipients: int = DEFAULT_MAX_RECIPIENTS,
     ) -> None:
         urls = [http_url] if isinstance(http_url, str) else list(http_url)
         if not urls:
@@ -280,6 +285,8 @@ class ChatClient:
         self.duplicates_dropped = 0
         self.last_close: tuple[int | None, str | None] | None = None  # (code, reason)
         self.fatal: Exception | None = None
+        # A group send's list is checked against this before it goes out.
+        self.max_recipients = max_recipients
         # Well inside the gateway's default idle timeout (120 s); 0: no pings.
         self._ping_interval_s = ping_interval_s
         self._initial_backoff_s = initial_backoff_s
@@ -306,17 +313,34 @@ class ChatClient:
 
     # -- public API -------------------------------------------------------------
 
+    @overload
     async def send(
         self, to: str, body: Any, *, id: str | None = None, timeout_s: float = 30.0
-    ) -> Ack:
-        """Send and wait for the ack.
+    ) -> Ack: ...
 
-        Resent with the same id after a reconnect or an ``unavailable`` error,
-        until ``timeout_s`` (trio.TooSlowError). Raises SendFailed when the
-        gateway refuses the message, ClientError when the client has stopped.
+    @overload
+    async def send(
+        self, to: Sequence[str], body: Any, *, id: str | None = None, timeout_s: float = 30.0
+    ) -> GroupAck: ...
+
+    async def send(
+        self, to: str | Sequence[str], body: Any, *, id: str | None = None, timeout_s: float = 30.0
+    ) -> Ack | GroupAck:
+        """Send to one uid (an :class:`Ack`) or to a list of them (a :class:`GroupAck`).
+
+        Waits for the ack. Resent with the same id (and list) after a reconnect
+        or an ``unavailable`` error, until ``timeout_s`` (trio.TooSlowError).
+        Raises SendFailed when the gateway refuses the message (a bad
+        recipient list is refused here first, with code ``bad_recipient``),
+        ClientError when the client has stopped.
         """
         if self.state.value is State.CLOSED:
             raise ClientError(f"client is closed: {self.fatal or 'stopped'}")
+        if not isinstance(to, str):
+            to = tuple(to)
+            problem = recipients_problem(to, self.max_recipients)
+            if problem is not None:
+                raise SendFailed("bad_recipient", problem)
         msg_id = id or f"{self.device}-{next(self._ids)}"
         if msg_id in self._pending:
             raise ValueError(f"a send with id {msg_id!r} is already waiting for its ack")
@@ -337,7 +361,7 @@ class ChatClient:
                     break
         finally:
             self._pending.pop(msg_id, None)
-        if isinstance(result, Ack):
+        if isinstance(result, Ack | GroupAck):
             return result
         assert result is not None
         raise result
@@ -570,13 +594,13 @@ class ChatClient:
             return
         if isinstance(frame, Message):
             await self._on_message(frame)
-        elif isinstance(frame, Ack):
+        elif isinstance(frame, Ack | GroupAck):
             self._resolve(frame.id, frame)
         elif isinstance(frame, ErrorFrame) and frame.id is not None:
             self._resolve(frame.id, SendFailed(frame.code, frame.message))
         # pong and unknown future frame types are ignored
 
-    def _resolve(self, msg_id: str, result: Ack | SendFailed) -> None:
+    def _resolve(self, msg_id: str, result: Ack | GroupAck | SendFailed) -> None:
         entry = self._pending.get(msg_id)
         if entry is not None and not entry.done.is_set():
             entry.outcome = result

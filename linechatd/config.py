@@ -37,6 +37,7 @@ __all__ = [
     "LogConfig",
     "PartitionsConfig",
     "ReplayConfig",
+    "ServerApiConfig",
     "ShutdownConfig",
     "WebSocketConfig",
     "ZooKeeperConfig",
@@ -439,6 +440,8 @@ class LimitsConfig:
     max_frames_per_s: float = _setting(200.0, _number(1, 100000))
     # A connection that sends nothing (not even a ping) this long is closed; 0: never.
     idle_timeout_s: float = _setting(120.0, _number(0, 86400))
+    # Distinct recipients of one group send (CONTRACT.md §5).
+    max_recipients: int = _setting(100, _integer(1, 1000))
     # A fragmented message must be complete within this many seconds of its first part.
     partial_message_timeout_s: float = _setting(10.0, _number(0, 300, above=True))
 
@@ -461,6 +464,13 @@ class ReplayConfig:
 class ShutdownConfig:
     grace_period_s: float = _setting(30.0, _number(0, 3600))
     drain_stagger_s: float = _setting(0.5, _number(0, 60))
+
+
+@dataclass(frozen=True)
+class ServerApiConfig:
+    # The server API's key: one line of at least 32 printable ASCII characters.
+    # Not set: every server API path answers 404.
+    key_file: Path | None = _setting(None, _readable_file)
 
 
 @dataclass(frozen=True)
@@ -545,6 +555,7 @@ class Config:
     partitions: PartitionsConfig = _section(PartitionsConfig)
     replay: ReplayConfig = _section(ReplayConfig)
     shutdown: ShutdownConfig = _section(ShutdownConfig)
+    server_api: ServerApiConfig = _section(ServerApiConfig)
     log: LogConfig = _section(LogConfig)
 
     def value(self, dotted_key: str) -> Any:

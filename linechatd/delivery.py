@@ -46,21 +46,27 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .hashing import partition_for
 from .protocol import (
     BAD_FRAME,
+    DEFAULT_MAX_RECIPIENTS,
+    GROUP_RECORD_KEY,
     MAX_RECORD_BYTES,
     ChatRecord,
     CloseCode,
+    GroupRecord,
+    GroupSend,
     Ping,
     RemoteProtocolError,
     Send,
     decode_client_frame,
     encode_ack,
     encode_error,
+    encode_group_ack,
     encode_pong,
     encode_record,
 )
@@ -73,9 +79,11 @@ __all__ = [
     "CoreCounts",
     "CoreLimits",
     "ProduceRequest",
+    "RecordOut",
     "Report",
     "SessionCore",
     "SessionPhase",
+    "records_for",
 ]
 
 # Sends waiting for their delivery report, per session: past this the shell
@@ -113,18 +121,67 @@ class CoreLimits:
     max_record_bytes: int = MAX_RECORD_BYTES
     # Frames of any kind per second, bursts of twice as many (CONTRACT.md §5).
     max_frames_per_s: float = 200.0
+    # Recipients of one group send.
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS
     # Silence after which the session closes; 0: never.
     idle_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
-class ProduceRequest:
-    """A record the shell must hand to the broker, then report back with :meth:`SessionCore.produced`."""
+class RecordOut:
+    """One record to produce: its partition, Kafka key and value, and whom it is for."""
 
-    msg_id: str
     partition: int
     key: bytes
     value: bytes
+    to: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProduceRequest:
+    """What the shell must hand to the broker for one send, then report back with
+    :meth:`SessionCore.produced`: one record, or one per recipient partition of a
+    group send (answered with one ack naming each)."""
+
+    msg_id: str
+    records: tuple[RecordOut, ...]
+    group: bool
+
+
+def records_for(
+    *,
+    from_uid: str,
+    from_device: str,
+    msg_id: str,
+    to: Sequence[str],
+    body: Any,
+    ts: int,
+    partitions: int,
+    recipients: tuple[str, ...] | None,
+    max_bytes: int = MAX_RECORD_BYTES,
+) -> tuple[RecordOut, ...]:
+    """One version 2 record per partition of ``to``, in the order the partitions first appear.
+
+    Raises RemoteProtocolError (``bad_frame``) when a record would be too large.
+    """
+    by_partition: dict[int, list[str]] = {}
+    for uid in to:
+        by_partition.setdefault(partition_for(uid, partitions), []).append(uid)
+    out = []
+    for k, uids in by_partition.items():
+        record = GroupRecord(
+            from_uid=from_uid,
+            from_device=from_device,
+            to=tuple(uids),
+            id=msg_id,
+            body=body,
+            ts=ts,
+            recipients=recipients,
+        )
+        out.append(
+            RecordOut(k, GROUP_RECORD_KEY, encode_record(record, max_bytes=max_bytes), record.to)
+        )
+    return tuple(out)
 
 
 class Report(Protocol):
@@ -216,8 +273,8 @@ class SessionCore:
         self._last_replayed = -1 if resume is None else resume
         self._outbox: deque[_Outgoing] = deque()
         self._outbox_bytes = 0
-        # Sends produced and not yet answered, in send order.
-        self._in_flight: deque[tuple[ProduceRequest, Report]] = deque()
+        # Sends produced and not yet answered, in send order (a report per record).
+        self._in_flight: deque[tuple[ProduceRequest, Sequence[Report]]] = deque()
 
     def __repr__(self) -> str:
         return f"<SessionCore uid={self.uid} device={self.device} {self.phase.value}>"
@@ -320,46 +377,53 @@ class SessionCore:
             self._reject(None, BAD_FRAME, "binary frames are not accepted; send JSON text", now)
             return None
         try:
-            frame = decode_client_frame(data)
+            frame = decode_client_frame(data, max_recipients=self._limits.max_recipients)
         except RemoteProtocolError as exc:
             self._reject(exc.id, exc.code, exc.message, now)
             return None
         if isinstance(frame, Ping):
             self.offer(None, encode_pong())
             return None
-        assert isinstance(frame, Send)
         return self._send(frame, now, wall_ms)
 
-    def _send(self, frame: Send, now: float, wall_ms: int) -> ProduceRequest | None:
+    def _send(self, frame: Send | GroupSend, now: float, wall_ms: int) -> ProduceRequest | None:
         if not self._send_bucket.allow(now):
             self._error(frame.id, "rate_limited", "too many sends; slow down and send again")
             if self._flood_strikes.strike(now):
                 self.close(CloseCode.POLICY, "sustained flooding")
             return None
-        record = ChatRecord(
-            # The sender is who authenticated, never what the frame claims.
-            from_uid=self.uid,
-            from_device=self.device,
-            to=frame.to,
-            id=frame.id,
-            body=frame.body,
-            ts=wall_ms,
-        )
+        max_bytes = self._limits.max_record_bytes
         try:
-            value = encode_record(record, max_bytes=self._limits.max_record_bytes)
+            # The sender is who authenticated, never what the frame claims.
+            if isinstance(frame, GroupSend):
+                records = records_for(
+                    from_uid=self.uid,
+                    from_device=self.device,
+                    msg_id=frame.id,
+                    to=frame.to,
+                    body=frame.body,
+                    ts=wall_ms,
+                    partitions=self._partitions,
+                    recipients=frame.to,
+                    max_bytes=max_bytes,
+                )
+                return ProduceRequest(frame.id, records, group=True)
+            record = ChatRecord(self.uid, self.device, frame.to, frame.id, frame.body, wall_ms)
+            value = encode_record(record, max_bytes=max_bytes)
         except RemoteProtocolError as exc:
             # Too large once stored: the client's mistake, answered like a bad frame.
             self._reject(exc.id, exc.code, exc.message, now)
             return None
+        k = partition_for(frame.to, self._partitions)
         return ProduceRequest(
-            frame.id, partition_for(frame.to, self._partitions), frame.to.encode(), value
+            frame.id, (RecordOut(k, frame.to.encode(), value, (frame.to,)),), group=False
         )
 
     # -- sends and their reports ---------------------------------------------------
 
-    def produced(self, request: ProduceRequest, report: Report) -> None:
-        """The broker has ``request``; ``report`` resolves when it is durable (or not)."""
-        self._in_flight.append((request, report))
+    def produced(self, request: ProduceRequest, reports: Sequence[Report]) -> None:
+        """The broker has ``request``'s records; each report resolves when its record is durable."""
+        self._in_flight.append((request, reports))
 
     def refused(self, request: ProduceRequest, message: str) -> None:
         """The broker would not even take ``request``: answered at once, in its turn."""
@@ -375,16 +439,25 @@ class SessionCore:
         return len(self._in_flight)
 
     def on_report(self) -> None:
-        """Answer every send at the head of the in-flight queue whose report is in."""
+        """Answer every send at the head of the in-flight queue whose reports are all in."""
         in_flight = self._in_flight
-        while in_flight and in_flight[0][1].resolved:
-            request, report = in_flight.popleft()
-            if report.error is not None:
-                # The reason stays in the logs: broker internals are not the client's business.
+        while in_flight and all(report.resolved for report in in_flight[0][1]):
+            request, reports = in_flight.popleft()
+            if any(report.error is not None for report in reports):
+                # Some records may be stored: the client sends again with the same
+                # id and recipients drop the copies. The reason stays in the logs.
                 self._error(request.msg_id, "unavailable", "not acknowledged in time; send again")
+                continue
+            self._counts.acked()
+            if request.group:
+                acks = [
+                    (r.partition, report.offset, r.to)
+                    for r, report in zip(request.records, reports, strict=True)
+                ]
+                self.offer(None, encode_group_ack(request.msg_id, acks))
             else:
-                self._counts.acked()
-                self.offer(None, encode_ack(request.msg_id, request.partition, report.offset))
+                [record], [report] = request.records, reports
+                self.offer(None, encode_ack(request.msg_id, record.partition, report.offset))
 
     # -- closing -------------------------------------------------------------------
 

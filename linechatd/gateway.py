@@ -35,7 +35,7 @@ from typing import Any
 import trio
 from trio_util import AsyncValue
 
-from . import logs, websocket
+from . import logs, serverapi, websocket
 from .admission import ConnectionCounter, Refusal, UpgradeRequest, admit
 from .auth import Authenticator, KeyFileError
 from .balancer import Balancer, drain_stagger
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 KAFKA_CHECK_INTERVAL_S = 5.0
 # Sections a reload applies to the running instance; the rest need a restart.
-LIVE_SECTIONS = ("partitions", "limits", "log", "auth", "replay", "shutdown")
+LIVE_SECTIONS = ("partitions", "limits", "log", "auth", "replay", "shutdown", "server_api")
 
 
 class Gateway:
@@ -121,6 +121,17 @@ class Gateway:
                 instance.request_drain(name)
 
 
+def load_server_key(config: Config) -> bytes | None:
+    """The server API's key, or None when it is off; StartupError names the key if unusable."""
+    path = config.server_api.key_file
+    if path is None:
+        return None
+    try:
+        return serverapi.load_server_key(path)
+    except (OSError, serverapi.ServerKeyError) as exc:
+        raise StartupError(f"server_api.key_file: {exc}") from None
+
+
 def _check_startup(config: Config) -> tuple[Authenticator, ListenerTLS]:
     """Refuse to start insecurely; load keys and certificates before binding anything."""
     problems = auth_exposure_problems(config, config)
@@ -135,6 +146,7 @@ def _check_startup(config: Config) -> tuple[Authenticator, ListenerTLS]:
         tls = ListenerTLS(config)
     except TLSFilesError as exc:
         raise StartupError(str(exc)) from None
+    load_server_key(config)
     return auth, tls
 
 
@@ -251,6 +263,9 @@ class Instance:
         self.supervisor = PartitionSupervisor(ctx)
         self.balancer = Balancer(ctx, self.supervisor)
         self.connections = ConnectionCounter()
+        self.server_api = serverapi.ServerApi(ctx, self.supervisor.runtime)
+        # Checked before anything was started; replaced by a reload.
+        self.server_key = load_server_key(ctx.config.value)
         self.kafka_ok = AsyncValue(True)  # the topics were just checked
         self._drain_requested = trio.Event()
         self._drain_reason = ""
@@ -532,9 +547,16 @@ class Instance:
                     extra={"problem": f"auth.jwt_secret_file: cannot use the key: {exc}"},
                 )
                 return False
+            try:
+                # Read again even when the path is the same: the key may be rotated in place.
+                server_key = load_server_key(applied)
+            except StartupError as exc:
+                log.error("reload_rejected", extra={"problem": str(exc)})
+                return False
             if applied.auth != old.auth:
                 log_auth_warnings(applied)
             ctx.auth.value = auth
+            self.server_key = server_key
             ctx.config.value = applied
             logs.set_level(applied.log.level)
             self.balancer.reconfigure()

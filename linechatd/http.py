@@ -24,6 +24,14 @@ from .hashing import partition_for
 from .metrics import CONTENT_TYPE_LATEST
 from .ownership import partition_view
 from .protocol import is_valid_uid
+from .serverapi import (
+    INTERNAL_HEADER,
+    PublishError,
+    decode_publish,
+    presence_uids,
+    server_key_matches,
+    verify_internal,
+)
 from .static import asset_for
 
 if TYPE_CHECKING:
@@ -33,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_QUERY_BYTES = 4096
+# 1,000 uids of up to 128 characters, each as "uid=...&".
+MAX_PRESENCE_QUERY_BYTES = 1000 * 133
+PUBLISH_ENVELOPE_BYTES = 256 * 1024
 NO_OWNER_RETRY_AFTER_S = 1
 
 Scope = Mapping[str, Any]
@@ -62,6 +73,27 @@ def json_response(
     return Response(status, json.dumps(doc, separators=(",", ":")).encode(), headers=headers)
 
 
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body, or None once it is longer than ``limit`` bytes (the rest unread)."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(parts)  # the client went away
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
 def _is_loopback(client: tuple[str, int] | None) -> bool:
     if not client:
         return False
@@ -88,6 +120,14 @@ class HttpApi:
             ("GET", "/metrics"): self.metrics,
             ("POST", "/admin/drain"): self.admin_drain,
         }
+        # The server API reads the raw query (repeated uids) or a body.
+        self._server_routes: dict[
+            tuple[str, str], Callable[[Scope, Receive, dict[str, str]], Awaitable[Response]]
+        ] = {
+            ("POST", "/api/publish"): self.publish,
+            ("GET", "/api/presence"): self.presence,
+            ("GET", "/internal/presence"): self.internal_presence,
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -101,7 +141,7 @@ class HttpApi:
         if scope["type"] != "http":
             return
         try:
-            response = await self._dispatch(scope)
+            response = await self._dispatch(scope, receive)
         except Exception:
             log.exception("http_internal_error", extra={"path": scope.get("path")})
             response = json_response(500, {"error": "internal"})
@@ -114,8 +154,13 @@ class HttpApi:
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
 
-    async def _dispatch(self, scope: Scope) -> Response:
+    async def _dispatch(self, scope: Scope, receive: Receive) -> Response:
         path, method = scope["path"], scope["method"]
+        server_handler = self._server_routes.get((method, path))
+        if server_handler is not None:
+            return await server_handler(scope, receive, _headers(scope))
+        if any(p == path for _m, p in self._server_routes):
+            return json_response(405, {"error": "method_not_allowed"})
         handler = self._routes.get((method, path))
         if handler is None and method == "GET" and self._ctx.config.value.http.demo_page:
             asset = asset_for(path)
@@ -132,10 +177,7 @@ class HttpApi:
             query = dict(parse_qsl(raw_query.decode("utf-8"), keep_blank_values=True))
         except UnicodeDecodeError:
             return json_response(400, {"error": "bad_request", "message": "query is not UTF-8"})
-        headers = {
-            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
-        }
-        return await handler(scope, query, headers)
+        return await handler(scope, query, _headers(scope))
 
     # -- public ---------------------------------------------------------------
 
@@ -223,6 +265,76 @@ class HttpApi:
         self._instance.request_drain("admin")
         return json_response(202, {"draining": True, "instance": self._ctx.info.instance})
 
+    # -- the server API (CONTRACT.md §6) ---------------------------------------------
+
+    def _server_key(self, headers: dict[str, str]) -> Response | bytes:
+        """The key when the request carries it; else the answer (404 when the API is off)."""
+        key = self._instance.server_key
+        if key is None:
+            return json_response(404, {"error": "disabled"})
+        if not server_key_matches(key, headers.get("authorization")):
+            return json_response(401, {"error": "unauthorized"})
+        return key
+
+    async def publish(self, scope: Scope, receive: Receive, headers: dict[str, str]) -> Response:
+        key = self._server_key(headers)
+        if isinstance(key, Response):
+            return key
+        limit = self._ctx.config.value.limits.max_frame_bytes
+        # The body is at most max_frame_bytes once encoded; the request around
+        # it (up to 1,000 uids, the id, the sender) fits in as much again and 256 KiB.
+        data = await _read_body(receive, 2 * limit + PUBLISH_ENVELOPE_BYTES)
+        if data is None:
+            self._ctx.metrics.publishes.labels("too_large").inc()
+            return json_response(413, {"error": "too_large"})
+        try:
+            request = decode_publish(data, max_body_bytes=limit)
+        except PublishError as exc:
+            self._ctx.metrics.publishes.labels(exc.error).inc()
+            return json_response(exc.status, exc.doc())
+        status, doc, extra = await self._instance.server_api.publish(request)
+        return json_response(status, doc, headers=extra)
+
+    async def presence(self, scope: Scope, receive: Receive, headers: dict[str, str]) -> Response:
+        key = self._server_key(headers)
+        if isinstance(key, Response):
+            return key
+        try:
+            uids = presence_uids(_query_pairs(scope))
+        except ValueError as exc:
+            return json_response(400, {"error": "bad_request", "field": "uid", "message": str(exc)})
+        return json_response(200, await self._instance.server_api.presence(uids, key))
+
+    async def internal_presence(
+        self, scope: Scope, receive: Receive, headers: dict[str, str]
+    ) -> Response:
+        key = self._instance.server_key
+        if key is None:
+            return json_response(404, {"error": "disabled"})
+        target = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
+        if query:
+            target += "?" + query
+        caller = verify_internal(key, headers.get(INTERNAL_HEADER), "GET", target)
+        if caller is None:
+            return json_response(401, {"error": "unauthorized"})
+        try:
+            uids = presence_uids(_query_pairs(scope))
+        except ValueError as exc:
+            return json_response(400, {"error": "bad_request", "field": "uid", "message": str(exc)})
+        found, unknown = self._instance.server_api.local_presence(uids)
+        return json_response(200, {"presence": found, "unknown": unknown})
+
+
+def _query_pairs(scope: Scope) -> list[tuple[str, str]]:
+    raw = scope.get("query_string", b"")
+    if len(raw) > MAX_PRESENCE_QUERY_BYTES:
+        raise ValueError("query string too long")
+    try:
+        return parse_qsl(raw.decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError:
+        raise ValueError("query is not UTF-8") from None
+
 
 class _HypercornConfig(HypercornConfig):
     """Hypercorn's configuration with a TLS context made by the gateway, which
@@ -253,6 +365,7 @@ async def serve_http(
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
-    config.h11_max_incomplete_size = 16 * 1024
+    # A request head: a presence query names up to 1,000 uids in its target.
+    config.h11_max_incomplete_size = MAX_PRESENCE_QUERY_BYTES + 16 * 1024
     config.keep_alive_timeout = 30
     await hypercorn_serve(app, config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]

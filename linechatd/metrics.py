@@ -107,5 +107,33 @@ class Metrics:
             "linechatd_replay_consumers_total", "Kafka consumers opened for replay", registry=r
         )
 
+        self.publishes = Counter(
+            "linechatd_publishes_total",
+            "Server API publish requests, by result",
+            ["result"],
+            registry=r,
+        )
+        self.publish_recipients = Histogram(
+            "linechatd_publish_recipients",
+            "Recipients named by one publish request",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+            registry=r,
+        )
+        self.publish_seconds = Histogram(
+            "linechatd_publish_seconds",
+            "From a publish request's records handed to the broker to all of them durable",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.presence_queries = Counter(
+            "linechatd_presence_queries_total", "Server API presence requests answered", registry=r
+        )
+        self.presence_seconds = Histogram(
+            "linechatd_presence_seconds",
+            "A presence request's fan-out to the partitions' owners, until all answered",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

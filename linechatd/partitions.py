@@ -380,13 +380,18 @@ class PartitionRuntime:
                         extra={"partition": k, "offset": record.offset, "error": str(exc)},
                     )
                     continue
-                devices = self.sessions.get(chat.to)
-                if not devices:
+                delivered = 0
+                for uid in chat.addressees:
+                    devices = self.sessions.get(uid)
+                    if not devices:
+                        continue
+                    frame = encode_message(chat, k, record.offset, uid)
+                    for session in list(devices):
+                        session.offer(record.offset, frame)
+                    delivered += len(devices)
+                if not delivered:
                     continue
-                frame = encode_message(chat, k, record.offset)
-                for session in list(devices):
-                    session.offer(record.offset, frame)
-                metrics.messages_delivered.inc(len(devices))
+                metrics.messages_delivered.inc(delivered)
                 metrics.delivery_latency.observe(max(0.0, now - chat.ts / 1000))
 
     async def _sweep_idle(self) -> None:

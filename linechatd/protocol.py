@@ -27,7 +27,7 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl
@@ -39,6 +39,8 @@ __all__ = [
     "BAD_REQUEST",
     "BAD_RESUME",
     "BAD_UID",
+    "DEFAULT_MAX_RECIPIENTS",
+    "GROUP_RECORD_KEY",
     "MAX_ID_CHARS",
     "MAX_JSON_DEPTH",
     "MAX_JSON_MEMBERS",
@@ -49,6 +51,11 @@ __all__ = [
     "Ack",
     "ChatRecord",
     "CloseCode",
+    "GroupAck",
+    "GroupRecord",
+    "GroupSend",
+    "PartitionAck",
+    "Record",
     "HandshakeError",
     "HandshakeParams",
     "ErrorFrame",
@@ -63,10 +70,13 @@ __all__ = [
     "ServerFrame",
     "Welcome",
     "decode_client_frame",
+    "decode_json",
     "decode_record",
     "decode_server_frame",
     "encode_ack",
     "encode_error",
+    "encode_json",
+    "encode_group_ack",
     "encode_message",
     "encode_pong",
     "encode_record",
@@ -76,6 +86,8 @@ __all__ = [
     "is_valid_uid",
     "new_device_id",
     "parse_handshake_query",
+    "record_key",
+    "recipients_problem",
 ]
 
 # Error codes answered in error frames / handshake rejections.
@@ -94,7 +106,14 @@ MAX_JSON_DEPTH = 64
 # "[1,1,1,..." costs to parse is not.
 MAX_JSON_MEMBERS = 4096
 MAX_QUERY_CHARS = 8192
+# Recipients of one group send (``[limits] max_recipients``), by default.
+DEFAULT_MAX_RECIPIENTS = 100
+# Record versions: 1 names one recipient; 2 names this partition's recipients
+# of a group send or a server publish. Both are read.
 RECORD_VERSION = 1
+GROUP_RECORD_VERSION = 2
+# The Kafka key of a version 2 record (not a uid: those never contain "*").
+GROUP_RECORD_KEY = b"*"
 # Bigger than anything a default-sized frame (64 KiB) can become once re-encoded
 # (number normalisation can grow "1e15" into "1000000000000000.0"), and in line
 # with Kafka's default 1 MB message size. Callers that raise limits.max_frame_bytes
@@ -281,6 +300,29 @@ def _json_reason(exc: ValueError) -> str:
     return "invalid JSON: number too large"
 
 
+def decode_json(data: str | bytes) -> Any:
+    """Parse one JSON document with the rules client frames follow (see the module docstring).
+
+    Raises :class:`RemoteProtocolError` with code ``bad_request``.
+    """
+    if isinstance(data, bytes | bytearray | memoryview):
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError(BAD_REQUEST, "the body is not valid UTF-8") from None
+    else:
+        text = data
+    try:
+        return _loads_strict(text)
+    except ValueError as exc:
+        raise RemoteProtocolError(BAD_REQUEST, _json_reason(exc)) from None
+
+
+def encode_json(value: Any) -> str:
+    """Compact JSON as every frame and record is written; LocalProtocolError if it cannot be."""
+    return _dumps(value)
+
+
 def _dumps(value: Any) -> str:
     try:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -301,11 +343,22 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupSend:
+    """``{"type": "send", "id", "to": [uids], "body"}``: deliver ``body`` to each uid in ``to``."""
+
+    id: str
+    to: tuple[str, ...]  # distinct uids, in the sender's order
+    body: Any
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     """``{"type": "ping"}``: answered with a pong."""
 
 
-def decode_client_frame(data: str | bytes) -> Send | Ping:
+def decode_client_frame(
+    data: str | bytes, *, max_recipients: int = DEFAULT_MAX_RECIPIENTS
+) -> Send | GroupSend | Ping:
     """Decode one client frame.
 
     ``str`` is a text frame's payload; ``bytes`` are accepted as UTF-8 text (the
@@ -360,13 +413,38 @@ def decode_client_frame(data: str | bytes) -> Send | Ping:
     if "to" not in obj:
         raise bad("field 'to' is required")
     to = obj["to"]
+    if isinstance(to, list):
+        problem = recipients_problem(to, max_recipients)
+        if problem is not None:
+            raise bad(problem, BAD_RECIPIENT)
+        if "body" not in obj:
+            raise bad("field 'body' is required")
+        return GroupSend(id=frame_id, to=tuple(to), body=obj["body"])
     if not isinstance(to, str):
-        raise bad("field 'to' must be a string")
+        raise bad("field 'to' must be a uid or a list of uids")
     if not is_valid_uid(to):
         raise bad(f"field 'to' must be a uid: {_UID_RULE}", BAD_RECIPIENT)
     if "body" not in obj:
         raise bad("field 'body' is required")
     return Send(id=frame_id, to=to, body=obj["body"])
+
+
+def recipients_problem(to: object, max_recipients: int) -> str | None:
+    """Why ``to`` is not a list of 1 to ``max_recipients`` distinct uids (None if it is)."""
+    if not isinstance(to, list | tuple):
+        return "field 'to' must be a list of uids"
+    if not to:
+        return "field 'to' must name at least one recipient"
+    if len(to) > max_recipients:
+        return f"field 'to' names {len(to)} recipients; at most {max_recipients}"
+    seen: set[str] = set()
+    for n, uid in enumerate(to):
+        if not is_valid_uid(uid):
+            return f"to[{n}] must be a uid: {_UID_RULE}"
+        if uid in seen:
+            return f"recipient {uid!r} is listed twice"
+        seen.add(uid)
+    return None
 
 
 # ----------------------------------------------------------------- server frames
@@ -399,6 +477,17 @@ def encode_ack(id: str, partition: int, offset: int) -> str:
     return _dumps({"type": "ack", "id": id, "partition": partition, "offset": offset})
 
 
+def encode_group_ack(id: str, acks: Sequence[tuple[int, int, Sequence[str]]]) -> str:
+    """Acknowledge a group send once every record is durable: (partition, offset, its uids)."""
+    return _dumps(
+        {
+            "type": "ack",
+            "id": id,
+            "acks": [{"partition": k, "offset": n, "to": list(to)} for k, n, to in acks],
+        }
+    )
+
+
 def encode_error(id: str | None, code: str, message: str) -> str:
     """An error frame; ``id`` is the offending frame's id or None."""
     return _dumps({"type": "error", "id": id, "code": code, "message": message})
@@ -412,21 +501,31 @@ def encode_pong() -> str:
     return _PONG
 
 
-def encode_message(record: ChatRecord, partition: int, offset: int) -> str:
-    """Deliver ``record``, read at ``offset`` of ``partition``, to a device of its recipient."""
-    return _dumps(
-        {
-            "type": "message",
-            "from": record.from_uid,
-            "from_device": record.from_device,
-            "to": record.to,
-            "id": record.id,
-            "body": record.body,
-            "partition": partition,
-            "offset": offset,
-            "ts": record.ts,
-        }
-    )
+def encode_message(
+    record: ChatRecord | GroupRecord, partition: int, offset: int, to: str | None = None
+) -> str:
+    """Deliver ``record``, read at ``offset`` of ``partition``, to a device of ``to``.
+
+    ``to`` is one of the record's recipients (a one-to-one record's own when
+    left out). A group send's message carries the whole list as ``recipients``.
+    """
+    frame: dict[str, Any] = {
+        "type": "message",
+        "from": record.from_uid,
+        "from_device": record.from_device,
+        "to": to if to is not None else record.to,
+        "id": record.id,
+        "body": record.body,
+        "partition": partition,
+        "offset": offset,
+        "ts": record.ts,
+    }
+    if isinstance(record, GroupRecord):
+        if to is None or to not in record.to:
+            raise LocalProtocolError(f"{to!r} is not a recipient of this record")
+        if record.recipients is not None:
+            frame["recipients"] = list(record.recipients)
+    return _dumps(frame)
 
 
 # ------------------------------------------------------ the client's side of the frames
@@ -435,11 +534,16 @@ def encode_message(record: ChatRecord, partition: int, offset: int) -> str:
 # frames with the same rules as the server, so the two cannot drift apart.
 
 
-def encode_send(id: str, to: str, body: Any) -> str:
-    """A client's ``send`` frame."""
-    if not _is_valid_id(id) or not is_valid_uid(to):
-        raise LocalProtocolError("send needs an id of 1-64 characters and a valid uid")
-    return _dumps({"type": "send", "id": id, "to": to, "body": body})
+def encode_send(id: str, to: str | Sequence[str], body: Any) -> str:
+    """A client's ``send`` frame, to one uid or (a list) to several."""
+    valid_to = (
+        is_valid_uid(to) if isinstance(to, str) else recipients_problem(list(to), 1 << 30) is None
+    )
+    if not _is_valid_id(id) or not valid_to:
+        raise LocalProtocolError("send needs an id of 1-64 characters and valid, distinct uids")
+    return _dumps(
+        {"type": "send", "id": id, "to": to if isinstance(to, str) else list(to), "body": body}
+    )
 
 
 _PING = '{"type":"ping"}'
@@ -472,6 +576,23 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class PartitionAck:
+    """One durable record of a group send: its partition, offset and recipients."""
+
+    partition: int
+    offset: int
+    to: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupAck:
+    """A group send durably accepted: one entry per recipient partition."""
+
+    id: str
+    acks: tuple[PartitionAck, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     """A delivered message, as a device receives it."""
 
@@ -483,6 +604,8 @@ class Message:
     partition: int
     offset: int
     ts: int
+    # A group send's whole recipient list, in the sender's order; None otherwise.
+    recipients: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,7 +622,7 @@ class Pong:
     """The answer to a ping."""
 
 
-ServerFrame = Welcome | Ack | Message | ErrorFrame | Pong
+ServerFrame = Welcome | Ack | GroupAck | Message | ErrorFrame | Pong
 
 
 def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -525,6 +648,11 @@ def decode_server_frame(data: str | bytes) -> ServerFrame | None:
         raise RemoteProtocolError(BAD_FRAME, "server frame is not a JSON object")
     kind = obj.get("type")
     if kind == "message":
+        recipients = obj.get("recipients")
+        if recipients is not None and not (
+            isinstance(recipients, list) and all(isinstance(u, str) for u in recipients)
+        ):
+            raise RemoteProtocolError(BAD_FRAME, "server frame field 'recipients' is mistyped")
         return Message(
             from_uid=_field(obj, "from", str),
             from_device=_field(obj, "from_device", str),
@@ -534,8 +662,24 @@ def decode_server_frame(data: str | bytes) -> ServerFrame | None:
             partition=_field(obj, "partition", int),
             offset=_field(obj, "offset", int),
             ts=_field(obj, "ts", int),
+            recipients=None if recipients is None else tuple(recipients),
         )
     if kind == "ack":
+        if "acks" in obj:
+            entries = _field(obj, "acks", list)
+            if not all(isinstance(e, dict) for e in entries):
+                raise RemoteProtocolError(BAD_FRAME, "server frame field 'acks' is mistyped")
+            return GroupAck(
+                _field(obj, "id", str),
+                tuple(
+                    PartitionAck(
+                        _field(e, "partition", int),
+                        _field(e, "offset", int),
+                        tuple(str(u) for u in _field(e, "to", list)),
+                    )
+                    for e in entries
+                ),
+            )
         return Ack(
             _field(obj, "id", str), _field(obj, "partition", int), _field(obj, "offset", int)
         )
@@ -636,7 +780,7 @@ def parse_handshake_query(query: str, *, new_device_id: Callable[[], str]) -> Ha
 
 @dataclass(frozen=True, slots=True)
 class ChatRecord:
-    """One message as stored in the recipient's partition topic (Kafka key: ``to``)."""
+    """One message to one uid, as stored in its partition's topic (version 1; Kafka key: ``to``)."""
 
     from_uid: str
     from_device: str
@@ -645,11 +789,51 @@ class ChatRecord:
     body: Any
     ts: int  # milliseconds since the Unix epoch, set by the gateway that produced it
 
+    @property
+    def addressees(self) -> tuple[str, ...]:
+        """The uids of this record's partition it is for."""
+        return (self.to,)
 
-def _record_problem(r: ChatRecord) -> str | None:
-    for name, value in (("from", r.from_uid), ("from_device", r.from_device), ("to", r.to)):
+
+@dataclass(frozen=True, slots=True)
+class GroupRecord:
+    """One message to several uids of one partition (version 2; Kafka key: ``*``).
+
+    A group send or a server publish writes one per recipient partition,
+    naming that partition's recipients in ``to``. ``recipients`` is a group
+    send's whole list in the sender's order (each delivered message carries
+    it); None for a publish.
+    """
+
+    from_uid: str
+    from_device: str
+    to: tuple[str, ...]
+    id: str
+    body: Any
+    ts: int
+    recipients: tuple[str, ...] | None = None
+
+    @property
+    def addressees(self) -> tuple[str, ...]:
+        return self.to
+
+
+Record = ChatRecord | GroupRecord
+
+
+def _record_problem(r: Record) -> str | None:
+    for name, value in (("from", r.from_uid), ("from_device", r.from_device)):
         if not is_valid_uid(value):
             return f"field {name!r} must be a uid"
+    if isinstance(r, GroupRecord):
+        if not r.to or not all(is_valid_uid(uid) for uid in r.to) or len(set(r.to)) != len(r.to):
+            return "field 'to' must be a list of distinct uids"
+        if r.recipients is not None and (
+            not all(is_valid_uid(uid) for uid in r.recipients) or not set(r.to) <= set(r.recipients)
+        ):
+            return "field 'recipients' must be a list of uids holding every one of 'to'"
+    elif not is_valid_uid(r.to):
+        return "field 'to' must be a uid"
     if not _is_valid_id(r.id):
         return f"field 'id' must be a string of 1-{MAX_ID_CHARS} characters"
     if type(r.ts) is not int or not 0 <= r.ts <= _INT64_MAX:
@@ -657,8 +841,13 @@ def _record_problem(r: ChatRecord) -> str | None:
     return None
 
 
-def encode_record(r: ChatRecord, *, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
-    """Encode ``r`` as the Kafka record value (compact UTF-8 JSON with ``"v": 1``).
+def record_key(r: Record) -> bytes:
+    """The Kafka key of ``r``: its recipient's uid (version 1), ``*`` (version 2)."""
+    return r.to.encode() if isinstance(r, ChatRecord) else GROUP_RECORD_KEY
+
+
+def encode_record(r: Record, *, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
+    """Encode ``r`` as the Kafka record value (compact UTF-8 JSON with ``"v"``).
 
     Raises :class:`LocalProtocolError` for an invalid record (the caller should
     have validated it), and :class:`RemoteProtocolError` (``bad_frame``, with the
@@ -668,17 +857,20 @@ def encode_record(r: ChatRecord, *, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
     problem = _record_problem(r)
     if problem is not None:
         raise LocalProtocolError(f"invalid record: {problem}")
-    text = _dumps(
-        {
-            "v": RECORD_VERSION,
+    doc: dict[str, Any]
+    if isinstance(r, ChatRecord):
+        doc = {"v": RECORD_VERSION, "from": r.from_uid, "from_device": r.from_device, "to": r.to}
+    else:
+        doc = {
+            "v": GROUP_RECORD_VERSION,
             "from": r.from_uid,
             "from_device": r.from_device,
-            "to": r.to,
-            "id": r.id,
-            "body": r.body,
-            "ts": r.ts,
+            "to": list(r.to),
         }
-    )
+        if r.recipients is not None:
+            doc["recipients"] = list(r.recipients)
+    doc.update({"id": r.id, "body": r.body, "ts": r.ts})
+    text = _dumps(doc)
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -692,12 +884,18 @@ def encode_record(r: ChatRecord, *, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
     return data
 
 
-def decode_record(data: bytes | None, *, max_bytes: int = MAX_RECORD_BYTES) -> ChatRecord:
-    """Decode a Kafka record value written by :func:`encode_record`.
+def _uid_tuple(value: object, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(uid, str) for uid in value):
+        raise RecordError(f"record field {name!r} must be a list of uids")
+    return tuple(value)
+
+
+def decode_record(data: bytes | None, *, max_bytes: int = MAX_RECORD_BYTES) -> Record:
+    """Decode a Kafka record value written by :func:`encode_record` (version 1 or 2).
 
     Raises :class:`RecordError` for anything else: no value, more than
-    ``max_bytes``, not UTF-8, not strict JSON, not an object, a ``"v"`` other
-    than 1, a missing or mistyped field, or an invalid uid. Unknown keys are
+    ``max_bytes``, not UTF-8, not strict JSON, not an object, an unknown
+    ``"v"``, a missing or mistyped field, or an invalid uid. Unknown keys are
     ignored so that compatible additions do not need a new version.
     """
     if data is None:
@@ -720,19 +918,32 @@ def decode_record(data: bytes | None, *, max_bytes: int = MAX_RECORD_BYTES) -> C
     version = obj.get("v")
     if type(version) is not int:
         raise RecordError("record field 'v' must be an integer")
-    if version != RECORD_VERSION:
+    if version not in (RECORD_VERSION, GROUP_RECORD_VERSION):
         raise RecordError(f"unsupported record version {version}")
     for name in ("from", "from_device", "to", "id", "body", "ts"):
         if name not in obj:
             raise RecordError(f"record field {name!r} is required")
-    record = ChatRecord(
-        from_uid=obj["from"],
-        from_device=obj["from_device"],
-        to=obj["to"],
-        id=obj["id"],
-        body=obj["body"],
-        ts=obj["ts"],
-    )
+    record: Record
+    if version == RECORD_VERSION:
+        record = ChatRecord(
+            from_uid=obj["from"],
+            from_device=obj["from_device"],
+            to=obj["to"],
+            id=obj["id"],
+            body=obj["body"],
+            ts=obj["ts"],
+        )
+    else:
+        recipients = obj.get("recipients")
+        record = GroupRecord(
+            from_uid=obj["from"],
+            from_device=obj["from_device"],
+            to=_uid_tuple(obj["to"], "to"),
+            id=obj["id"],
+            body=obj["body"],
+            ts=obj["ts"],
+            recipients=None if recipients is None else _uid_tuple(recipients, "recipients"),
+        )
     problem = _record_problem(record)
     if problem is not None:
         raise RecordError(f"record {problem}")

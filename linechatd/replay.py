@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from .kafka import KafkaUnavailable, Record, ReplayReader
-from .protocol import RecordError, decode_record, encode_message
+from .protocol import GROUP_RECORD_KEY, RecordError, decode_record, encode_message
 
 if TYPE_CHECKING:
     from .context import Context
@@ -61,6 +61,20 @@ REQUEST_MAX_BYTES = 4 << 20
 # A scan that makes no progress for this long gives up (the sessions close
 # with 1011 and the clients resume again later).
 STALL_TIMEOUT_S = 10.0
+
+
+def _addressees(fetched: Record) -> tuple[bytes, ...]:
+    """The request keys (uids) a fetched record is for: its key, or a group record's recipients."""
+    key = fetched.key
+    if key is None:
+        return ()
+    if key != GROUP_RECORD_KEY:
+        return (key,)
+    try:
+        chat = decode_record(fetched.value)
+    except RecordError:
+        return ()  # counted and logged by the live path, which sees it too
+    return tuple(uid.encode() for uid in chat.addressees)
 
 
 class ReplayTarget(Protocol):
@@ -273,10 +287,7 @@ class ReplayHub:
         """Each record to the requests that want it; no await: joins see a whole batch or none."""
         active = self._active
         for fetched in batch:
-            requests = active.get(fetched.key) if fetched.key is not None else None
-            if not requests:
-                continue
-            for request in list(requests):
+            for request in [r for key in _addressees(fetched) for r in active.get(key, ())]:
                 if fetched.offset < request.start:
                     continue
                 if fetched.offset >= request.end:
@@ -432,9 +443,9 @@ class Replay:
             chat = decode_record(fetched.value)
         except RecordError:
             return  # counted and logged by the live path, which sees it too
-        if chat.to != target.uid:
+        if target.uid not in chat.addressees:
             return
         await target.send_replayed(
-            fetched.offset, encode_message(chat, self.partition, fetched.offset)
+            fetched.offset, encode_message(chat, self.partition, fetched.offset, target.uid)
         )
         self.sent += 1

@@ -101,6 +101,7 @@ class Session:
                 bad_frames_per_minute=limits.bad_frames_per_minute,
                 max_frames_per_s=limits.max_frames_per_s,
                 idle_timeout_s=limits.idle_timeout_s,
+                max_recipients=limits.max_recipients,
             ),
             send_bucket=send_bucket,
             now=trio.current_time(),
@@ -316,14 +317,21 @@ class Session:
 
     def _produce(self, request: ProduceRequest) -> None:
         ctx, core = self._ctx, self.core
+        receipts = []
         try:
-            receipt = ctx.producer.send(ctx.topic(request.partition), request.key, request.value)
+            for record in request.records:
+                receipts.append(
+                    ctx.producer.send(ctx.topic(record.partition), record.key, record.value)
+                )
         except KafkaUnavailable:
+            # Records already handed over may still be stored: the client
+            # sends again with the same id, and recipients drop the copies.
             core.refused(request, "the broker did not take the message; send again")
             return
         ctx.metrics.messages_sent.inc()
-        core.produced(request, receipt)
-        receipt.on_resolved = self._on_report
+        core.produced(request, receipts)
+        for receipt in receipts:
+            receipt.on_resolved = self._on_report
 
     def _on_report(self) -> None:
         # The trio thread, as a delivery report resolves; never raises.

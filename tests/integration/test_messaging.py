@@ -16,6 +16,7 @@ import math
 import os
 import secrets
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -939,3 +940,299 @@ async def test_a_session_stuck_in_its_replay_does_not_hold_its_partition(
                 print(
                     f"\npartition {k} stopped {stopped['ts'] - deleted_at:.2f} s after its lease node was deleted"
                 )
+
+
+# --- group sends and the server API (CONTRACT v2 §5, §6) ------------------------------------
+
+SERVER_KEY = "server-key-" + "k" * 40
+
+
+def server_api_sections(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    key_file = tmp_path / "server-api.key"
+    key_file.write_text(SERVER_KEY + "\n")
+    return {"server_api": {"key_file": str(key_file)}}
+
+
+def _http_request(
+    method: str, url: str, body: bytes | None, headers: Mapping[str, str]
+) -> tuple[int, dict[str, str], Any]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        response = opener.open(request, timeout=20)
+    except urllib.error.HTTPError as error:
+        response = error
+    with response:
+        raw = response.read()
+        answer_headers = {k.lower(): v for k, v in response.headers.items()}
+        try:
+            return response.status, answer_headers, json.loads(raw)
+        except ValueError:
+            return response.status, answer_headers, raw
+
+
+async def publish(
+    gateway_url: str, doc: Any, *, key: str | None = SERVER_KEY, raw: bytes | None = None
+) -> tuple[int, dict[str, str], Any]:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    body = raw if raw is not None else json.dumps(doc).encode()
+    return await trio.to_thread.run_sync(
+        _http_request, "POST", gateway_url + "/api/publish", body, headers
+    )
+
+
+async def presence(
+    gateway_url: str, uids: list[str], *, key: str | None = SERVER_KEY
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    url = gateway_url + "/api/presence?" + urlencode([("uid", uid) for uid in uids])
+    status, _headers, doc = await trio.to_thread.run_sync(_http_request, "GET", url, None, headers)
+    return status, doc
+
+
+def end_offsets(bootstrap: str, topics: list[str]) -> list[int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-end-offsets"})
+    try:
+        return [consumer.get_watermark_offsets(TopicPartition(t, 0), timeout=10)[1] for t in topics]
+    finally:
+        consumer.close()
+
+
+def records_with_id(bootstrap: str, topics: list[str], msg_id: str) -> dict[str, int]:
+    """How many records carry ``msg_id``, per topic (topics read from the start)."""
+    counts: dict[str, int] = {}
+    ends = dict(zip(topics, end_offsets(bootstrap, topics), strict=True))
+    for topic in topics:
+        if ends[topic] == 0:
+            continue
+        for offset in range(ends[topic]):
+            _key, value = read_kafka_record(bootstrap, topic, offset)
+            if json.loads(value or b"{}").get("id") == msg_id:
+                counts[topic] = counts.get(topic, 0) + 1
+    return counts
+
+
+async def receive_one(client: ChatClient, msg_id: str) -> Message:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        while True:
+            message = await client.receive()
+            if message.id == msg_id:
+                return message
+
+
+async def test_a_group_send_reaches_each_recipient_once_and_offline_ones_by_resume(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    async with running_cluster(tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names) as (
+        cluster,
+        _owners,
+    ):
+        urls = [gw.http_url for gw in cluster.instances]
+        # Ten recipients over six partitions; four of them offline during the send.
+        to = [uid_in(k % 6, f"grp{n}") for n, k in enumerate(range(10))]
+        online, offline = to[:6], to[6:]
+        cursors: dict[str, int] = {}
+        for uid in offline:  # learn where each offline device stands, then leave
+            async with connect(urls, uid) as client:
+                assert client.cursor is not None
+                cursors[uid] = client.cursor
+        async with AsyncExitStack() as stack:
+            clients = {uid: await stack.enter_async_context(connect(urls, uid)) for uid in online}
+            sender = await stack.enter_async_context(connect(urls, "grp-sender"))
+            with trio.fail_after(TEST_TIMEOUT_S):
+                ack = await sender.send(to, {"text": "hello all"}, id="g1")
+            partitions = [a.partition for a in ack.acks]
+            assert (
+                len(partitions)
+                == len(set(partitions))
+                == len({partition_for(u, PARTITIONS) for u in to})
+            )
+            assert sorted(uid for a in ack.acks for uid in a.to) == sorted(to)
+            for a in ack.acks:
+                assert all(partition_for(uid, PARTITIONS) == a.partition for uid in a.to)
+            for uid, client in clients.items():
+                message = await receive_one(client, "g1")
+                assert (message.to, message.recipients, message.from_uid) == (
+                    uid,
+                    tuple(to),
+                    "grp-sender",
+                )
+                assert message.body == {"text": "hello all"}
+        # The offline devices come back: the message once each, by resume.
+        for uid in offline:
+            async with connect(urls, uid, resume=cursors[uid]) as client:
+                message = await receive_one(client, "g1")
+                assert message.to == uid and message.recipients == tuple(to)
+                # Nothing else with that id follows (one record per partition).
+                with trio.move_on_after(1.0):
+                    while True:
+                        assert (await client.receive()).id != "g1"
+        # One record per partition touched, none more.
+        topics = [f"{cluster_names.topic_prefix}{k}" for k in range(PARTITIONS)]
+        written = await trio.to_thread.run_sync(records_with_id, kafka_bootstrap, topics, "g1")
+        assert written == {f"{cluster_names.topic_prefix}{k}": 1 for k in partitions}
+
+
+async def test_publish_to_a_thousand_users_retries_dedupe_and_bad_requests_write_nothing(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    sections = server_api_sections(tmp_path)
+    async with running_cluster(
+        tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names, sections
+    ) as (cluster, _owners):
+        urls = [gw.http_url for gw in cluster.instances]
+        to = [f"pub{n}" for n in range(1000)]
+        async with AsyncExitStack() as stack:
+            online = {uid: await stack.enter_async_context(connect(urls, uid)) for uid in to[:3]}
+            request = {"to": to, "id": "notice-1", "from": "billing", "body": {"text": "invoice"}}
+            status, _headers, answer = await publish(urls[1], request)
+            assert status == 200, answer
+            assert answer["id"] == "notice-1"
+            assert sorted(uid for a in answer["acks"] for uid in a["to"]) == sorted(to)
+            assert len(answer["acks"]) == PARTITIONS
+            for uid, client in online.items():
+                message = await receive_one(client, "notice-1")
+                assert (message.from_uid, message.from_device, message.to) == (
+                    "billing",
+                    "server",
+                    uid,
+                )
+                assert message.recipients is None and message.body == {"text": "invoice"}
+            # The backend retries (it never saw the answer): clients drop the copy.
+            status, _headers, _answer = await publish(urls[2], request)
+            assert status == 200
+            for client in online.values():
+                with trio.fail_after(TEST_TIMEOUT_S):
+                    while client.duplicates_dropped == 0:  # noqa: ASYNC110 - set by the reader task
+                        await trio.sleep(0.02)
+                with trio.move_on_after(0.5):
+                    assert (await client.receive()).id != "notice-1"
+
+        topics = [f"{cluster_names.topic_prefix}{k}" for k in range(PARTITIONS)]
+        before = await trio.to_thread.run_sync(end_offsets, kafka_bootstrap, topics)
+        good = {"to": ["a1"], "id": "x", "body": 1}
+        bad_requests: list[tuple[dict[str, Any] | None, dict[str, Any], int, str | None]] = [
+            (None, {**good, "to": []}, 400, "to"),
+            (None, {**good, "to": [f"u{n}" for n in range(1001)]}, 400, "to"),
+            (None, {**good, "to": ["a1", "a1"]}, 400, "to"),
+            (None, {**good, "to": ["a b"]}, 400, "to"),
+            (None, {**good, "id": ""}, 400, "id"),
+            (None, {"to": ["a1"], "body": 1}, 400, "id"),
+            (None, {**good, "from": "no spaces"}, 400, "from"),
+            (None, {"to": ["a1"], "id": "x"}, 400, "body"),
+            (None, {**good, "body": "x" * 5000}, 413, None),
+        ]
+        for _headers_unused, doc, want_status, want_field in bad_requests:
+            status, _headers, answer = await publish(urls[0], doc)
+            assert status == want_status, (doc if len(str(doc)) < 200 else "...", answer)
+            assert answer.get("field") == want_field, answer
+        status, _headers, answer = await publish(urls[0], None, raw=b"{not json")
+        assert (status, answer["error"]) == (400, "bad_request")
+        for key in (None, "wrong-" + "k" * 40, "eyJhbGciOiJIUzI1NiJ9.e30.sig"):
+            status, _headers, answer = await publish(urls[0], good, key=key)
+            assert (status, answer) == (401, {"error": "unauthorized"})
+        after = await trio.to_thread.run_sync(end_offsets, kafka_bootstrap, topics)
+        assert after == before, "a refused publish writes nothing"
+
+        # The operator's command line does the same, reading the key from the config.
+        config = cluster.instances[0].config_path
+        command = [sys.executable, "-m", "linechatd", "publish", "--config", str(config)]
+        done = await trio.run_process(
+            [*command, "--to", "cli1,cli2", "--body", '{"text": "from the shell"}', "--json"],
+            capture_stdout=True,
+            check=False,
+        )
+        assert done.returncode == 0, done
+        answer = json.loads(done.stdout)
+        assert answer["status"] == 200 and len(answer["response"]["acks"]) >= 1
+        refused = await trio.run_process(
+            [*command, "--to", "cli1,cli1", "--body", "1"], capture_stderr=True, check=False
+        )
+        assert refused.returncode == 2 and b"listed twice" in refused.stderr
+
+
+async def test_presence_is_exact_from_any_instance_and_never_shows_ghosts(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    sections = merge_sections(
+        server_api_sections(tmp_path), {"zookeeper": {"session_timeout": 4.0}}
+    )
+    async with running_cluster(
+        tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names, sections
+    ) as (cluster, owners):
+        urls = [gw.http_url for gw in cluster.instances]
+        # Users owned by gw-0; presence is asked of gw-1 (not their owner).
+        alice = uid_owned_by(owners, "gw-0", "alice")
+        bob = uid_owned_by(owners, "gw-0", "bob")
+        carol = uid_owned_by(owners, "gw-2", "carol")
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(connect(urls, alice, device="phone"))
+            await stack.enter_async_context(connect(urls, alice, device="laptop"))
+            async with connect(urls, carol, device="web"):
+                status, doc = await presence(urls[1], [alice, bob, carol])
+                assert status == 200, doc
+                assert doc == {
+                    "presence": {
+                        alice: {"online": True, "devices": ["laptop", "phone"]},
+                        bob: {"online": False, "devices": []},
+                        carol: {"online": True, "devices": ["web"]},
+                    },
+                    "unknown": [],
+                }
+            # A closed socket is gone from presence at once (its owner answers, not a cache).
+            with trio.fail_after(TEST_TIMEOUT_S):
+                while True:
+                    _status, doc = await presence(urls[1], [carol])
+                    if doc["presence"].get(carol) == {"online": False, "devices": []}:
+                        break
+                    assert doc["presence"][carol]["devices"] == ["web"]
+                    await trio.sleep(0.02)
+            # The owner of alice dies: never a ghost. Her uid is unknown (or
+            # offline) until her devices reconnect to a live owner, and a
+            # device is listed only once its socket there is open.
+            cluster.by_id("gw-0").kill()
+            k = partition_for(alice, PARTITIONS)
+            with trio.fail_after(TEST_TIMEOUT_S):
+                while True:
+                    _status, doc = await presence(urls[1], [alice])
+                    entry = doc["presence"].get(alice)
+                    if entry is None:
+                        assert doc["unknown"] == [alice]
+                    elif entry["devices"]:
+                        assert set(entry["devices"]) <= {"laptop", "phone"}
+                        _s, _h, view = await http_get(urls[1] + "/api/partitions")
+                        owner = view["partitions"][k]["instance"]
+                        assert owner not in (None, "gw-0"), owner
+                        if entry["devices"] == ["laptop", "phone"]:
+                            break
+                    else:
+                        assert entry == {"online": False, "devices": []}
+                    await trio.sleep(0.05)
+        # Bad and unauthorised queries.
+        assert (await presence(urls[1], []))[0] == 400
+        assert (await presence(urls[1], ["a b"]))[0] == 400
+        assert (await presence(urls[1], [alice], key=None))[0] == 401
+        assert (await presence(urls[1], [alice], key="x" * 40))[0] == 401
+
+
+async def test_the_server_api_is_off_without_a_key(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    async with running_cluster(tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names) as (
+        cluster,
+        _owners,
+    ):
+        url = cluster[0].http_url
+        assert (await publish(url, {"to": ["a"], "id": "x", "body": 1}))[0::2] == (
+            404,
+            {"error": "disabled"},
+        )
+        assert await presence(url, ["a"]) == (404, {"error": "disabled"})
+        # Nor does the internal endpoint answer anyone.
+        status, _headers, _doc = await http_get(url + "/internal/presence?uid=a")
+        assert status == 404

@@ -70,6 +70,8 @@ DEFAULTS: dict[str, Any] = {
     "limits.max_frames_per_s": 200.0,
     "limits.idle_timeout_s": 120.0,
     "limits.partial_message_timeout_s": 10.0,
+    "limits.max_recipients": 100,
+    "server_api.key_file": None,
     "partitions.max_per_instance": 0,
     "partitions.weight": 1.0,
     "partitions.rebalance_pause_s": 0.2,

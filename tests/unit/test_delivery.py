@@ -135,10 +135,11 @@ def test_the_outbox_is_bounded_in_characters_too() -> None:
 def test_a_send_becomes_a_record_for_the_recipients_partition() -> None:
     core = new_core()
     request = core.on_frame(send("m1", "carol"), 0.0, WALL_MS)
-    assert isinstance(request, ProduceRequest)
-    assert request.partition == partition_for("carol", PARTITIONS)
-    assert request.key == b"carol"
-    record = decode_record(request.value)
+    assert isinstance(request, ProduceRequest) and not request.group
+    [out] = request.records
+    assert out.partition == partition_for("carol", PARTITIONS)
+    assert out.key == b"carol" and out.to == ("carol",)
+    record = decode_record(out.value)
     # The sender is who authenticated, whatever the frame says.
     assert (record.from_uid, record.from_device, record.to, record.id) == (
         "alice",
@@ -157,7 +158,7 @@ def test_acks_go_out_in_send_order_whatever_order_reports_arrive_in() -> None:
         request = core.on_frame(send(f"m{n}"), 0.0, WALL_MS)
         assert request is not None
         report = FakeReport()
-        core.produced(request, report)
+        core.produced(request, [report])
         reports.append(report)
     reports[2].resolved, reports[2].offset = True, 12
     core.on_report()
@@ -190,7 +191,7 @@ def test_reading_stops_at_the_in_flight_bound() -> None:
         request = core.on_frame(send(f"m{n}"), 0.0, WALL_MS)
         assert request is not None
         reports.append(FakeReport())
-        core.produced(request, reports[-1])
+        core.produced(request, [reports[-1]])
     assert not core.reading_allowed
     reports[0].resolved = True
     core.on_report()
@@ -371,7 +372,7 @@ class SessionCoreMachine(RuleBasedStateMachine):
         if request is not None:
             self.sent_ids.append(msg_id)
             report = FakeReport()
-            self.core.produced(request, report)
+            self.core.produced(request, [report])
             self.reports.append((msg_id, report))
 
     @rule(data=st.data())
@@ -425,3 +426,55 @@ class SessionCoreMachine(RuleBasedStateMachine):
 
 TestSessionCoreMachine = SessionCoreMachine.TestCase
 TestSessionCoreMachine.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+
+
+def test_a_group_send_writes_one_record_per_partition_and_one_ack_naming_each() -> None:
+    core = new_core()
+    core.go_live()
+    to = [f"user{n}" for n in range(10)]
+    frame = json.dumps({"type": "send", "id": "g1", "to": to, "body": {"t": 1}})
+    request = core.on_frame(frame, 0.0, WALL_MS)
+    assert isinstance(request, ProduceRequest) and request.group
+    partitions = {partition_for(uid, PARTITIONS) for uid in to}
+    assert len(request.records) == len(partitions), "one record per partition touched"
+    assert sorted(uid for r in request.records for uid in r.to) == sorted(to)
+    for record in request.records:
+        assert {partition_for(uid, PARTITIONS) for uid in record.to} == {record.partition}
+        stored = decode_record(record.value)
+        assert stored.to == record.to and stored.recipients == tuple(to)
+        assert stored.from_uid == "alice" and record.key == b"*"
+    reports = [FakeReport() for _ in request.records]
+    core.produced(request, reports)
+    for n, report in enumerate(reports):
+        report.resolved, report.offset = True, 100 + n
+        core.on_report()
+        if n < len(reports) - 1:
+            assert drain(core) == [], "acked only once every record is durable"
+    [ack] = drain(core)
+    assert ack["type"] == "ack" and ack["id"] == "g1"
+    assert [(a["partition"], a["offset"], a["to"]) for a in ack["acks"]] == [
+        (r.partition, 100 + n, list(r.to)) for n, r in enumerate(request.records)
+    ]
+
+
+def test_a_group_send_with_one_record_refused_is_unavailable_as_a_whole() -> None:
+    core = new_core()
+    core.go_live()
+    frame = json.dumps({"type": "send", "id": "g1", "to": ["a1", "b2", "c3"], "body": 1})
+    request = core.on_frame(frame, 0.0, WALL_MS)
+    assert request is not None
+    reports = [FakeReport(resolved=True, offset=5) for _ in request.records]
+    reports[-1].error = "Local: Message timed out"
+    core.produced(request, reports)
+    core.on_report()
+    [answer] = drain(core)
+    assert (answer["type"], answer["id"], answer["code"]) == ("error", "g1", "unavailable")
+
+
+def test_a_bad_recipient_list_writes_nothing() -> None:
+    core = new_core()
+    core.go_live()
+    frame = json.dumps({"type": "send", "id": "g1", "to": ["a", "a"], "body": 1})
+    assert core.on_frame(frame, 0.0, WALL_MS) is None
+    [answer] = drain(core)
+    assert (answer["code"], answer["id"]) == ("bad_recipient", "g1")
