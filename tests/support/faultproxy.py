@@ -1,32 +1,56 @@
 """A TCP proxy that injects network faults, for tests of connection loss.
 
-Point a client (kazoo, a gateway's ``zookeeper.hosts``) at the proxy instead of
-the server, then switch modes while it runs:
+Point a client (kazoo, a gateway's ``zookeeper.hosts``, a broker's advertised
+listener) at the proxy instead of the server, then switch faults while it runs:
 
-- ``pass_through()`` / ``restore()``: forward bytes both ways (the default).
-- ``cut()``: reset every open connection and reset new ones at once, until restored,
-  like a server that went away.
+- ``pass_through()``: forward bytes both ways (the default).
+- ``cut()``: reset every open connection and reset new ones at once, until
+  restored, like a server that went away.
 - ``blackhole()``: keep connections open but drop every byte both ways, like a
   network partition; a client only notices through its own timeouts. A stream
-  that lost bytes cannot be resumed, so ``restore()`` resets those connections
-  (as the peers' TCP timeouts eventually would); untouched ones carry on.
+  that lost bytes cannot be resumed, so when its bytes flow again (pass or
+  delay) the proxy resets it (as the peers' TCP timeouts eventually would);
+  untouched ones carry on.
 - ``delay(seconds)``: forward everything, each chunk ``seconds`` late (order kept).
+- ``restore()``: everyone back to ``pass_through``, per-process faults dropped.
+
+Faults per process. Each method takes ``pid=``: the fault then applies only to
+connections opened by that process, and overrides the fault for everyone
+(``restore(pid=...)`` drops the override again). Several gateways share one
+target address (a broker advertises one address to all its clients), so the
+proxy tells its clients apart by who owns the other end of each accepted
+connection: the peer's address names the client's socket in /proc/net/tcp, its
+inode names the process holding it in /proc/<pid>/fd (Linux, same user: the
+test's own child processes). A client it cannot identify gets the fault for
+everyone.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import os
 import socket
 import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
 
 import trio
 
-__all__ = ["FaultProxy", "FaultProxyStatistics", "Mode"]
+__all__ = [
+    "Fault",
+    "FaultProxy",
+    "FaultProxyStatistics",
+    "Mode",
+    "socket_inode",
+    "socket_owner",
+]
 
 _CHUNK = 65536
 _QUEUED_CHUNKS = 256
+_PROC = Path("/proc")
 
 
 class Mode(enum.Enum):
@@ -36,11 +60,114 @@ class Mode(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Fault:
+    """What the proxy does to a connection: a mode, and a delay (meaningful with PASS)."""
+
+    mode: Mode = Mode.PASS
+    delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.delay_s >= 0 and math.isfinite(self.delay_s)):
+            raise ValueError(f"delay must be a finite number >= 0, got {self.delay_s!r}")
+
+    @property
+    def forwards(self) -> bool:
+        return self.mode is Mode.PASS
+
+
+NO_FAULT = Fault()
+
+
+@dataclass(frozen=True)
 class FaultProxyStatistics:
-    mode: Mode
+    mode: Mode  # the fault for everyone without an override
     delay_s: float
     open_connections: int
     accepted_connections: int
+    overrides: Mapping[int, Fault]  # pid -> its own fault
+    open_by_pid: Mapping[int | None, int]  # owner pid (None: unknown) -> open connections
+
+
+# --- who is on the other end -----------------------------------------------------------
+
+
+def _proc_net_address(host: str, port: int) -> tuple[str, str] | None:
+    """``host:port`` as /proc/net/tcp and tcp6 write it (hex, in the kernel's byte order)."""
+    try:
+        packed = socket.inet_aton(host)
+    except OSError:
+        return None
+    (word,) = struct.unpack("=I", packed)
+    v4 = f"{word:08X}:{port:04X}"
+    # An IPv4 peer on a dual-stack socket: ::ffff:a.b.c.d, four native-order words.
+    mapped = struct.unpack("=4I", b"\0" * 10 + b"\xff\xff" + packed)
+    v6 = "".join(f"{w:08X}" for w in mapped) + f":{port:04X}"
+    return v4, v6
+
+
+def socket_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+    """The inode of the TCP socket bound to ``local`` and connected to ``remote``, if any."""
+    local_key = _proc_net_address(*local)
+    remote_key = _proc_net_address(*remote)
+    if local_key is None or remote_key is None:
+        return None
+    for table, column in (("tcp", 0), ("tcp6", 1)):
+        try:
+            lines = (_PROC / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if (
+                len(fields) > 9
+                and fields[1] == local_key[column]
+                and fields[2] == remote_key[column]
+            ):
+                inode = int(fields[9])
+                if inode:
+                    return inode
+    return None
+
+
+def _holds(pid: int, target: str) -> bool:
+    fd_dir = _PROC / str(pid) / "fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:  # gone, or another user's
+        return False
+    for name in names:
+        try:
+            if os.readlink(fd_dir / name) == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def socket_owner(inode: int, candidates: Iterable[int] = ()) -> int | None:
+    """The pid of a process holding socket ``inode``: ``candidates`` first, then all of /proc."""
+    target = f"socket:[{inode}]"
+    tried: set[int] = set()
+    for pid in candidates:
+        tried.add(pid)
+        if _holds(pid, target):
+            return pid
+    try:
+        entries = os.listdir(_PROC)
+    except OSError:
+        return None
+    uid = os.getuid()
+    for entry in entries:
+        if not entry.isdigit() or int(entry) in tried:
+            continue
+        try:
+            if os.stat(_PROC / entry).st_uid != uid:
+                continue
+        except OSError:
+            continue
+        if _holds(int(entry), target):
+            return int(entry)
+    return None
 
 
 def _abort(stream: trio.SocketStream) -> None:
@@ -54,9 +181,12 @@ def _abort(stream: trio.SocketStream) -> None:
 
 
 class _Connection:
-    def __init__(self, client: trio.SocketStream, upstream: trio.SocketStream) -> None:
+    def __init__(
+        self, client: trio.SocketStream, upstream: trio.SocketStream, pid: int | None
+    ) -> None:
         self.client = client
         self.upstream = upstream
+        self.pid = pid
         self.scope = trio.CancelScope()
         self.lost_bytes = False
         self.ends_passed = 0  # half-closes forwarded; 2 means a clean end both ways
@@ -77,15 +207,18 @@ class FaultProxy:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        identify_clients: bool = True,
     ) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self.host = host
         self.port = port
-        self._mode = Mode.PASS
-        self._delay_s = 0.0
+        self.identify_clients = identify_clients
+        self._default = NO_FAULT
+        self._overrides: dict[int, Fault] = {}
         self._connections: set[_Connection] = set()
         self._accepted = 0
+        self._seen_pids: dict[int, None] = {}  # insertion-ordered: the likeliest owners first
 
     @classmethod
     def to(cls, address: str, *, host: str = "127.0.0.1", port: int = 0) -> FaultProxy:
@@ -94,9 +227,13 @@ class FaultProxy:
         return cls(target_host.strip("[]"), int(target_port), host=host, port=port)
 
     def __repr__(self) -> str:
+        overrides = "".join(
+            f" pid {pid}: {fault.mode.value}/{fault.delay_s:g}s"
+            for pid, fault in self._overrides.items()
+        )
         return (
             f"<FaultProxy {self.address} -> {self.target_host}:{self.target_port} "
-            f"{self._mode.value} delay={self._delay_s:g}s>"
+            f"{self._default.mode.value} delay={self._default.delay_s:g}s{overrides}>"
         )
 
     @property
@@ -106,39 +243,74 @@ class FaultProxy:
 
     @property
     def mode(self) -> Mode:
-        return self._mode
+        """The mode for everyone without a fault of their own."""
+        return self._default.mode
+
+    def fault_for(self, pid: int | None) -> Fault:
+        """The fault applied to connections of process ``pid`` (None: unidentified)."""
+        if pid is None:
+            return self._default
+        return self._overrides.get(pid, self._default)
+
+    def connections_of(self, pid: int | None) -> int:
+        """How many open connections process ``pid`` has through the proxy."""
+        return sum(1 for conn in self._connections if conn.pid == pid)
 
     def statistics(self) -> FaultProxyStatistics:
+        by_pid: dict[int | None, int] = {}
+        for conn in self._connections:
+            by_pid[conn.pid] = by_pid.get(conn.pid, 0) + 1
         return FaultProxyStatistics(
-            mode=self._mode,
-            delay_s=self._delay_s,
+            mode=self._default.mode,
+            delay_s=self._default.delay_s,
             open_connections=len(self._connections),
             accepted_connections=self._accepted,
+            overrides=MappingProxyType(dict(self._overrides)),
+            open_by_pid=MappingProxyType(by_pid),
         )
 
-    def pass_through(self) -> None:
+    # --- switching faults ---------------------------------------------------------------
+
+    def pass_through(self, *, pid: int | None = None) -> None:
         """Forward normally, without added delay; resets streams that lost bytes."""
-        self._mode = Mode.PASS
-        self._delay_s = 0.0
+        self._set(NO_FAULT, pid)
+
+    def restore(self, *, pid: int | None = None) -> None:
+        """``pid``'s override dropped; without ``pid``, everyone back to pass-through."""
+        if pid is None:
+            self._overrides.clear()
+            self._set(NO_FAULT, None)
+        else:
+            self._overrides.pop(pid, None)
+            self._apply()
+
+    def cut(self, *, pid: int | None = None) -> None:
+        self._set(Fault(Mode.CUT), pid)
+
+    def blackhole(self, *, pid: int | None = None) -> None:
+        self._set(Fault(Mode.BLACKHOLE), pid)
+
+    def delay(self, seconds: float, *, pid: int | None = None) -> None:
+        """Forward each chunk ``seconds`` late, both ways; resets streams that lost bytes."""
+        self._set(Fault(Mode.PASS, seconds), pid)
+
+    def _set(self, fault: Fault, pid: int | None) -> None:
+        if pid is None:
+            self._default = fault
+        else:
+            self._overrides[pid] = fault
+        self._apply()
+
+    def _apply(self) -> None:
+        """Bring open connections in line: cut ones go, lossy ones go once bytes flow again."""
         for conn in list(self._connections):
-            if conn.lost_bytes:
+            fault = self.fault_for(conn.pid)
+            if fault.mode is Mode.CUT or (fault.forwards and conn.lost_bytes):
                 conn.abort()
+                # Gone now, not once its task has run: statistics() says so at once.
+                self._connections.discard(conn)
 
-    restore = pass_through
-
-    def cut(self) -> None:
-        self._mode = Mode.CUT
-        for conn in list(self._connections):
-            conn.abort()
-
-    def blackhole(self) -> None:
-        self._mode = Mode.BLACKHOLE
-
-    def delay(self, seconds: float) -> None:
-        if not (seconds >= 0 and math.isfinite(seconds)):
-            raise ValueError(f"delay must be a finite number >= 0, got {seconds!r}")
-        self._mode = Mode.PASS
-        self._delay_s = seconds
+    # --- serving ------------------------------------------------------------------------
 
     async def run(
         self, *, task_status: trio.TaskStatus[FaultProxy] = trio.TASK_STATUS_IGNORED
@@ -161,8 +333,32 @@ class FaultProxy:
                 conn.abort()
             await listener.aclose()
 
+    async def _identify(self, client: trio.SocketStream) -> int | None:
+        if not self.identify_clients:
+            return None
+        try:
+            peer = client.socket.getpeername()
+            here = client.socket.getsockname()
+        except OSError:
+            return None
+        candidates = [*self._overrides, *reversed(self._seen_pids)]
+
+        def lookup() -> int | None:
+            # The client's socket is bound to our peer's address, connected to ours.
+            inode = socket_inode((peer[0], peer[1]), (here[0], here[1]))
+            return None if inode is None else socket_owner(inode, candidates)
+
+        pid = await trio.to_thread.run_sync(lookup)
+        if pid is not None:
+            self._seen_pids.pop(pid, None)
+            self._seen_pids[pid] = None
+            while len(self._seen_pids) > 64:  # bounded: the oldest owners go first
+                del self._seen_pids[next(iter(self._seen_pids))]
+        return pid
+
     async def _handle(self, client: trio.SocketStream) -> None:
-        if self._mode is Mode.CUT:
+        pid = await self._identify(client)
+        if self.fault_for(pid).mode is Mode.CUT:
             _abort(client)
             return
         try:
@@ -170,8 +366,8 @@ class FaultProxy:
         except OSError:
             _abort(client)
             return
-        conn = _Connection(client, upstream)
-        if self._mode is Mode.CUT:  # cut while we were connecting upstream
+        conn = _Connection(client, upstream, pid)
+        if self.fault_for(pid).mode is Mode.CUT:  # cut while we were connecting upstream
             conn.abort()
             return
         self._connections.add(conn)
@@ -200,7 +396,7 @@ class FaultProxy:
         send, receive = trio.open_memory_channel[tuple[float, bytes]](_QUEUED_CHUNKS)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read, source, send)
+                nursery.start_soon(self._read, conn, source, send)
                 await self._write(conn, sink, receive)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             # Either side failed (the error arrives wrapped by the pump's
@@ -208,12 +404,16 @@ class FaultProxy:
             conn.scope.cancel()
 
     async def _read(
-        self, source: trio.SocketStream, send: trio.MemorySendChannel[tuple[float, bytes]]
+        self,
+        conn: _Connection,
+        source: trio.SocketStream,
+        send: trio.MemorySendChannel[tuple[float, bytes]],
     ) -> None:
         async with send:
             while True:
                 data = await source.receive_some(_CHUNK)
-                await send.send((trio.current_time() + self._delay_s, bytes(data)))
+                delay_s = self.fault_for(conn.pid).delay_s
+                await send.send((trio.current_time() + delay_s, bytes(data)))
                 if not data:
                     return
 
@@ -226,7 +426,7 @@ class FaultProxy:
         async with receive:
             async for due, data in receive:
                 await trio.sleep_until(due)
-                if self._mode is not Mode.PASS:
+                if not self.fault_for(conn.pid).forwards:
                     conn.lost_bytes = True
                     continue
                 if not data:
