@@ -21,36 +21,28 @@ target address (a broker advertises one address to all its clients), so the
 proxy tells its clients apart by who owns the other end of each accepted
 connection: the peer's address names the client's socket in /proc/net/tcp, its
 inode names the process holding it in /proc/<pid>/fd (Linux, same user: the
-test's own child processes). A client it cannot identify gets the fault for
-everyone.
+test's own child processes; see support/procnet.py). A client it cannot
+identify gets the fault for everyone.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-import os
 import socket
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 
 import trio
 
-__all__ = [
-    "Fault",
-    "FaultProxy",
-    "FaultProxyStatistics",
-    "Mode",
-    "socket_inode",
-    "socket_owner",
-]
+from support.procnet import socket_owner, tcp_socket
+
+__all__ = ["Fault", "FaultProxy", "FaultProxyStatistics", "Mode"]
 
 _CHUNK = 65536
 _QUEUED_CHUNKS = 256
-_PROC = Path("/proc")
 
 
 class Mode(enum.Enum):
@@ -86,88 +78,6 @@ class FaultProxyStatistics:
     accepted_connections: int
     overrides: Mapping[int, Fault]  # pid -> its own fault
     open_by_pid: Mapping[int | None, int]  # owner pid (None: unknown) -> open connections
-
-
-# --- who is on the other end -----------------------------------------------------------
-
-
-def _proc_net_address(host: str, port: int) -> tuple[str, str] | None:
-    """``host:port`` as /proc/net/tcp and tcp6 write it (hex, in the kernel's byte order)."""
-    try:
-        packed = socket.inet_aton(host)
-    except OSError:
-        return None
-    (word,) = struct.unpack("=I", packed)
-    v4 = f"{word:08X}:{port:04X}"
-    # An IPv4 peer on a dual-stack socket: ::ffff:a.b.c.d, four native-order words.
-    mapped = struct.unpack("=4I", b"\0" * 10 + b"\xff\xff" + packed)
-    v6 = "".join(f"{w:08X}" for w in mapped) + f":{port:04X}"
-    return v4, v6
-
-
-def socket_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
-    """The inode of the TCP socket bound to ``local`` and connected to ``remote``, if any."""
-    local_key = _proc_net_address(*local)
-    remote_key = _proc_net_address(*remote)
-    if local_key is None or remote_key is None:
-        return None
-    for table, column in (("tcp", 0), ("tcp6", 1)):
-        try:
-            lines = (_PROC / "net" / table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if (
-                len(fields) > 9
-                and fields[1] == local_key[column]
-                and fields[2] == remote_key[column]
-            ):
-                inode = int(fields[9])
-                if inode:
-                    return inode
-    return None
-
-
-def _holds(pid: int, target: str) -> bool:
-    fd_dir = _PROC / str(pid) / "fd"
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:  # gone, or another user's
-        return False
-    for name in names:
-        try:
-            if os.readlink(fd_dir / name) == target:
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def socket_owner(inode: int, candidates: Iterable[int] = ()) -> int | None:
-    """The pid of a process holding socket ``inode``: ``candidates`` first, then all of /proc."""
-    target = f"socket:[{inode}]"
-    tried: set[int] = set()
-    for pid in candidates:
-        tried.add(pid)
-        if _holds(pid, target):
-            return pid
-    try:
-        entries = os.listdir(_PROC)
-    except OSError:
-        return None
-    uid = os.getuid()
-    for entry in entries:
-        if not entry.isdigit() or int(entry) in tried:
-            continue
-        try:
-            if os.stat(_PROC / entry).st_uid != uid:
-                continue
-        except OSError:
-            continue
-        if _holds(int(entry), target):
-            return int(entry)
-    return None
 
 
 def _abort(stream: trio.SocketStream) -> None:
@@ -345,8 +255,8 @@ class FaultProxy:
 
         def lookup() -> int | None:
             # The client's socket is bound to our peer's address, connected to ours.
-            inode = socket_inode((peer[0], peer[1]), (here[0], here[1]))
-            return None if inode is None else socket_owner(inode, candidates)
+            found = tcp_socket((peer[0], peer[1]), (here[0], here[1]))
+            return None if found is None else socket_owner(found.inode, candidates)
 
         pid = await trio.to_thread.run_sync(lookup)
         if pid is not None:
@@ -357,15 +267,18 @@ class FaultProxy:
         return pid
 
     async def _handle(self, client: trio.SocketStream) -> None:
-        pid = await self._identify(client)
-        if self.fault_for(pid).mode is Mode.CUT:
-            _abort(client)
-            return
         try:
+            pid = await self._identify(client)
+            if self.fault_for(pid).mode is Mode.CUT:
+                _abort(client)
+                return
             upstream = await trio.open_tcp_stream(self.target_host, self.target_port)
-        except OSError:
+        except BaseException as exc:
+            # Refused upstream, or the proxy stopping: the client socket is ours to close.
             _abort(client)
-            return
+            if isinstance(exc, OSError):
+                return
+            raise
         conn = _Connection(client, upstream, pid)
         if self.fault_for(pid).mode is Mode.CUT:  # cut while we were connecting upstream
             conn.abort()

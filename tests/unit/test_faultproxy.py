@@ -11,7 +11,8 @@ from functools import partial
 
 import pytest
 import trio
-from support.faultproxy import Fault, FaultProxy, Mode, socket_inode, socket_owner
+from support.faultproxy import Fault, FaultProxy, Mode
+from support.procnet import socket_owner, tcp_socket
 
 
 async def _echo(stream: trio.SocketStream) -> None:
@@ -214,14 +215,28 @@ async def test_the_owner_of_a_connected_socket_is_found() -> None:
             with client:
                 await client.connect(here)
                 local = client.getsockname()
-                inode = await trio.to_thread.run_sync(socket_inode, local, here)
-                assert inode is not None
+                found = await trio.to_thread.run_sync(tcp_socket, local, here)
+                assert found is not None and found.state == 1  # ESTABLISHED
+                inode = found.inode
                 owner = await trio.to_thread.run_sync(socket_owner, inode)
                 assert owner == os.getpid()
                 # Candidates are tried first; a wrong one does not mislead.
                 owner = await trio.to_thread.run_sync(socket_owner, inode, [OTHER_PID])
                 assert owner == os.getpid()
-        assert socket_inode(("127.0.0.1", 1), ("127.0.0.1", 2)) is None
+                # Bytes sent and not read yet wait in the receiver's queue.
+                accepted, _ = await listener.accept()
+                with accepted:
+                    await client.send(b"12345")
+
+                    def unread() -> int:
+                        found = tcp_socket(accepted.getsockname(), local)
+                        return found.rx_queue if found is not None else -1
+
+                    with trio.fail_after(5):
+                        while unread() < 5:  # noqa: ASYNC110 - the kernel's queue: no event
+                            await trio.sleep(0.01)
+                    assert unread() == 5
+        assert tcp_socket(("127.0.0.1", 1), ("127.0.0.1", 2)) is None
 
 
 async def test_a_fault_for_one_process_spares_the_others(proxy: FaultProxy) -> None:
