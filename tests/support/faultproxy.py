@@ -31,6 +31,7 @@ import enum
 import math
 import socket
 import struct
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -90,6 +91,13 @@ def _abort(stream: trio.SocketStream) -> None:
     stream.socket.close()
 
 
+class _AnswerWaiter:
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.event = trio.Event()
+        self.at = math.nan
+
+
 class _Connection:
     def __init__(
         self, client: trio.SocketStream, upstream: trio.SocketStream, pid: int | None
@@ -129,6 +137,7 @@ class FaultProxy:
         self._connections: set[_Connection] = set()
         self._accepted = 0
         self._seen_pids: dict[int, None] = {}  # insertion-ordered: the likeliest owners first
+        self._answer_waiters: list[_AnswerWaiter] = []
 
     @classmethod
     def to(cls, address: str, *, host: str = "127.0.0.1", port: int = 0) -> FaultProxy:
@@ -219,6 +228,28 @@ class FaultProxy:
                 conn.abort()
                 # Gone now, not once its task has run: statistics() says so at once.
                 self._connections.discard(conn)
+
+    async def wait_answer(self, *, pid: int | None = None) -> float:
+        """Wait until the target's next bytes reach a client (of ``pid``); when, by ``time.time()``.
+
+        The target has just heard from that client: a fault set right after
+        this returns starts no earlier than the client's last contact, which is
+        what a test of the target's timeouts (a session expiry) measures from.
+        """
+        waiter = _AnswerWaiter(pid)
+        self._answer_waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        finally:
+            self._answer_waiters.remove(waiter)
+        return waiter.at
+
+    def _answered(self, pid: int | None) -> None:
+        now = time.time()
+        for waiter in self._answer_waiters:
+            if waiter.pid is None or waiter.pid == pid:
+                waiter.at = now
+                waiter.event.set()
 
     # --- serving ------------------------------------------------------------------------
 
@@ -347,3 +378,5 @@ class FaultProxy:
                     conn.ends_passed += 1
                     return
                 await sink.send_all(data)
+                if sink is conn.client and self._answer_waiters:
+                    self._answered(conn.pid)

@@ -6,11 +6,13 @@ import functools
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from functools import partial
 
 import pytest
 import trio
+import trio.testing
 from support.faultproxy import Fault, FaultProxy, Mode
 from support.procnet import socket_owner, tcp_socket
 
@@ -304,3 +306,20 @@ async def test_a_process_of_its_own_is_told_apart(proxy: FaultProxy) -> None:
             assert await child.wait() in (0, 1)
             assert await _round_trip(mine, b"unharmed") == b"unharmed"
         await mine.aclose()
+
+
+async def test_wait_answer_returns_when_the_target_answers(proxy: FaultProxy) -> None:
+    with trio.fail_after(10):
+        stream = await _connect(proxy)
+        async with stream, trio.open_nursery() as nursery:
+            answered: list[float] = []
+
+            async def wait() -> None:
+                answered.append(await proxy.wait_answer(pid=os.getpid()))
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            assert answered == []
+            before = time.time()
+            assert await _round_trip(stream, b"ping") == b"ping"
+        assert len(answered) == 1 and answered[0] >= before
