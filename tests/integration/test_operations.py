@@ -70,7 +70,7 @@ def _instance_config(
             "instance": {"id": "notify-0"},
             "http": {"listen": f"127.0.0.1:{http_port}"},
             "websocket": {"listen": f"127.0.0.1:{ws_port}"},
-            "zookeeper": {"hosts": zookeeper_hosts, "session_timeout": 4.0},
+            "zookeeper": {"hosts": zookeeper_hosts, "session_timeout": 10.0},
             "kafka": {"bootstrap_servers": kafka_bootstrap},
             "shutdown": {"grace_period_s": 5.0},
         },

@@ -25,7 +25,7 @@ PER_USER = 10
 TEST_TIMEOUT_S = 60.0
 
 SECTIONS: dict[str, dict[str, Any]] = {
-    "zookeeper": {"session_timeout": 3.0},
+    "zookeeper": {"session_timeout": 10.0},
     "shutdown": {"grace_period_s": 1.0, "drain_stagger_s": 0.0},
 }
 

@@ -80,7 +80,8 @@ async def one_gateway(
     """One instance that holds every partition (and stops quickly: nobody takes over)."""
     base: dict[str, dict[str, Any]] = {
         "shutdown": {"grace_period_s": 0.5, "drain_stagger_s": 0.0},
-        "zookeeper": {"session_timeout": 4.0},
+        # Nothing here kills an instance: a session timeout a loaded machine keeps.
+        "zookeeper": {"session_timeout": 10.0},
         "partitions": {"rebalance_pause_s": 0.0},
     }
     for table, values in (sections or {}).items():
