@@ -20,7 +20,11 @@ from typing import Any
 import trio
 from confluent_kafka.admin import AdminClient, NewTopic
 from support.brokerproxy import FaultyBroker
+from support.cluster import ClusterNames, start_cluster
 from support.faultproxy import Mode
+from support.leasekit import FAST_SECTIONS, uid_in_partition, wait_shares
+
+from linechatd.client import connect
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 WAIT_S = 60
@@ -184,4 +188,53 @@ async def test_a_fault_for_one_process_leaves_the_others_alone(
             print(
                 f"\none process cut: {len(while_cut)} of its sends failed meanwhile, the other "
                 f"got {healthy_while_cut} acks; the cut one acks again after restore"
+            )
+
+
+async def test_gateways_are_told_apart_and_one_can_lose_the_broker_alone(
+    tmp_path: Path,
+    zookeeper_hosts: str,
+    cluster_names: ClusterNames,
+    faulty_broker: FaultyBroker,
+) -> None:
+    """The zombie owner's set-up with real gateways: librdkafka's sockets are the gateway's.
+
+    Only the infrastructure is checked here: the cut gateway's connections
+    are gone and refused, the other gateway serves its users meanwhile.
+    """
+    proxy = faulty_broker.proxy
+    with trio.fail_after(WAIT_S):
+        async with start_cluster(
+            2,
+            workdir=tmp_path,
+            zookeeper_hosts=zookeeper_hosts,
+            kafka_bootstrap=faulty_broker.bootstrap,
+            names=cluster_names,
+            partitions=4,
+            sections=FAST_SECTIONS,
+        ) as cluster:
+            view = await wait_shares(cluster, {"gw-0": 2, "gw-1": 2})
+            cut_off, healthy = cluster[0], cluster[1]
+            assert cut_off.pid is not None and healthy.pid is not None
+            assert proxy.connections_of(cut_off.pid) >= 1, proxy.statistics()
+            assert proxy.connections_of(healthy.pid) >= 1, proxy.statistics()
+
+            k = min(view[healthy.instance_id])
+            alice, bob = (uid_in_partition(k, 4, name) for name in ("alice", "bob"))
+            async with connect(healthy.http_url, alice) as a, connect(healthy.http_url, bob) as b:
+                refused_before = proxy.statistics().refused_connections
+                proxy.cut(pid=cut_off.pid)
+                assert proxy.connections_of(cut_off.pid) == 0
+                for i in range(20):
+                    ack = await a.send(bob, {"i": i}, timeout_s=20)
+                    message = await b.receive(timeout_s=20)
+                    assert (message.body, message.offset) == ({"i": i}, ack.offset)
+                # Whatever the cut gateway retried was refused.
+                assert proxy.connections_of(cut_off.pid) == 0
+                assert proxy.connections_of(healthy.pid) >= 1
+                refused = proxy.statistics().refused_connections - refused_before
+            proxy.restore(pid=cut_off.pid)
+            print(
+                f"\none gateway cut: 20 messages through the other; "
+                f"{refused} connections of the cut one refused meanwhile"
             )

@@ -77,6 +77,7 @@ class FaultProxyStatistics:
     delay_s: float
     open_connections: int
     accepted_connections: int
+    refused_connections: int  # reset at once: their process was cut
     overrides: Mapping[int, Fault]  # pid -> its own fault
     open_by_pid: Mapping[int | None, int]  # owner pid (None: unknown) -> open connections
 
@@ -136,6 +137,7 @@ class FaultProxy:
         self._overrides: dict[int, Fault] = {}
         self._connections: set[_Connection] = set()
         self._accepted = 0
+        self._refused = 0
         self._seen_pids: dict[int, None] = {}  # insertion-ordered: the likeliest owners first
         self._answer_waiters: list[_AnswerWaiter] = []
 
@@ -184,6 +186,7 @@ class FaultProxy:
             delay_s=self._default.delay_s,
             open_connections=len(self._connections),
             accepted_connections=self._accepted,
+            refused_connections=self._refused,
             overrides=MappingProxyType(dict(self._overrides)),
             open_by_pid=MappingProxyType(by_pid),
         )
@@ -301,6 +304,7 @@ class FaultProxy:
         try:
             pid = await self._identify(client)
             if self.fault_for(pid).mode is Mode.CUT:
+                self._refused += 1
                 _abort(client)
                 return
             upstream = await trio.open_tcp_stream(self.target_host, self.target_port)
@@ -312,6 +316,7 @@ class FaultProxy:
             raise
         conn = _Connection(client, upstream, pid)
         if self.fault_for(pid).mode is Mode.CUT:  # cut while we were connecting upstream
+            self._refused += 1
             conn.abort()
             return
         self._connections.add(conn)

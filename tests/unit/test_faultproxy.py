@@ -261,6 +261,7 @@ async def test_a_fault_for_one_process_spares_the_others(proxy: FaultProxy) -> N
         refused = await _connect(proxy)
         assert await _is_closed(refused)
         await refused.aclose()
+        assert proxy.statistics().refused_connections == 1
 
         # Everyone's fault does not undo an override ...
         proxy.pass_through()
