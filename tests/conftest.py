@@ -108,8 +108,18 @@ def zookeeper_ensemble_control(zookeeper_ensemble: ZooKeeperEnsemble) -> Iterato
 
 
 @pytest.fixture
+def local_broker_allowed() -> None:
+    """Skips when LINECHAT_TEST_KAFKA is set (a sync fixture: the reason then shows)."""
+    if os.environ.get(KAFKA_ENV):
+        pytest.skip(
+            f"{KAFKA_ENV} names an existing broker; fault tests need a broker whose "
+            "advertised address is the fault proxy's, which only a local broker allows"
+        )
+
+
+@pytest.fixture
 async def faulty_broker(
-    nursery: trio.Nursery, tmp_path_factory: pytest.TempPathFactory
+    local_broker_allowed: None, nursery: trio.Nursery, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[FaultyBroker]:
     """A fresh broker of this test's own, reachable only through a FaultProxy.
 
@@ -117,11 +127,6 @@ async def faulty_broker(
     blackholes or delays everyone or one process (``pid=``). Skips when
     LINECHAT_TEST_KAFKA is set: that broker's advertised address is not ours to set.
     """
-    if os.environ.get(KAFKA_ENV):
-        pytest.skip(
-            f"{KAFKA_ENV} names an existing broker; fault tests need a broker whose "
-            "advertised address is the fault proxy's, which only a local broker allows"
-        )
     async with start_faulty_broker(
         nursery, tmp_path_factory.mktemp("faulty-broker"), timeout=SERVICE_START_TIMEOUT_S
     ) as broker:

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import trio
 from kazoo.client import KazooClient, KazooState
 from support.ensemble import EnsembleControl, ZooKeeperEnsemble
@@ -158,11 +159,17 @@ async def test_a_killed_follower_is_restored_after_the_test(
             await zk.call(zk.kazoo.create, _path("with-two"), makepath=True)
 
 
+@pytest.fixture
+def ensemble_as_left(zookeeper_ensemble: ZooKeeperEnsemble) -> EnsembleControl:
+    """The servers as the previous test's teardown left them (nothing restored at set-up)."""
+    return zookeeper_ensemble.control()
+
+
 async def test_after_a_restore_every_server_serves_again(
-    zookeeper_ensemble: ZooKeeperEnsemble,
+    ensemble_as_left: EnsembleControl,
 ) -> None:
-    """Right after the test above, through the session fixture (whose set-up restores nothing)."""
-    ensemble = zookeeper_ensemble.control()
+    """Right after the test above: its fixture's teardown brought the server back."""
+    ensemble = ensemble_as_left
     with trio.fail_after(WAIT_S):
         assert ensemble.running() == [0, 1, 2]
         modes = await ensemble.modes()
