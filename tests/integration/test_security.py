@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import jwt
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 from confluent_kafka import Producer
 from cryptography import x509
@@ -75,7 +76,8 @@ async def one_gateway(
     """One instance that holds every partition (and stops quickly: nobody takes over)."""
     base: dict[str, dict[str, Any]] = {
         "shutdown": {"grace_period_s": 0.5, "drain_stagger_s": 0.0},
-        "zookeeper": {"session_timeout": 4.0},
+        # Nothing here kills an instance: a session timeout a loaded machine keeps.
+        "zookeeper": {"session_timeout": 10.0},
         "partitions": {"rebalance_pause_s": 0.0},
     }
     for table, values in (sections or {}).items():
@@ -677,7 +679,8 @@ async def test_hostile_connections_never_stop_the_listener() -> None:
                 await sock.connect(("127.0.0.1", port))
                 await sock.send(request)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        await trio.sleep(0.2)
+        # The listener has dealt with all of them: every task here waits on I/O or a timer.
+        await trio.testing.wait_all_tasks_blocked()
         async with ws_open(f"ws://127.0.0.1:{port}/ws?uid=alice") as ws:
             await ws.send_message("still here")
             assert await ws.get_message() == "still here"
@@ -902,9 +905,11 @@ async def test_rate_limit_then_close_without_slowing_other_users(
                 dropped = await policy_closes(gw) - closes_before
                 flood.terminate()
 
+        def median(values: list[float]) -> float:
+            return sorted(values)[len(values) // 2]
+
         def ms(values: list[float]) -> str:
-            ordered = sorted(values)
-            return f"median {ordered[len(ordered) // 2] * 1000:.1f} max {ordered[-1] * 1000:.1f}"
+            return f"median {median(values) * 1000:.1f} max {max(values) * 1000:.1f}"
 
         print(
             f"burst: {len(acked)} acked, {len(limited)} rate_limited; flood: {dropped:.0f} "
@@ -912,7 +917,14 @@ async def test_rate_limit_then_close_without_slowing_other_users(
             "of a core meanwhile"
         )
         print(f"alice->bob latency ms: baseline {ms(baseline)} | during flood {ms(during)}")
+        # The flood went on throughout the polite round ...
         assert dropped >= 1
+        # ... which got every message through, in order and never refused
+        # (polite_round checks), and not slowed: relative to its own baseline
+        # on this machine, with room for the flood's share of the CPU and for
+        # a loaded machine's scheduling (a stalled gateway takes seconds).
+        slowest_fair = max(10 * median(baseline), median(baseline) + 0.5)
+        assert median(during) <= slowest_fair, (ms(baseline), ms(during))
 
 
 async def policy_closes(gw: GatewayProcess) -> float:
