@@ -40,7 +40,7 @@ BENCH_OUT ?= bench-results
 # Hard stop for a wedged run (every phase is bounded on its own as well).
 BENCH_TIMEOUT_S ?= 3600
 
-.PHONY: bench bench-smoke bench-transport
+.PHONY: bench bench-smoke bench-transport bench-codec
 
 bench: install
 	timeout --foreground -k 30 $(BENCH_TIMEOUT_S) $(VENV)/bin/python -m benchmarks.run --out $(BENCH_OUT) $(BENCH_ARGS)
@@ -51,3 +51,7 @@ bench-smoke: install
 # The WebSocket transports alone (echo, CPU per message, RSS per idle connection).
 bench-transport: install
 	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.transport --out $(BENCH_OUT)/transport.json
+
+# The WebSocket frame codecs and the JSON paths alone, in-process: CPU-µs per message.
+bench-codec: install
+	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.codec --out $(BENCH_OUT)/codec.json
