@@ -5,6 +5,8 @@
 CPU time (``time.process_time_ns``) per message, the best of ``--repeats``
 runs over a few thousand distinct messages (the median is in the JSON output):
 
+* unmask: websockets' C helper, wsframe's big-integer XOR fallback and
+  wsproto's translate tables, on 100 B, 1 KiB and 16 KiB payloads;
 * decode: masked client text frames of 100 B and 1 KiB, one frame per
   ``feed`` and 50 frames per ``feed`` (a burst read in one ``receive_some``),
   into ``str`` messages (UTF-8 checked) with the message size limit applied;
@@ -248,6 +250,50 @@ def _row_line(row: dict[str, Any]) -> str:
     return f"  {row['op']} {row['size']} B x{row['frames_per_feed']}: " + ", ".join(cells)
 
 
+# --- unmasking ------------------------------------------------------------------------------
+
+
+def bench_masks(count: int, repeats: int, say: Any) -> list[dict[str, Any]]:
+    """The ways to XOR a client payload with its 4-byte key, per payload."""
+    import os
+
+    from websockets.speedups import apply_mask as websockets_c
+    from wsproto.frame_protocol import XorMaskerSimple
+
+    from linechatd import wsframe
+
+    def wsproto_translate(data: bytes, key: bytes) -> bytes:
+        return bytes(XorMaskerSimple(key).process(bytearray(data)))
+
+    maskers: dict[str, Callable[[bytes, bytes], bytes]] = {
+        "websockets.speedups (C)": websockets_c,
+        "wsframe int XOR (fallback)": wsframe._apply_mask_int,
+        "wsproto translate tables": wsproto_translate,
+    }
+    rows = []
+    for size in (100, 1024, 16384):
+        payloads = [(os.urandom(size), os.urandom(4)) for _ in range(64)]
+        row: dict[str, Any] = {"op": "unmask", "size": size}
+        for name, masker in maskers.items():
+            row[name] = cpu_us_per_item(partial(_mask_all, masker, payloads, count), repeats)
+        rows.append(row)
+        say(
+            f"  unmask {size} B: "
+            + ", ".join(f"{k} {v[0]:.2f}" for k, v in row.items() if k not in ("op", "size"))
+        )
+    return rows
+
+
+def _mask_all(
+    masker: Callable[[bytes, bytes], bytes], payloads: list[tuple[bytes, bytes]], count: int
+) -> int:
+    rounds = max(1, count // len(payloads))
+    for _ in range(rounds):
+        for data, key in payloads:
+            masker(data, key)
+    return rounds * len(payloads)
+
+
 # --- JSON ------------------------------------------------------------------------------------
 
 
@@ -434,6 +480,11 @@ def print_tables(results: dict[str, Any]) -> None:
         print(f"{label:<28}" + "".join(f"{c:>20}" for c in cells))
     print("(encode rows: the last column is wsframe.encode_text from UTF-8 bytes)")
     print()
+    print("Unmasking one payload, CPU-µs (best of runs)")
+    for row in results["masks"]:
+        line = ", ".join(f"{k} {v[0]:.2f}" for k, v in row.items() if isinstance(v, tuple))
+        print(f"  {row['size']:>6} B: {line}")
+    print()
     print("JSON: CPU-µs per operation (best of runs)")
     for row in results["json"]:
         print(f"  {row['op']} {row['case']} ({row['bytes']} B)")
@@ -480,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         "count": count,
         "repeats": repeats,
         "codec": bench_decode(count, repeats, say),
+        "masks": bench_masks(count, repeats, say),
         "json": bench_json(count, repeats, say),
         "pipeline": bench_pipeline(count, repeats, say),
     }
