@@ -196,7 +196,7 @@ class FrameDecoder:
         """Bytes held: an incomplete frame and the parts of a fragmented message."""
         return self._pending_bytes + self._size
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         if self._done or not data:
             return []
         if type(data) is not bytes:
