@@ -170,6 +170,7 @@ def dumps_compact(value: Any) -> bytes:
 
 # ------------------------------------------------------------------------- orjson
 
+
 def _shape_table() -> bytes:
     table = bytearray(range(256))
     for digit in b"0123456789":
