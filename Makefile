@@ -40,7 +40,7 @@ BENCH_OUT ?= bench-results
 # Hard stop for a wedged run (every phase is bounded on its own as well).
 BENCH_TIMEOUT_S ?= 3600
 
-.PHONY: bench bench-smoke bench-transport bench-fanout
+.PHONY: bench bench-smoke bench-transport bench-fanout bench-codec
 
 bench: install
 	timeout --foreground -k 30 $(BENCH_TIMEOUT_S) $(VENV)/bin/python -m benchmarks.run --out $(BENCH_OUT) $(BENCH_ARGS)
@@ -55,3 +55,6 @@ bench-transport: install
 # Group sends, server publishes and presence: records, CPU per recipient, latencies.
 bench-fanout: install
 	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.fanout $(BENCH_ARGS)
+# The WebSocket frame codecs and the JSON paths alone, in-process: CPU-µs per message.
+bench-codec: install
+	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.codec --out $(BENCH_OUT)/codec.json
