@@ -282,7 +282,12 @@ class ChatClient:
         self.state: AsyncValue[State] = AsyncValue(State.CONNECTING)
         self.welcome: AsyncValue[Welcome | None] = AsyncValue(None)
         self.connections = 0  # successful connects, for tests and benchmarks
+        # Messages dropped as copies of one already received (a resend, a
+        # retried publish: same sender, device and id, another offset).
         self.duplicates_dropped = 0
+        # Offsets at or below the cursor that the server sent anyway: always 0
+        # with a server that keeps the contract.
+        self.offsets_repeated = 0
         self.last_close: tuple[int | None, str | None] | None = None  # (code, reason)
         self.fatal: Exception | None = None
         # A group send's list is checked against this before it goes out.
@@ -475,6 +480,10 @@ class ChatClient:
             self._discovered = True
             await self._learn_instances(base)
         body = doc if isinstance(doc, dict) else {}
+        if status == 503:
+            # Nobody owns the partition right now, or this instance lost
+            # ZooKeeper: the next attempt asks another instance.
+            self._url_index = (self._url_index + 1) % len(self._http_urls)
         if status != 200:
             retry = response_headers.get("retry-after")
             try:
@@ -609,7 +618,9 @@ class ChatClient:
     async def _on_message(self, message: Message) -> None:
         offset = message.offset
         if self.cursor is not None and offset <= self.cursor:
-            self.duplicates_dropped += 1
+            # An offset this device already has: the server must never send
+            # one (CONTRACT §5); counted apart from resent duplicates.
+            self.offsets_repeated += 1
             return
         key = (message.from_uid, message.from_device, message.id)
         if key in self._seen:

@@ -28,9 +28,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from trio_util import AsyncValue
@@ -56,8 +56,14 @@ from .zk import NodeExistsError, ZooKeeper, ZooKeeperError, ZooKeeperUnavailable
 __all__ = ["Gateway", "Instance", "StartupError", "run_from_config", "startup_error"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-KAFKA_CHECK_INTERVAL_S = 5.0
+KAFKA_CHECK_INTERVAL_S = 2.0
+# Between attempts to reach ZooKeeper or Kafka at startup, doubling.
+STARTUP_RETRY_MIN_S = 1.0
+STARTUP_RETRY_MAX_S = 15.0
+# A send that failed for want of the broker keeps the instance unready this long.
+KAFKA_FAILURE_MEMORY_S = 5.0
 # Sections a reload applies to the running instance; the rest need a restart.
 LIVE_SECTIONS = ("partitions", "limits", "log", "auth", "replay", "shutdown", "server_api")
 
@@ -79,11 +85,6 @@ class Gateway:
     ) -> None:
         config = self._initial
         auth, tls = _check_startup(config)
-        zk = ZooKeeper(
-            config.zookeeper.hosts,
-            session_timeout_s=config.zookeeper.session_timeout_s,
-            connect_timeout_s=config.zookeeper.connect_timeout_s,
-        )
         paths = ZkPaths(config.cluster.name)
         metrics = Metrics()
         # Signals are ours from the first moment: a stop during startup is a
@@ -91,7 +92,9 @@ class Gateway:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as infra:
                 infra.start_soon(self._listen_signals, signals, infra.cancel_scope)
-                ctx = await _start_infrastructure(infra, config, auth, zk, paths, metrics)
+                ctx = await _start_infrastructure(
+                    infra, config, auth, paths, metrics, self.notifier
+                )
                 instance = Instance(ctx, tls, self.notifier, self.config_path)
                 self.instance = instance
                 await instance.run(ready=functools.partial(task_status.started, self))
@@ -150,26 +153,65 @@ def _check_startup(config: Config) -> tuple[Authenticator, ListenerTLS]:
     return auth, tls
 
 
+async def _until_reachable(
+    what: str, attempt: Callable[[], Awaitable[T]], notifier: Notifier, attempt_s: float
+) -> T:
+    """``attempt()`` until it stops failing for want of ``what`` (logged; systemd kept waiting).
+
+    A dependency that is down when an instance starts is an outage to wait
+    out, not a configuration error: the instance keeps trying, not ready.
+    """
+    delay = STARTUP_RETRY_MIN_S
+    while True:
+        try:
+            return await attempt()
+        except (ZooKeeperUnavailable, KafkaUnavailable) as exc:
+            log.warning(
+                "startup_waiting", extra={"for": what, "error": str(exc), "retry_in_s": delay}
+            )
+            # Each attempt may take attempt_s; systemd's start timeout must not run out meanwhile.
+            notifier.notify(
+                f"EXTEND_TIMEOUT_USEC={int((delay + attempt_s + 5) * 1e6)}",
+                f"STATUS=waiting for {what}: {exc}",
+            )
+            await trio.sleep(delay)
+            delay = min(STARTUP_RETRY_MAX_S, delay * 2)
+
+
 async def _start_infrastructure(
     infra: trio.Nursery,
     config: Config,
     auth: Authenticator,
-    zk: ZooKeeper,
     paths: ZkPaths,
     metrics: Metrics,
+    notifier: Notifier,
 ) -> Context:
     """ZooKeeper, the cluster's records, topics, producer, fetcher and ownership cache."""
-    try:
+
+    async def connect_zookeeper() -> ZooKeeper:
+        zk = ZooKeeper(
+            config.zookeeper.hosts,
+            session_timeout_s=config.zookeeper.session_timeout_s,
+            connect_timeout_s=config.zookeeper.connect_timeout_s,
+        )
         await infra.start(zk.run)
-    except ZooKeeperUnavailable as exc:
-        raise StartupError(f"zookeeper.hosts: {exc}") from None
+        return zk
+
+    zk_wait = config.zookeeper.connect_timeout_s
+    zk = await _until_reachable("zookeeper", connect_zookeeper, notifier, zk_wait)
     metrics.zk_connected.set(1)
-    try:
-        await _ensure_cluster(zk, paths, config)
-    except ZooKeeperError as exc:
-        raise StartupError(f"zookeeper.hosts: {exc}") from None
+
+    async def cluster_recorded() -> None:
+        try:
+            await _ensure_cluster(zk, paths, config)
+        except ZooKeeperError as exc:
+            raise ZooKeeperUnavailable(str(exc)) from None
+
+    await _until_reachable("zookeeper", cluster_recorded, notifier, zk_wait)
     admin = KafkaAdmin(config.kafka.bootstrap_servers)
-    await _ensure_topics(admin, config)
+    await _until_reachable(
+        "kafka", functools.partial(_ensure_topics, admin, config), notifier, 30.0
+    )
     producer = KafkaProducer(
         config.kafka.bootstrap_servers,
         linger_ms=config.kafka.linger_ms,
@@ -234,20 +276,16 @@ async def _ensure_cluster(zk: ZooKeeper, paths: ZkPaths, config: Config) -> None
 
 
 async def _ensure_topics(admin: KafkaAdmin, config: Config) -> None:
+    """Create the partitions' topics (or check the broker answers); KafkaUnavailable if it does not."""
     topics = [f"{config.kafka.topic_prefix}{k}" for k in range(config.cluster.partitions)]
-    try:
-        if config.kafka.create_topics:
-            created = await admin.ensure_topics(
-                topics, replication_factor=config.kafka.replication_factor
-            )
-            if created:
-                log.info("topics_created", extra={"count": len(created)})
-        else:
-            await admin.check()
-    except KafkaUnavailable as exc:
-        raise StartupError(
-            f"kafka.bootstrap_servers: {config.kafka.bootstrap_servers}: {exc}"
-        ) from None
+    if config.kafka.create_topics:
+        created = await admin.ensure_topics(
+            topics, replication_factor=config.kafka.replication_factor
+        )
+        if created:
+            log.info("topics_created", extra={"count": len(created)})
+    else:
+        await admin.check()
 
 
 class Instance:
@@ -266,7 +304,10 @@ class Instance:
         self.server_api = serverapi.ServerApi(ctx, self.supervisor.runtime)
         # Checked before anything was started; replaced by a reload.
         self.server_key = load_server_key(ctx.config.value)
-        self.kafka_ok = AsyncValue(True)  # the topics were just checked
+        # The broker answered the last metadata probe (the topics were just checked).
+        self._kafka_probe_ok = True
+        # Whether the instance can use the broker, as other parts wait on it.
+        self.kafka_healthy = AsyncValue(True)
         self._drain_requested = trio.Event()
         self._drain_reason = ""
         self._ready = trio.Event()
@@ -331,6 +372,12 @@ class Instance:
 
     # -- readiness and status -------------------------------------------------
 
+    @property
+    def kafka_ok(self) -> bool:
+        """The broker answers metadata requests and no send failed for want of it lately."""
+        since_failure = trio.current_time() - self.ctx.producer.last_unreachable
+        return self._kafka_probe_ok and since_failure > KAFKA_FAILURE_MEMORY_S
+
     async def _monitor(self) -> None:
         ctx = self.ctx
         metrics = ctx.metrics
@@ -338,13 +385,15 @@ class Instance:
             metrics.zk_connected.set(1 if ctx.zk.connected else 0)
             try:
                 await ctx.admin.check(timeout_s=KAFKA_CHECK_INTERVAL_S)
-                ok = True
+                self._kafka_probe_ok = True
             except KafkaUnavailable:
-                ok = False
-            if ok != self.kafka_ok.value:
+                self._kafka_probe_ok = False
+            ok = self.kafka_ok
+            if ok != self.kafka_healthy.value:
                 log.warning("kafka_reachability", extra={"reachable": ok})
-            self.kafka_ok.value = ok
+            self.kafka_healthy.value = ok
             metrics.kafka_ready.set(1 if ok else 0)
+            metrics.producer_replacements.set(ctx.producer.replacements)
             await trio.sleep(KAFKA_CHECK_INTERVAL_S)
 
     async def _watchdog(self) -> None:
@@ -362,7 +411,7 @@ class Instance:
         ctx = self.ctx
         return {
             "zookeeper": ctx.zk.connected,
-            "kafka": self.kafka_ok.value,
+            "kafka": self.kafka_ok,
             "accepting": not ctx.draining.is_set(),
         }
 
@@ -393,7 +442,7 @@ class Instance:
             "started_at": self._started_at,
             "draining": ctx.draining.is_set(),
             "zookeeper": ctx.zk.session.value.state.value,
-            "kafka": self.kafka_ok.value,
+            "kafka": self.kafka_ok,
             "target": self.balancer.target(),
             "connections": sum(p["connections"] for p in partitions),
             "partitions": partitions,

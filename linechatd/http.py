@@ -197,6 +197,18 @@ class HttpApi:
         except AuthError as exc:
             return json_response(exc.status, {"error": exc.code})
         k = partition_for(uid, ctx.partitions)
+        if not ctx.zk.connected:
+            # Without a trusted ZooKeeper session the ownership view may be
+            # stale: every owner may have lost its lease by now (CONTRACT §7).
+            return json_response(
+                503,
+                {
+                    "error": "no_owner",
+                    "partition": k,
+                    "message": "this instance cannot reach ZooKeeper; ask another or retry",
+                },
+                headers={"Retry-After": str(NO_OWNER_RETRY_AFTER_S)},
+            )
         owner = ctx.cache.owner(k)
         if owner is None or not owner.info.ws_url:
             return json_response(

@@ -22,6 +22,7 @@ docs/performance.md for the measurements.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -152,20 +153,73 @@ def _resolve_all(reports: list[tuple[DeliveryReceipt, KafkaError | None, int | N
             log.exception("delivery_report_failed")
 
 
+# Delivery errors that leave an idempotent producer unable to store anything
+# more (fenced, or its sequence broken): the producer is replaced, whatever
+# librdkafka's own fatal flag says.
+_PRODUCER_BROKEN = {
+    KafkaError._FATAL,
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    KafkaError.PRODUCER_FENCED,
+}
+# Errors meaning the broker cannot be reached (for readiness).
+_UNREACHABLE = {
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._TRANSPORT,
+    KafkaError._MSG_TIMED_OUT,
+    KafkaError._TIMED_OUT,
+}
+
+
+class _Handle:
+    """One librdkafka producer, and whether it was found broken."""
+
+    __slots__ = ("producer", "broken")
+
+    def __init__(self) -> None:
+        self.producer: Producer | None = None
+        self.broken = False
+
+
 class KafkaProducer:
+    """The instance's producer; replaced by a new one when it breaks.
+
+    A fatal error of the idempotent producer (librdkafka's error callback
+    says so, or a delivery report carries a fenced or broken-sequence error)
+    is a state of this adapter, not of the process: the broken producer is
+    retired — what it still holds is purged, and every one of its sends is
+    answered with an error (``unavailable`` to the client, which sends again)
+    — and a new producer, with a new producer id and idempotence kept, takes
+    the following sends. Nothing that was acknowledged is affected.
+    """
+
     def __init__(self, bootstrap: str, *, linger_ms: int, timeout_s: float) -> None:
         self._settings = producer_settings(bootstrap, linger_ms=linger_ms, timeout_s=timeout_s)
-        self._producer: Producer | None = None
+        self._current: _Handle | None = None
+        # Broken producers for the poll thread to purge and flush, then drop.
+        self._retired: queue.SimpleQueue[_Handle] = queue.SimpleQueue()
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop = threading.Event()
-        # Filled by delivery callbacks, which run only inside poll() on the poll thread.
+        # Filled by delivery callbacks, which run only inside poll()/flush() on the poll thread.
         self._reports: list[tuple[DeliveryReceipt, KafkaError | None, int | None]] = []
+        # Trio thread: how many producers were replaced, and when a send last
+        # failed for want of the broker (trio clock), for readiness.
+        self.replacements = 0
+        self.last_unreachable = -math.inf
+
+    def _make(self) -> _Handle:
+        handle = _Handle()
+        settings = dict(self._settings)
+        settings["error_cb"] = lambda err: self._on_error(handle, err)
+        handle.producer = Producer(settings)
+        return handle
 
     async def run(
         self, *, task_status: trio.TaskStatus[KafkaProducer] = trio.TASK_STATUS_IGNORED
     ) -> None:
         self._token = trio.lowlevel.current_trio_token()
-        self._producer = Producer(self._settings)
+        self._current = self._make()
         poller = threading.Thread(target=self._poll_loop, name="kafka-producer-poll", daemon=True)
         poller.start()
         try:
@@ -177,22 +231,79 @@ class KafkaProducer:
                 await trio.to_thread.run_sync(poller.join)
                 # Give in-flight sends a bounded chance to be acknowledged
                 # (flush() serves their callbacks now that the poller is gone).
-                await trio.to_thread.run_sync(self._producer.flush, 5.0)
+                current = self._current.producer
+                assert current is not None
+                await trio.to_thread.run_sync(current.flush, 5.0)
+                await trio.to_thread.run_sync(self._drain_retired)
                 reports, self._reports = self._reports, []
                 _resolve_all(reports)
 
     def _poll_loop(self) -> None:
         # The only thread that runs delivery callbacks. Every report served by
         # one poll() goes to trio in one hand-over, not one per message.
-        assert self._producer is not None and self._token is not None
+        assert self._token is not None
         while not self._stop.is_set():
-            self._producer.poll(0.05)
+            handle = self._current
+            assert handle is not None and handle.producer is not None
+            handle.producer.poll(0.05)
+            self._drain_retired()
             if self._reports:
                 reports, self._reports = self._reports, []
                 try:
                     self._token.run_sync_soon(_resolve_all, reports)
                 except trio.RunFinishedError:
                     return
+
+    def _drain_retired(self) -> None:
+        """Purge and flush each retired producer: every send it held gets its (error) report."""
+        while True:
+            try:
+                handle = self._retired.get_nowait()
+            except queue.Empty:
+                return
+            producer = handle.producer
+            assert producer is not None
+            try:
+                producer.purge(in_queue=True, in_flight=True, blocking=False)
+            except KafkaException as exc:
+                log.warning("kafka_producer_purge_failed", extra={"error": str(exc)})
+            left = producer.flush(5.0)
+            if left:
+                log.error("kafka_producer_retired_with_unanswered_sends", extra={"sends": left})
+            handle.producer = None
+
+    def _on_error(self, handle: _Handle, err: KafkaError) -> None:
+        # The poll thread (librdkafka's error callback): hand over only.
+        if err.fatal():
+            self._call_trio(self._replace, handle, err.str())
+        elif err.code() in _UNREACHABLE:
+            self._call_trio(self._note_unreachable)
+
+    def _call_trio(self, fn: Callable[..., object], *args: object) -> None:
+        token = self._token
+        if token is not None:
+            try:
+                token.run_sync_soon(fn, *args)
+            except trio.RunFinishedError:
+                pass
+
+    def _note_unreachable(self) -> None:
+        self.last_unreachable = trio.current_time()
+
+    def _replace(self, handle: _Handle, reason: str) -> None:
+        """Trio thread: retire ``handle``'s producer (if still current) and start a new one."""
+        if handle is not self._current or handle.broken:
+            return
+        handle.broken = True
+        # New sends go to the new producer from here on: send() runs on this
+        # thread too, so none can reach the retired one after this line.
+        self._current = self._make()
+        self._retired.put(handle)
+        self.replacements += 1
+        log.warning(
+            "kafka_producer_replaced",
+            extra={"reason": reason, "replacements": self.replacements},
+        )
 
     def send(self, topic: str, key: bytes, value: bytes) -> DeliveryReceipt:
         """Enqueue one record now (so calls keep their order); the receipt resolves on the ack.
@@ -201,20 +312,31 @@ class KafkaProducer:
         record gets its report within ``message.timeout.ms`` (set just under
         ``produce_timeout_s``): librdkafka reports a timeout as an error.
         """
-        producer = self._producer
-        if producer is None:
+        handle = self._current
+        if handle is None or handle.producer is None:
             raise KafkaUnavailable("producer is not running")
         receipt = DeliveryReceipt()
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            # The poll thread, inside poll(): collect only.
+            # The poll thread, inside poll(): collect, and hand a broken
+            # producer over for replacement.
             self._reports.append((receipt, err, msg.offset() if err is None else -1))
+            if err is not None:
+                if err.fatal() or err.code() in _PRODUCER_BROKEN:
+                    self._call_trio(self._replace, handle, err.str())
+                elif err.code() in _UNREACHABLE:
+                    self._call_trio(self._note_unreachable)
 
         try:
-            producer.produce(topic, value=value, key=key, partition=0, on_delivery=on_delivery)
+            handle.producer.produce(
+                topic, value=value, key=key, partition=0, on_delivery=on_delivery
+            )
         except BufferError as exc:
             raise KafkaUnavailable("producer queue is full") from exc
         except KafkaException as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if error is not None and (error.fatal() or error.code() in _PRODUCER_BROKEN):
+                self._replace(handle, error.str())
             raise KafkaUnavailable(str(exc)) from exc
         return receipt
 

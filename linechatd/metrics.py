@@ -90,6 +90,11 @@ class Metrics:
         self.kafka_ready = Gauge(
             "linechatd_kafka_reachable", "1 while the broker answers metadata requests", registry=r
         )
+        self.producer_replacements = Gauge(
+            "linechatd_kafka_producer_replacements",
+            "Producers replaced after a fatal error (fenced, broken sequence) since start",
+            registry=r,
+        )
         self.replays = Counter(
             "linechatd_replays_total", "Resume requests served, by result", ["result"], registry=r
         )

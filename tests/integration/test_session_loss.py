@@ -16,6 +16,7 @@ reaches T/2 and makes things happen that the test did not cause.
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -176,13 +177,19 @@ async def test_blackhole_stops_partitions_before_the_session_can_expire(
             print(f"after restore: gw-0 holds its share again after {time.time() - restored:.3f} s")
 
 
-async def test_a_short_cut_keeps_the_session_and_the_same_leases(
+async def test_a_short_cut_keeps_the_session_the_leases_and_the_sockets(
     tmp_path: Path,
     zookeeper_hosts: str,
     kafka_bootstrap: str,
     cluster_names: ClusterNames,
     zk_proxy: FaultProxy,
 ) -> None:
+    """A dropped connection that kazoo restores within T/2 changes nothing.
+
+    The server cannot expire the session before T has passed since it last
+    heard from it, so the leases stay trusted (the lease clock decides, not
+    the connection): no partition stops, no socket closes.
+    """
     with trio.fail_after(60):
         async with (
             _cluster(
@@ -201,30 +208,23 @@ async def test_a_short_cut_keeps_the_session_and_the_same_leases(
 
             t0 = time.time()
             zk_proxy.cut()
-            suspended = await wait_event(a, "zookeeper_session", state="suspended", after=t0)
-            for ws in sockets.values():
-                assert await close_code(ws) == CloseCode.MOVED
-            stopped = [
-                await wait_event(a, "partition_stopped", partition=k, after=t0) for k in mine
-            ]
-            assert {e["reason"] for e in stopped} == {"zookeeper_session"}
-            await trio.sleep(0.3)
+            lost = await wait_event(a, "zookeeper_connection", state="suspended", after=t0)
+            await trio.sleep(0.3)  # the cut itself, well under T/2
             zk_proxy.restore()
+            back = await wait_event(a, "zookeeper_connection", state="connected", after=t0)
 
-            # Same session, same lease nodes: gw-0 runs them again, same epochs.
-            retaken = [
-                await wait_event(a, "partition_started", partition=k, epoch=e, after=t0)
-                for k, e in mine.items()
-            ]
+            # Same session, same leases, every socket still open.
+            assert not events(a, "partition_stopped", after=t0)
+            assert not events(a, "zookeeper_session", state="suspended", after=t0)
+            assert not events(b, "partition_started", after=t0)
             view = await wait_shares(cluster, EVEN)
             assert view[a.instance_id] == mine
-            connected = events(a, "zookeeper_session", state="connected")
-            assert {e["generation"] for e in connected} == {1}, "the session survived"
-            assert not events(b, "partition_started", after=t0)
+            for ws in sockets.values():
+                await ws.send_message(json.dumps({"type": "ping"}))
+                assert json.loads(await ws.get_message())["type"] == "pong"
             print(
-                f"cut: suspended after {suspended['ts'] - t0:.3f} s, partitions stopped after "
-                f"{max(e['ts'] for e in stopped) - t0:.3f} s, re-taken after "
-                f"{max(e['ts'] for e in retaken) - t0:.3f} s (restored at 0.3 s)"
+                f"cut: connection lost after {lost['ts'] - t0:.3f} s, back after "
+                f"{back['ts'] - t0:.3f} s (restored at 0.3 s); nothing stopped"
             )
 
 
