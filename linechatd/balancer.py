@@ -15,7 +15,7 @@ import logging
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import trio
@@ -40,6 +40,16 @@ class Member:
 
     weight: float = 1.0
     max_partitions: int = 0  # 0 = no cap
+    kafka_ok: bool = True  # it can reach the broker (as it reports in its registration)
+
+
+def effective_members(members: Mapping[str, Member]) -> dict[str, Member]:
+    """The members as the fair share counts them: while any of them can reach
+    Kafka, those that cannot get no share (an owner that cannot fetch nor
+    produce serves nobody); when none can, nothing moves on that account."""
+    if not any(m.kafka_ok for m in members.values()):
+        return dict(members)
+    return {k: m if m.kafka_ok else replace(m, weight=0.0) for k, m in members.items()}
 
 
 def fair_shares(partitions: int, members: Mapping[str, Member]) -> dict[str, int]:
@@ -78,9 +88,18 @@ def pick_release(candidates: Mapping[int, int]) -> int:
 
 
 class Balancer:
-    def __init__(self, ctx: Context, supervisor: PartitionSupervisor) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        supervisor: PartitionSupervisor,
+        kafka_healthy: AsyncValue[bool] | None = None,
+    ) -> None:
         self._ctx = ctx
         self._supervisor = supervisor
+        # Whether this instance can reach the broker (published in its registration).
+        self._kafka_healthy = kafka_healthy if kafka_healthy is not None else AsyncValue(True)
+        # Trio clock: since when it cannot (None while it can).
+        self._unhealthy_since: float | None = None
         self.members: AsyncValue[dict[str, Member]] = AsyncValue({})
         self._member_ids: AsyncValue[tuple[str, ...]] = AsyncValue(())
         self._reconfigured = AsyncValue(0)
@@ -98,17 +117,31 @@ class Balancer:
         ctx = self._ctx
         members = dict(self.members.value)
         members[ctx.info.instance] = self._me()
-        return fair_shares(ctx.partitions, members)[ctx.info.instance]
+        return fair_shares(ctx.partitions, effective_members(members))[ctx.info.instance]
 
     def _me(self) -> Member:
         cfg = self._ctx.config.value.partitions
-        return Member(weight=cfg.weight, max_partitions=cfg.max_per_instance)
+        return Member(
+            weight=cfg.weight,
+            max_partitions=cfg.max_per_instance,
+            kafka_ok=self._kafka_healthy.value,
+        )
+
+    def _zombie(self) -> bool:
+        """Unable to reach Kafka for ``kafka.unhealthy_release_s`` while another member can."""
+        since = self._unhealthy_since
+        if since is None or not any(m.kafka_ok for m in self.members.value.values()):
+            return False
+        release_after = self._ctx.config.value.kafka.unhealthy_release_s
+        return trio.current_time() - since >= release_after
 
     # -- registration ---------------------------------------------------------
 
     def _registration(self) -> bytes:
         me = self._me()
-        return self._ctx.info.to_json(weight=me.weight, max_partitions=me.max_partitions)
+        return self._ctx.info.to_json(
+            weight=me.weight, max_partitions=me.max_partitions, kafka_ok=me.kafka_ok
+        )
 
     async def _refresh_members(self) -> None:
         # Polled, not watched: a member's weight or cap changes its node's
@@ -191,6 +224,7 @@ class Balancer:
                         self._member_ids.wait_transition,
                         ctx.zk.session.wait_transition,
                         self._reconfigured.wait_transition,
+                        self._kafka_healthy.wait_transition,
                         ctx.draining.wait,
                     )
             # Draining: the watch of members stays on for drain().
@@ -205,38 +239,48 @@ class Balancer:
         info = ctx.zk.session.value
         if info.state is not SessionState.CONNECTED:
             return None
+        healthy = self._kafka_healthy.value
+        if healthy:
+            self._unhealthy_since = None
+        elif self._unhealthy_since is None:
+            self._unhealthy_since = trio.current_time()
         await self._ensure_registered(info)
         await self._refresh_members()
         target = self.target()
         held = sup.held()
+        # An instance that cannot reach Kafka takes no partition; it gives its
+        # own up only once that has lasted unhealthy_release_s and another can
+        # (a short blip must not move every partition).
+        may_take = healthy
+        may_give = healthy or self._zombie()
         owners = ctx.cache.snapshot()
         # Leases this session still holds but does not run (they survived a
         # SUSPENDED connection, or a create whose answer came too late):
         # re-take them while under target, else free them.
         for k, owner in enumerate(owners):
             if owner is not None and owner.session_id == info.session_id and k not in held:
-                if len(held) < target:
+                if len(held) < target and may_take:
                     if await sup.acquire(k):
                         return ACQUIRED
                     continue
                 if await ctx.zk.delete_if_mine(ctx.paths.owner(k)):
                     log.info("lease_released", extra={"partition": k, "epoch": owner.epoch})
                 return RELEASED
-        if len(held) < target:
+        if len(held) < target and may_take:
             free = [k for k, owner in enumerate(owners) if owner is None]
             self._random.shuffle(free)
             for k in free[:3]:
                 if await sup.acquire(k):
                     return ACQUIRED
             return None
-        if len(held) > target:
+        if len(held) > target and may_give:
             counts = {r.partition: r.session_count for r in sup.runtimes()}
             k = pick_release(counts)
             log.info(
-                "partition_rebalance_release",
+                "partition_rebalance_release" if healthy else "partition_unhealthy_release",
                 extra={"partition": k, "held": len(held), "target": target},
             )
-            await sup.release(k, EndReason.RELEASED)
+            await sup.release(k, EndReason.RELEASED if healthy else EndReason.KAFKA_UNREACHABLE)
             return RELEASED
         return None
 
@@ -291,8 +335,10 @@ def member_from_json(data: bytes) -> Member:
         doc = json.loads(data)
         weight = float(doc.get("weight", 1.0))
         cap = int(doc.get("max_partitions", 0))
+        # Instances older than the health flag do not say: taken as healthy.
+        kafka_ok = doc.get("kafka_ok", True) is not False
     except (ValueError, TypeError, AttributeError):
         return Member()
     if not (math.isfinite(weight) and weight >= 0) or cap < 0:
         return Member()
-    return Member(weight=weight, max_partitions=cap)
+    return Member(weight=weight, max_partitions=cap, kafka_ok=kafka_ok)

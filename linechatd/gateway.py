@@ -42,7 +42,7 @@ from .balancer import Balancer, drain_stagger
 from .config import Config, ConfigError, load_config
 from .context import Context
 from .http import HttpApi, serve_http
-from .kafka import KafkaAdmin, KafkaFetcher, KafkaProducer, KafkaUnavailable
+from .kafka import GroupOffsetsPool, KafkaAdmin, KafkaFetcher, KafkaProducer, KafkaUnavailable
 from .metrics import Metrics
 from .ownership import InstanceInfo, OwnershipCache, ZkPaths
 from .partitions import PartitionSupervisor
@@ -226,6 +226,17 @@ async def _start_infrastructure(
     await infra.start(fetcher.run)
     cache = OwnershipCache(zk, paths, config.cluster.partitions)
     await infra.start(cache.run)
+    # Threads blocked in the group offsets' and replay readers' librdkafka
+    # calls (a probe and a scan per partition may poll at once, as after a
+    # failover, besides a commit).
+    consumer_limiter = trio.CapacityLimiter(2 * config.cluster.partitions + 16)
+    offsets = GroupOffsetsPool(
+        config.kafka.bootstrap_servers,
+        config.kafka.group_prefix,
+        config.kafka.topic_prefix,
+        limiter=consumer_limiter,
+    )
+    await infra.start(offsets.run)
     info = InstanceInfo(config.instance.id, config.websocket.advertise, config.http.advertise)
     return Context(
         config=AsyncValue(config),
@@ -237,10 +248,9 @@ async def _start_infrastructure(
         producer=producer,
         fetcher=fetcher,
         admin=admin,
+        offsets=offsets,
         metrics=metrics,
-        # Threads blocked in the replay readers' calls (a probe and a scan
-        # per partition may poll at once, as after a failover).
-        consumer_limiter=trio.CapacityLimiter(config.cluster.partitions + 16),
+        consumer_limiter=consumer_limiter,
         draining=trio.Event(),
     )
 
@@ -299,15 +309,16 @@ class Instance:
         self.notifier = notifier
         self.config_path = config_path
         self.supervisor = PartitionSupervisor(ctx)
-        self.balancer = Balancer(ctx, self.supervisor)
+        # Whether the instance can use the broker: the balancer publishes it
+        # to the others and gives no partitions to an instance that cannot.
+        self.kafka_healthy = AsyncValue(True)
+        self.balancer = Balancer(ctx, self.supervisor, self.kafka_healthy)
         self.connections = ConnectionCounter()
         self.server_api = serverapi.ServerApi(ctx, self.supervisor.runtime)
         # Checked before anything was started; replaced by a reload.
         self.server_key = load_server_key(ctx.config.value)
         # The broker answered the last metadata probe (the topics were just checked).
         self._kafka_probe_ok = True
-        # Whether the instance can use the broker, as other parts wait on it.
-        self.kafka_healthy = AsyncValue(True)
         self._drain_requested = trio.Event()
         self._drain_reason = ""
         self._ready = trio.Event()

@@ -35,7 +35,6 @@ from typing import Any, NamedTuple
 import trio
 from confluent_kafka import (
     Consumer,
-    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Message,
@@ -54,12 +53,26 @@ WATERMARKS_EVERY_S = 0.1
 # partition's delivery waits on it: a broker that does not answer this fast
 # is left to librdkafka's own metadata refresh instead.
 ASSIGN_METADATA_TIMEOUT_S = 0.2
+# After a failed commit every partition's commits pause this long, doubling.
+_COMMIT_BACKOFF_MIN_S = 1.0
+_COMMIT_BACKOFF_MAX_S = 30.0
+# The offsets client's broker-level request timeout, below every request
+# timeout it is given (5-10 s): a dead connection fails its requests first.
+_OFFSETS_SOCKET_TIMEOUT_MS = 3000
+# How long closing the group offsets' consumers may delay a stopping process.
+_POOL_CLOSE_S = 5.0
+# How much longer than a request's own timeout its future is awaited.
+_ADMIN_GRACE_S = 1.0
 # How long a hole in a topic's offsets is fetched again before it counts as real.
 GAP_REFETCH_S = 1.0
 
 
 class KafkaUnavailable(Exception):
     """The broker did not answer, or did not accept a record in time."""
+
+
+class CommitsPaused(KafkaUnavailable):
+    """A commit not attempted: commits pause for a while after one failed."""
 
 
 class Record(NamedTuple):
@@ -353,7 +366,10 @@ async def _result(future: Future[Any], timeout_s: float, what: str) -> Any:
             pass
 
     future.add_done_callback(wake)
-    with trio.move_on_after(timeout_s):
+    # A little past the request's own timeout: librdkafka then answers the
+    # future itself (an abandoned request still pending in librdkafka is
+    # what to avoid).
+    with trio.move_on_after(timeout_s + _ADMIN_GRACE_S):
         await done.wait()
     if not future.done():
         raise KafkaUnavailable(f"{what}: no answer from the broker in {timeout_s:g} s")
@@ -364,31 +380,17 @@ async def _result(future: Future[Any], timeout_s: float, what: str) -> Any:
 
 
 class KafkaAdmin:
-    """Topics, metadata, end offsets and each partition's committed offset."""
+    """Topics, metadata and end offsets.
+
+    Group offsets go through :class:`GroupOffsets` instead: librdkafka's admin
+    group operations (list/alter consumer group offsets) have aborted the
+    whole process when their requests time out while the broker's connection
+    keeps failing (librdkafka issues 4605 and 3663; seen here in the zombie
+    owner test), and the consumer's own commit path has no such trouble.
+    """
 
     def __init__(self, bootstrap: str) -> None:
         self._admin = AdminClient({"bootstrap.servers": bootstrap})
-
-    async def committed(self, group: str, topic: str, timeout_s: float = 10.0) -> int:
-        """The offset ``group`` committed for ``topic``, or -1 when none was."""
-        [future] = self._admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])],
-            request_timeout=timeout_s,
-        ).values()
-        answer = await _result(future, timeout_s, f"{topic}: committed offset of {group}")
-        offset = int(answer.topic_partitions[0].offset)
-        return offset if offset >= 0 else -1
-
-    async def commit(self, group: str, topic: str, offset: int, timeout_s: float = 5.0) -> None:
-        """Record ``offset`` as where ``group``'s next reader of ``topic`` starts."""
-        [future] = self._admin.alter_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0, offset)])],
-            request_timeout=timeout_s,
-        ).values()
-        answer = await _result(future, timeout_s, f"{topic}: commit for {group}")
-        error = answer.topic_partitions[0].error
-        if error is not None:
-            raise KafkaUnavailable(f"{topic}: commit for {group}: {error.str()}")
 
     async def end_offset(self, topic: str, timeout_s: float = 10.0) -> int:
         """The offset the next record of ``topic`` will get."""
@@ -897,3 +899,162 @@ class ReplayReader:
         """Close the consumer (in a thread: it may wait for librdkafka's own threads)."""
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._consumer.close, limiter=self._limiter)
+
+
+class GroupOffsets:
+    """One partition's consumer group offsets (``consumer-group-k``), held while it is owned.
+
+    Through a consumer of that group that never subscribes, is never
+    assigned and never fetches: it only reads and commits the group's offset
+    for the topic (librdkafka's group coordinator path). Every call runs in a
+    worker thread bounded by ``limiter``. Commits are hints (where the next
+    owner's live tail starts), so after a failed one the next attempts pause
+    (1 s, doubling to 30 s) instead of piling up requests while the broker
+    is unreachable.
+    """
+
+    def __init__(
+        self, bootstrap: str, group: str, topic: str, *, limiter: trio.CapacityLimiter
+    ) -> None:
+        self.group = group
+        self.topic = topic
+        self._limiter = limiter
+        # The outcome of the one commit in flight (commits of one partition
+        # are sequential), set by librdkafka's callback inside poll().
+        self._committed: KafkaError | None | bool = False
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "socket.nagle.disable": True,
+                "on_commit": self._on_commit,
+            }
+        )
+        self._paused_until = -math.inf
+        self._backoff_s = _COMMIT_BACKOFF_MIN_S
+
+    def _on_commit(self, err: KafkaError | None, _partitions: list[TopicPartition]) -> None:
+        # A worker thread, inside poll() in _commit_within().
+        self._committed = err if err is not None else True
+
+    def _commit_within(self, offset: int, timeout_s: float) -> None:
+        """Commit and wait at most ``timeout_s`` for the answer (a blocking
+        commit waits as long as librdkafka retries, minutes while the broker
+        is away). Raises KafkaException on a refusal or no answer."""
+        self._committed = False
+        self._consumer.commit(offsets=[TopicPartition(self.topic, 0, offset)], asynchronous=True)
+        deadline = time.monotonic() + timeout_s
+        while self._committed is False and time.monotonic() < deadline:
+            self._consumer.poll(0.05)  # serves the commit callback; nothing is assigned
+        outcome = self._committed
+        if outcome is False:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "no answer to the commit"))
+        if outcome is not True:
+            raise KafkaException(outcome)
+
+    def __repr__(self) -> str:
+        return f"<GroupOffsets {self.group} {self.topic}>"
+
+    async def _thread(self, fn: Callable[[], Any], what: str) -> Any:
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"{self.topic}: {what} of {self.group}: {exc}") from exc
+
+    async def committed(self, timeout_s: float = 10.0) -> int:
+        """The offset the group committed for the topic, or -1 when none was."""
+        tp = TopicPartition(self.topic, 0)
+        [answer] = await self._thread(
+            lambda: self._consumer.committed([tp], timeout=timeout_s), "committed offset"
+        )
+        if answer.error is not None:
+            raise KafkaUnavailable(
+                f"{self.topic}: committed offset of {self.group}: {answer.error}"
+            )
+        offset = int(answer.offset)
+        return offset if offset >= 0 else -1
+
+    async def end_offset(self, timeout_s: float = 10.0) -> int:
+        """The offset the topic's next record will get."""
+        tp = TopicPartition(self.topic, 0)
+        _low, high = await self._thread(
+            lambda: self._consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False),
+            "end offset",
+        )
+        return int(high)
+
+    async def commit(self, offset: int, timeout_s: float = 5.0) -> None:
+        """Record ``offset`` as where the group's next reader starts.
+
+        Raises CommitsPaused at once while commits pause after a failure.
+        """
+        if trio.current_time() < self._paused_until:
+            raise CommitsPaused(f"{self.topic}: commit for {self.group}: paused after a failure")
+        try:
+            await self._thread(lambda: self._commit_within(offset, timeout_s), "commit")
+        except KafkaUnavailable:
+            self._paused_until = trio.current_time() + self._backoff_s
+            self._backoff_s = min(_COMMIT_BACKOFF_MAX_S, 2 * self._backoff_s)
+            raise
+        self._backoff_s = _COMMIT_BACKOFF_MIN_S
+
+    async def aclose(self) -> None:
+        # Abandoned if its caller gives up (a stopping process): closing
+        # waits for broker connections that may never answer.
+        await trio.to_thread.run_sync(
+            self._consumer.close, limiter=self._limiter, abandon_on_cancel=True
+        )
+
+
+class GroupOffsetsPool:
+    """The instance's :class:`GroupOffsets`, one per partition it has held, kept until it stops.
+
+    Kept rather than closed when a partition is given back: closing a
+    consumer waits for its broker connections, up to tens of seconds while
+    the broker is unreachable, which would hold up the release (and the
+    move of the partition to an instance that can serve it). A partition
+    held again reuses its consumer. At most one per partition, each a few
+    hundred KiB.
+    """
+
+    def __init__(
+        self, bootstrap: str, group_prefix: str, topic_prefix: str, *, limiter: trio.CapacityLimiter
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._group_prefix = group_prefix
+        self._topic_prefix = topic_prefix
+        self._limiter = limiter
+        self._offsets: dict[int, GroupOffsets] = {}
+        self._running = False
+
+    def of(self, partition: int) -> GroupOffsets:
+        """Partition ``partition``'s group offsets (created on first use)."""
+        if not self._running:
+            raise KafkaUnavailable("group offsets are not available: the instance is stopping")
+        offsets = self._offsets.get(partition)
+        if offsets is None:
+            offsets = self._offsets[partition] = GroupOffsets(
+                self._bootstrap,
+                f"{self._group_prefix}{partition}",
+                f"{self._topic_prefix}{partition}",
+                limiter=self._limiter,
+            )
+        return offsets
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[GroupOffsetsPool] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Until cancelled; then close every consumer (bounded: the process is leaving)."""
+        self._running = True
+        try:
+            task_status.started(self)
+            await trio.sleep_forever()
+        finally:
+            self._running = False
+            offsets, self._offsets = list(self._offsets.values()), {}
+            with trio.CancelScope(shield=True), trio.move_on_after(_POOL_CLOSE_S):
+                async with trio.open_nursery() as nursery:
+                    for one in offsets:
+                        nursery.start_soon(one.aclose)

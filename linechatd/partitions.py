@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 from trio_util import AsyncValue
 
-from .kafka import KafkaUnavailable, TopicFeed
+from .kafka import CommitsPaused, KafkaUnavailable, TopicFeed
 from .ownership import lease_data
 from .protocol import RecordError, decode_record, encode_message
 from .ratelimit import UidBuckets
@@ -68,6 +68,7 @@ class EndReason(enum.Enum):
     SHUTDOWN = "shutdown"  # the process stops (after a drain ran out of time)
     FAILED = "failed"  # a bug or a fatal consumer error: hand the lease back, retry later
     KAFKA_UNAVAILABLE = "kafka_unavailable"  # the broker could not be used: hand the lease back
+    KAFKA_UNREACHABLE = "kafka_unreachable"  # given up to an instance that can reach the broker
     LEASE_LOST = "lease_lost"  # the lock node is gone or belongs to another epoch
     ZOOKEEPER_SESSION = "zookeeper_session"  # suspended or expired: assume the lease lost
 
@@ -108,6 +109,8 @@ class PartitionRuntime:
         self.send_buckets = UidBuckets(limits.sends_per_second, limits.send_burst)
         self.next_offset = 0  # the offset after the last one delivered
         self._committed = -1
+        # The group's offsets (consumer-group-k): read at start, committed while held.
+        self._offsets = ctx.offsets.of(partition)
         self._scope = trio.CancelScope()
         # Open exactly while SERVING: sessions are started in it (see serve()).
         self._nursery: trio.Nursery | None = None
@@ -245,7 +248,8 @@ class PartitionRuntime:
         served = self.serving_since is not None
         # A subtree that never served wrote nothing and may hand its node back.
         graceful = reason.graceful or not served
-        if graceful and served and ctx.zk.connected:
+        # Given up for want of the broker: a commit could only wait for it.
+        if graceful and served and ctx.zk.connected and reason is not EndReason.KAFKA_UNREACHABLE:
             await self._commit(self.next_offset)
         ctx.metrics.partition_owned.labels(str(k)).set(0)
         try:
@@ -339,15 +343,17 @@ class PartitionRuntime:
         With nothing committed yet, nobody is owed older records except
         through a client's explicit resume.
         """
-        admin = self._ctx.admin
-        committed = await admin.committed(self.group, self.topic)
-        return committed if committed >= 0 else await admin.end_offset(self.topic)
+        offsets = self._offsets
+        committed = await offsets.committed()
+        return committed if committed >= 0 else await offsets.end_offset()
 
     async def _commit(self, offset: int) -> bool:
         """Record where the next owner's live tail should start (a hint)."""
         with trio.CancelScope(shield=True):
             try:
-                await self._ctx.admin.commit(self.group, self.topic, offset)
+                await self._offsets.commit(offset)
+            except CommitsPaused:
+                return False  # the failure that paused them was logged
             except KafkaUnavailable as exc:
                 log.warning("kafka_commit_failed", extra={"topic": self.topic, "error": str(exc)})
                 return False

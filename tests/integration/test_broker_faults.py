@@ -169,3 +169,61 @@ async def test_a_slow_broker_delays_acks_and_loses_nothing(
         assert slow_took >= 1.0  # a round trip through the delay, at least
         assert report.lost == [] and report.offsets_repeated == 0 and report.out_of_order == 0
         assert report.reconnects == 0
+
+
+async def test_an_owner_that_cannot_reach_the_broker_gives_its_partitions_up(
+    tmp_path: Path,
+    zookeeper_hosts: str,
+    faulty_broker: FaultyBroker,
+    cluster_names: ClusterNames,
+) -> None:
+    """The zombie owner: gw-0 keeps ZooKeeper but loses the broker; gw-1 does not."""
+    release_s = 3.0
+    sections = {**SECTIONS, "kafka": {**SECTIONS["kafka"], "unhealthy_release_s": release_s}}
+    async with start_cluster(
+        2,
+        workdir=tmp_path,
+        zookeeper_hosts=zookeeper_hosts,
+        kafka_bootstrap=faulty_broker.bootstrap,
+        names=cluster_names,
+        partitions=PARTITIONS,
+        sections=sections,
+    ) as cluster:
+        zombie, healthy = cluster[0], cluster[1]
+        with trio.fail_after(180):
+            shares = await wait_balanced(cluster, PARTITIONS)
+            zombie_held = set(shares[zombie.instance_id])
+            assert zombie_held, "the zombie must hold partitions for the test to mean anything"
+            async with trio.open_nursery() as nursery:
+                traffic = await nursery.start(
+                    Traffic([healthy.http_url, zombie.http_url], 6, "zombie").run
+                )
+                await traffic.acks(30)
+                t0 = time.time()
+                faulty_broker.proxy.cut(pid=zombie.pid)
+                # Every partition of the zombie moves to the healthy instance.
+                while True:
+                    _s, _h, view = await http_get(healthy.http_url + "/api/status")
+                    if {p["partition"] for p in view["partitions"]} == set(range(PARTITIONS)):
+                        break
+                    await trio.sleep(0.1)
+                moved_after = time.time() - t0
+                await traffic.acks(30)
+                # Health back: the zombie takes its share again.
+                faulty_broker.proxy.restore(pid=zombie.pid)
+                await wait_balanced(cluster, PARTITIONS, timeout=60)
+                await traffic.acks(30)
+                report = await traffic.stop()
+                nursery.cancel_scope.cancel()
+        released = [
+            e
+            for e in events(cluster, "partition_stopped", after=t0)
+            if e["reason"] == "kafka_unreachable"
+        ]
+        print(
+            f"\nzombie owner: its {len(zombie_held)} partitions moved {moved_after:.1f} s after "
+            f"its broker link was cut (unhealthy_release_s {release_s:g}); {report.summary()}"
+        )
+        assert moved_after >= release_s, "a blip shorter than unhealthy_release_s moves nothing"
+        assert {e["partition"] for e in released} >= zombie_held
+        assert report.lost == [] and report.offsets_repeated == 0 and report.out_of_order == 0

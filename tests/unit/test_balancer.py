@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from linechatd.balancer import Member, drain_stagger, fair_shares, member_from_json, pick_release
+from linechatd.balancer import (
+    Member,
+    drain_stagger,
+    effective_members,
+    fair_shares,
+    member_from_json,
+    pick_release,
+)
 from linechatd.ownership import InstanceInfo, ZkPaths, owner_from_node, partition_view
 from linechatd.zk import NodeStat
 
@@ -217,3 +224,25 @@ def test_drain_stagger_never_exceeds_either_bound(
     stagger = drain_stagger(configured, grace, held)
     assert 0 <= stagger <= configured
     assert stagger * max(0, held - 1) <= grace * 2 / 3 + 1e-9 or held <= 1
+
+
+# -- the zombie owner: members that cannot reach Kafka -----------------------------------
+
+
+def test_members_that_cannot_reach_kafka_get_no_share_while_others_can() -> None:
+    members = {
+        "a": Member(),
+        "b": Member(kafka_ok=False),
+        "c": Member(),
+    }
+    shares = fair_shares(64, effective_members(members))
+    assert shares == {"a": 32, "b": 0, "c": 32}
+    # When nobody can reach Kafka, nothing moves on that account.
+    everyone_down = {k: Member(kafka_ok=False) for k in "abc"}
+    assert fair_shares(64, effective_members(everyone_down)) == fair_shares(64, everyone_down)
+
+
+def test_the_health_flag_is_read_from_registrations_and_defaults_to_healthy() -> None:
+    assert member_from_json(b'{"weight": 1, "kafka_ok": false}') == Member(kafka_ok=False)
+    assert member_from_json(b'{"weight": 2}') == Member(weight=2.0)  # an older instance
+    assert member_from_json(b'{"kafka_ok": "no"}').kafka_ok is True  # only false is false

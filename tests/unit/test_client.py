@@ -52,6 +52,8 @@ class FakeGateway:
             if event is h11.NEED_DATA:
                 conn.receive_data(await stream.receive_some(65536))
                 continue
+            if isinstance(event, h11.ConnectionClosed):
+                return  # the client went away before asking anything
             if isinstance(event, h11.Request):
                 self.http_requests.append(event.target.decode())
                 if self.resets and event.target.startswith(b"/api/connection-url"):

@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "kafka.produce_timeout_s": 5.0,
     "kafka.linger_ms": 1,
     "kafka.fetch_wait_max_ms": 10,
+    "kafka.unhealthy_release_s": 15.0,
     "auth.mode": "none",
     "auth.jwt_secret_file": None,
     "auth.jwt_algorithm": "HS256",
