@@ -420,7 +420,12 @@ class AuthConfig:
     jwt_issuer: str | None = _setting(None, _optional_text)
     jwt_audience: str | None = _setting(None, _optional_text)
     jwt_leeway_s: float = _setting(30.0, _number(0, 600))
+    # Longest lifetime (exp - iat, or exp - now without iat) a token may claim.
+    max_token_lifetime_s: float = _setting(86400.0, _number(60, 31536000))
     allow_insecure_none: bool = _setting(False, _boolean)
+    # Explicit opt-outs of the jwt_audience / jwt_issuer requirement (logged at every start).
+    allow_any_audience: bool = _setting(False, _boolean)
+    allow_any_issuer: bool = _setting(False, _boolean)
 
 
 @dataclass(frozen=True)
@@ -465,9 +470,26 @@ class LogConfig:
 
 
 def _auth_problems(raw: Mapping[str, Any]) -> list[str]:
-    if raw.get("mode") == "jwt" and "jwt_secret_file" not in raw:
-        return ['jwt_secret_file: required when auth.mode is "jwt"']
-    return []
+    if raw.get("mode") != "jwt":
+        return []
+    problems = []
+    if "jwt_secret_file" not in raw:
+        problems.append('jwt_secret_file: required when auth.mode is "jwt"')
+    # Without them a token your identity provider minted for another
+    # application (same key, other audience) would be accepted here.
+    if "jwt_audience" not in raw and raw.get("allow_any_audience") is not True:
+        problems.append(
+            'jwt_audience: required when auth.mode is "jwt" (the "aud" your identity provider '
+            "puts in tokens for this service), or set auth.allow_any_audience = true to accept "
+            "tokens issued for any application"
+        )
+    if "jwt_issuer" not in raw and raw.get("allow_any_issuer") is not True:
+        problems.append(
+            'jwt_issuer: required when auth.mode is "jwt" (the "iss" of your identity '
+            "provider), or set auth.allow_any_issuer = true to accept tokens of any issuer "
+            "that holds the key"
+        )
+    return problems
 
 
 def _tls_pair(table: str, secure_scheme: str) -> Callable[[Mapping[str, Any]], list[str]]:

@@ -40,7 +40,12 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         "zookeeper": {"hosts": "127.0.0.1:2181"},
         "kafka": {"bootstrap_servers": "127.0.0.1:9092"},
         "cluster": {"partitions": PARTITIONS},
-        "auth": {"mode": "jwt", "jwt_secret_file": str(key)},
+        "auth": {
+            "mode": "jwt",
+            "jwt_secret_file": str(key),
+            "allow_any_audience": True,
+            "allow_any_issuer": True,
+        },
         "limits": {
             "max_connections": 3,
             "max_connections_per_address": 2,
