@@ -376,6 +376,16 @@ class WebSocketConfig:
     # "" means "derive from listen" (see __post_init__).
     advertise: str = _setting("", _url("ws", "wss", suffix="/ws"))
     handshake_timeout_s: float = _setting(10.0, _number(0, 300, above=True))
+    # Sockets whose upgrade request is not complete yet; past either cap a new
+    # socket is closed at once (restart: the listener keeps its start values).
+    max_unfinished_handshakes: int = _setting(4096, _integer(1))
+    max_unfinished_handshakes_per_address: int = _setting(256, _integer(1))
+    # TCP keepalive on accepted sockets, so that a vanished client's socket
+    # dies in bounded time; tcp_user_timeout_s bounds unacknowledged sends.
+    tcp_keepalive_idle_s: int = _setting(45, _integer(1, 32767))
+    tcp_keepalive_interval_s: int = _setting(15, _integer(1, 32767))
+    tcp_keepalive_count: int = _setting(3, _integer(1, 127))
+    tcp_user_timeout_s: float = _setting(90.0, _number(1, 3600))
     # Empty: no Origin check.
     allowed_origins: tuple[str, ...] = _setting((), _origins)
     # PEM files; both or neither (see _tls_pair). Set: the listener speaks wss://.
@@ -437,7 +447,10 @@ class LimitsConfig:
     sends_per_second: float = _setting(100.0, _number(0, above=True))
     send_burst: int = _setting(200, _integer(1))
     max_connections: int = _setting(100000, _integer(1))
-    max_connections_per_address: int = _setting(10000, _integer(1))
+    max_connections_per_address: int = _setting(1000, _integer(1))
+    # Handshakes per address key (IPv4 address, IPv6 /64), whatever their outcome.
+    handshakes_per_second_per_address: float = _setting(20.0, _number(0, above=True))
+    handshake_burst_per_address: int = _setting(200, _integer(1))
     max_devices_per_uid: int = _setting(16, _integer(1, 1024))
 
 
@@ -453,6 +466,9 @@ class PartitionsConfig:
 class ReplayConfig:
     max_records: int = _setting(100000, _integer(0))
     max_age_s: float = _setting(604800.0, _number(0, above=True))
+    # Handshakes with a resume parameter per uid (each may cost a read of the window).
+    resumes_per_minute_per_uid: float = _setting(20.0, _number(0, above=True))
+    resume_burst_per_uid: int = _setting(20, _integer(1))
 
 
 @dataclass(frozen=True)

@@ -36,13 +36,14 @@ import trio
 from trio_util import AsyncValue
 
 from . import logs, websocket
-from .admission import ConnectionCounter, Refusal, UpgradeRequest, admit
+from .admission import ConnectionCounter, Refusal, UpgradeRequest, address_key, admit
 from .auth import Authenticator, KeyFileError
 from .balancer import Balancer, drain_stagger
 from .config import Config, ConfigError, load_config
 from .context import Context
 from .http import HttpApi, serve_http
 from .kafka import KafkaAdmin, KafkaFetcher, KafkaProducer, KafkaUnavailable
+from .keyedrate import KeyedRateLimiter
 from .metrics import Metrics
 from .ownership import InstanceInfo, OwnershipCache, ZkPaths
 from .partitions import PartitionSupervisor
@@ -58,6 +59,8 @@ __all__ = ["Gateway", "Instance", "StartupError", "run_from_config", "startup_er
 log = logging.getLogger(__name__)
 
 KAFKA_CHECK_INTERVAL_S = 5.0
+# Addresses (and uids) whose handshake (resume) rate is remembered at once; see keyedrate.
+RATE_KEYS = 65536
 # Sections a reload applies to the running instance; the rest need a restart.
 LIVE_SECTIONS = ("partitions", "limits", "log", "auth", "replay", "shutdown")
 
@@ -251,6 +254,17 @@ class Instance:
         self.supervisor = PartitionSupervisor(ctx)
         self.balancer = Balancer(ctx, self.supervisor)
         self.connections = ConnectionCounter()
+        limits, replay = ctx.config.value.limits, ctx.config.value.replay
+        self.handshake_rate = KeyedRateLimiter(
+            limits.handshakes_per_second_per_address,
+            limits.handshake_burst_per_address,
+            max_keys=RATE_KEYS,
+        )
+        self.resume_rate = KeyedRateLimiter(
+            replay.resumes_per_minute_per_uid / 60,
+            replay.resume_burst_per_uid,
+            max_keys=RATE_KEYS,
+        )
         self.kafka_ok = AsyncValue(True)  # the topics were just checked
         self._drain_requested = trio.Event()
         self._drain_reason = ""
@@ -303,13 +317,27 @@ class Instance:
             await self._drain(serving)
 
     async def _serve_websocket(self, config: Config, *, task_status: trio.TaskStatus[int]) -> None:
+        ws = config.websocket
+        refused = self.ctx.metrics.handshakes.labels("too_many_unfinished")
         await websocket.serve(
             self._on_handshake,
-            config.websocket.listen.host,
-            config.websocket.listen.port,
+            ws.listen.host,
+            ws.listen.port,
             ssl_context=self.tls.context("websocket"),
             max_message_bytes=config.limits.max_frame_bytes,
-            handshake_timeout_s=config.websocket.handshake_timeout_s,
+            handshake_timeout_s=ws.handshake_timeout_s,
+            unfinished=websocket.UnfinishedHandshakes(
+                ws.max_unfinished_handshakes,
+                ws.max_unfinished_handshakes_per_address,
+                address_key=address_key,
+                on_refused=refused.inc,
+            ),
+            keepalive=websocket.TcpKeepalive(
+                ws.tcp_keepalive_idle_s,
+                ws.tcp_keepalive_interval_s,
+                ws.tcp_keepalive_count,
+                ws.tcp_user_timeout_s,
+            ),
             task_status=task_status,
         )
 
@@ -404,6 +432,15 @@ class Instance:
                 return None
             return owner.info.ws_url
 
+        now = trio.current_time()
+        # The limits as configured now (they apply on reload).
+        limits, replay = config.limits, config.replay
+        self.handshake_rate.reconfigure(
+            limits.handshakes_per_second_per_address, limits.handshake_burst_per_address
+        )
+        self.resume_rate.reconfigure(
+            replay.resumes_per_minute_per_uid / 60, replay.resume_burst_per_uid
+        )
         decision = admit(
             UpgradeRequest(hs.path, hs.query, hs.headers.get("origin"), hs.remote),
             config=config,
@@ -413,6 +450,9 @@ class Instance:
             owner_url=owner_url,
             connections=self.connections,
             new_device_id=new_device_id,
+            handshake_wait=lambda address: self.handshake_rate.acquire(address, now),
+            resume_wait=lambda uid: self.resume_rate.acquire(uid, now),
+            page_urls=lambda: (o.info.http_url for o in ctx.cache.snapshot() if o is not None),
         )
         if isinstance(decision, Refusal):
             metrics.handshakes.labels(decision.error).inc()

@@ -1066,7 +1066,13 @@ async def test_handshake_timeout_drops_idle_sockets_while_users_connect(
     tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
 ) -> None:
     timeout_s = 2.0
-    sections = {"websocket": {"handshake_timeout_s": timeout_s}}
+    # Room for all 500 (the caps on unfinished handshakes are tested on their own).
+    sections = {
+        "websocket": {
+            "handshake_timeout_s": timeout_s,
+            "max_unfinished_handshakes_per_address": 1000,
+        }
+    }
     alice, bob = uids_in_one_partition(2, "slow")
     async with one_gateway(tmp_path, zookeeper_hosts, kafka_bootstrap, sections) as gw:
         port = int(gw.ws_url.rsplit(":", 1)[1].split("/")[0])
