@@ -40,7 +40,7 @@ BENCH_OUT ?= bench-results
 # Hard stop for a wedged run (every phase is bounded on its own as well).
 BENCH_TIMEOUT_S ?= 3600
 
-.PHONY: bench bench-smoke bench-transport
+.PHONY: bench bench-smoke bench-transport bench-abuse
 
 bench: install
 	timeout --foreground -k 30 $(BENCH_TIMEOUT_S) $(VENV)/bin/python -m benchmarks.run --out $(BENCH_OUT) $(BENCH_ARGS)
@@ -51,3 +51,9 @@ bench-smoke: install
 # The WebSocket transports alone (echo, CPU per message, RSS per idle connection).
 bench-transport: install
 	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.transport --out $(BENCH_OUT)/transport.json
+
+# One attacker per scenario against 50 honest pairs at 500 msg/s (docs/security.md):
+# prints a table and writes $(BENCH_OUT)/abuse.json; about 5 minutes.
+#   make bench-abuse BENCH_ARGS='--scenarios ping_flood,half_open --duration 5'
+bench-abuse: install
+	timeout --foreground -k 30 1800 $(VENV)/bin/python -m benchmarks.abuse --out $(BENCH_OUT) $(BENCH_ARGS)

@@ -433,14 +433,7 @@ class Instance:
             return owner.info.ws_url
 
         now = trio.current_time()
-        # The limits as configured now (they apply on reload).
-        limits, replay = config.limits, config.replay
-        self.handshake_rate.reconfigure(
-            limits.handshakes_per_second_per_address, limits.handshake_burst_per_address
-        )
-        self.resume_rate.reconfigure(
-            replay.resumes_per_minute_per_uid / 60, replay.resume_burst_per_uid
-        )
+        self._follow_rate_limits(config)
         decision = admit(
             UpgradeRequest(hs.path, hs.query, hs.headers.get("origin"), hs.remote),
             config=config,
@@ -497,6 +490,16 @@ class Instance:
             raise
         # The session's task, in the partition's nursery, owns the socket now.
         hs.detach()
+
+    def _follow_rate_limits(self, config: Config) -> None:
+        """The rate limiters take the configuration as it is now (a reload may change it)."""
+        limits, replay = config.limits, config.replay
+        self.handshake_rate.reconfigure(
+            limits.handshakes_per_second_per_address, limits.handshake_burst_per_address
+        )
+        self.resume_rate.reconfigure(
+            replay.resumes_per_minute_per_uid / 60, replay.resume_burst_per_uid
+        )
 
     # -- drain and reload ---------------------------------------------------------
 
