@@ -112,6 +112,7 @@ def scan_totals(log: str) -> dict[str, float]:
 
 def honest_step(bench: Bench, plan: Plan) -> dict[str, Any]:
     result = bench.step(plan.rate, plan.duration_s)
+    cpu = result["cpu"]
     return {
         "p50_ms": result["latency"]["p50_ms"],
         "p99_ms": result["latency"]["p99_ms"],
@@ -119,7 +120,10 @@ def honest_step(bench: Bench, plan: Plan) -> dict[str, Any]:
         "received": result["received"],
         "errors": result["errors"],
         "closed": result["closed"],
-        "server_cores": result["cpu"]["server_cores"],
+        "server_cores": cpu["server_cores"],
+        "broker_cores": cpu["helper_cores"].get("broker"),
+        # Everything else on the machine, the attacker included (see attacker_cores).
+        "other_cores": cpu["other_cores"],
     }
 
 
@@ -167,8 +171,10 @@ def run_scenario(
             raise RuntimeError(f"attacker {name} did not start: {ready!r}")
         with RssPeak(pid) as rss:
             cpu_before = procstat.sample([pid])
+            attacker_before = procstat.sample([attacker.pid])
             attacked = honest_step(bench, plan)
             cpu = procstat.sample([pid]).rate_since(cpu_before)
+            attacker_cores = procstat.sample([attacker.pid]).rate_since(attacker_before)
         attacker.wait(timeout=plan.duration_s + 60)
     finally:
         if attacker.poll() is None:
@@ -185,6 +191,7 @@ def run_scenario(
         "replay": scan_totals(log_during),
         "rss_peak_mib": round(rss.peak / 2**20, 1),
         "gateway_cores": round(cpu, 3),
+        "attacker_cores": round(attacker_cores, 3),
         "same_process": gateway.running() and gateway.pid == pid,
         "ready_after": status == 200,
     }
@@ -250,8 +257,8 @@ def describe(row: dict[str, Any]) -> tuple[str, str, str]:
     scanned = replay["scanned"]
     scanned_text = "?" if scanned != scanned else f"{scanned:.0f}"  # NaN: not logged
     return (
-        f"{answers.get('resumed_True', 0)} resumes served, {scanned_text} records read "
-        f"in {replay['passes']} passes",
+        f"{answers.get('resumed_True', 0)} resumed, {scanned_text} records read "
+        f"in {replay['passes']} passes, {replay['seconds']:.1f}s",
         first,
         f"429x{statuses.get('429', 0)}",
     )
@@ -260,7 +267,8 @@ def describe(row: dict[str, Any]) -> tuple[str, str, str]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = (
         f"{'scenario':<16} {'honest p50 ms':>15} {'honest p99 ms':>17} {'lost':>5}  "
-        f"{'attacker got':<58} {'stopped':>8} {'how':<22} {'RSS MiB':>8} {'CPU':>5} ok"
+        f"{'attacker got':<58} {'stopped':>8} {'how':<22} {'RSS MiB':>8} {'gw CPU':>6} "
+        f"{'others':>11} ok"
     )
     print(header)
     print("-" * len(header))
@@ -268,17 +276,20 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         b, x = row["baseline"], row["attacked"]
         got, first, how = describe(row)
         lost = x["sent"] - x["received"] + x["errors"]
+        # Other processes' cores (the attacker's own excluded), without > with:
+        # a busy machine makes every latency here worse.
+        others = _pair(b["other_cores"], max(0.0, x["other_cores"] - row["attacker_cores"]), 2)
         print(
             f"{row['scenario']:<16} {_pair(b['p50_ms'], x['p50_ms']):>15} "
             f"{_pair(b['p99_ms'], x['p99_ms']):>17} {lost:>5}  {got[:58]:<58} {first:>8} "
-            f"{how[:22]:<22} {row['rss_peak_mib']:>8} {row['gateway_cores']:>5.2f} "
-            f"{'yes' if row['same_process'] and row['ready_after'] else 'NO'}"
+            f"{how[:22]:<22} {row['rss_peak_mib']:>8} {row['gateway_cores']:>6.2f} "
+            f"{others:>11} {'yes' if row['same_process'] and row['ready_after'] else 'NO'}"
         )
 
 
-def _pair(before: float | None, after: float | None) -> str:
+def _pair(before: float | None, after: float | None, digits: int = 1) -> str:
     def f(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}"
+        return "-" if v is None else f"{v:.{digits}f}"
 
     return f"{f(before)} > {f(after)}"
 
