@@ -40,7 +40,7 @@ BENCH_OUT ?= bench-results
 # Hard stop for a wedged run (every phase is bounded on its own as well).
 BENCH_TIMEOUT_S ?= 3600
 
-.PHONY: bench bench-smoke bench-transport bench-fanout bench-codec
+.PHONY: bench bench-smoke bench-transport bench-fanout bench-codec bench-abuse
 
 bench: install
 	timeout --foreground -k 30 $(BENCH_TIMEOUT_S) $(VENV)/bin/python -m benchmarks.run --out $(BENCH_OUT) $(BENCH_ARGS)
@@ -58,3 +58,8 @@ bench-fanout: install
 # The WebSocket frame codecs and the JSON paths alone, in-process: CPU-µs per message.
 bench-codec: install
 	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.codec --out $(BENCH_OUT)/codec.json
+# One attacker per scenario against 50 honest pairs at 500 msg/s (docs/security.md):
+# prints a table and writes $(BENCH_OUT)/abuse.json; about 5 minutes.
+#   make bench-abuse BENCH_ARGS='--scenarios ping_flood,half_open --duration 5'
+bench-abuse: install
+	timeout --foreground -k 30 1800 $(VENV)/bin/python -m benchmarks.abuse --out $(BENCH_OUT) $(BENCH_ARGS)

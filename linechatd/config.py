@@ -377,6 +377,16 @@ class WebSocketConfig:
     # "" means "derive from listen" (see __post_init__).
     advertise: str = _setting("", _url("ws", "wss", suffix="/ws"))
     handshake_timeout_s: float = _setting(10.0, _number(0, 300, above=True))
+    # Sockets whose upgrade request is not complete yet; past either cap a new
+    # socket is closed at once (restart: the listener keeps its start values).
+    max_unfinished_handshakes: int = _setting(4096, _integer(1))
+    max_unfinished_handshakes_per_address: int = _setting(256, _integer(1))
+    # TCP keepalive on accepted sockets, so that a vanished client's socket
+    # dies in bounded time; tcp_user_timeout_s bounds unacknowledged sends.
+    tcp_keepalive_idle_s: int = _setting(45, _integer(1, 32767))
+    tcp_keepalive_interval_s: int = _setting(15, _integer(1, 32767))
+    tcp_keepalive_count: int = _setting(3, _integer(1, 127))
+    tcp_user_timeout_s: float = _setting(90.0, _number(1, 3600))
     # Empty: no Origin check.
     allowed_origins: tuple[str, ...] = _setting((), _origins)
     # PEM files; both or neither (see _tls_pair). Set: the listener speaks wss://.
@@ -424,7 +434,12 @@ class AuthConfig:
     jwt_issuer: str | None = _setting(None, _optional_text)
     jwt_audience: str | None = _setting(None, _optional_text)
     jwt_leeway_s: float = _setting(30.0, _number(0, 600))
+    # Longest lifetime (exp - iat, or exp - now without iat) a token may claim.
+    max_token_lifetime_s: float = _setting(86400.0, _number(60, 31536000))
     allow_insecure_none: bool = _setting(False, _boolean)
+    # Explicit opt-outs of the jwt_audience / jwt_issuer requirement (logged at every start).
+    allow_any_audience: bool = _setting(False, _boolean)
+    allow_any_issuer: bool = _setting(False, _boolean)
 
 
 @dataclass(frozen=True)
@@ -436,7 +451,10 @@ class LimitsConfig:
     sends_per_second: float = _setting(100.0, _number(0, above=True))
     send_burst: int = _setting(200, _integer(1))
     max_connections: int = _setting(100000, _integer(1))
-    max_connections_per_address: int = _setting(10000, _integer(1))
+    max_connections_per_address: int = _setting(1000, _integer(1))
+    # Handshakes per address key (IPv4 address, IPv6 /64), whatever their outcome.
+    handshakes_per_second_per_address: float = _setting(20.0, _number(0, above=True))
+    handshake_burst_per_address: int = _setting(200, _integer(1))
     max_devices_per_uid: int = _setting(16, _integer(1, 1024))
     # Frames of any kind per second per connection, counted before decoding;
     # bursts of twice as many. Above it: 1008 (CONTRACT.md §5).
@@ -461,6 +479,9 @@ class PartitionsConfig:
 class ReplayConfig:
     max_records: int = _setting(100000, _integer(0))
     max_age_s: float = _setting(604800.0, _number(0, above=True))
+    # Handshakes with a resume parameter per uid (each may cost a read of the window).
+    resumes_per_minute_per_uid: float = _setting(20.0, _number(0, above=True))
+    resume_burst_per_uid: int = _setting(20, _integer(1))
 
 
 @dataclass(frozen=True)
@@ -485,9 +506,26 @@ class LogConfig:
 
 
 def _auth_problems(raw: Mapping[str, Any]) -> list[str]:
-    if raw.get("mode") == "jwt" and "jwt_secret_file" not in raw:
-        return ['jwt_secret_file: required when auth.mode is "jwt"']
-    return []
+    if raw.get("mode") != "jwt":
+        return []
+    problems = []
+    if "jwt_secret_file" not in raw:
+        problems.append('jwt_secret_file: required when auth.mode is "jwt"')
+    # Without them a token your identity provider minted for another
+    # application (same key, other audience) would be accepted here.
+    if "jwt_audience" not in raw and raw.get("allow_any_audience") is not True:
+        problems.append(
+            'jwt_audience: required when auth.mode is "jwt" (the "aud" your identity provider '
+            "puts in tokens for this service), or set auth.allow_any_audience = true to accept "
+            "tokens issued for any application"
+        )
+    if "jwt_issuer" not in raw and raw.get("allow_any_issuer") is not True:
+        problems.append(
+            'jwt_issuer: required when auth.mode is "jwt" (the "iss" of your identity '
+            "provider), or set auth.allow_any_issuer = true to accept tokens of any issuer "
+            "that holds the key"
+        )
+    return problems
 
 
 def _tls_pair(table: str, secure_scheme: str) -> Callable[[Mapping[str, Any]], list[str]]:

@@ -36,13 +36,14 @@ import trio
 from trio_util import AsyncValue
 
 from . import logs, serverapi, websocket
-from .admission import ConnectionCounter, Refusal, UpgradeRequest, admit
+from .admission import ConnectionCounter, Refusal, UpgradeRequest, address_key, admit
 from .auth import Authenticator, KeyFileError
 from .balancer import Balancer, drain_stagger
 from .config import Config, ConfigError, load_config
 from .context import Context
 from .http import HttpApi, serve_http
 from .kafka import GroupOffsetsPool, KafkaAdmin, KafkaFetcher, KafkaProducer, KafkaUnavailable
+from .keyedrate import KeyedRateLimiter
 from .metrics import Metrics
 from .ownership import InstanceInfo, OwnershipCache, ZkPaths
 from .partitions import PartitionSupervisor
@@ -64,6 +65,8 @@ STARTUP_RETRY_MIN_S = 1.0
 STARTUP_RETRY_MAX_S = 15.0
 # A send that failed for want of the broker keeps the instance unready this long.
 KAFKA_FAILURE_MEMORY_S = 5.0
+# Addresses (and uids) whose handshake (resume) rate is remembered at once; see keyedrate.
+RATE_KEYS = 65536
 # Sections a reload applies to the running instance; the rest need a restart.
 LIVE_SECTIONS = ("partitions", "limits", "log", "auth", "replay", "shutdown", "server_api")
 
@@ -319,6 +322,17 @@ class Instance:
         self.server_key = load_server_key(ctx.config.value)
         # The broker answered the last metadata probe (the topics were just checked).
         self._kafka_probe_ok = True
+        limits, replay = ctx.config.value.limits, ctx.config.value.replay
+        self.handshake_rate = KeyedRateLimiter(
+            limits.handshakes_per_second_per_address,
+            limits.handshake_burst_per_address,
+            max_keys=RATE_KEYS,
+        )
+        self.resume_rate = KeyedRateLimiter(
+            replay.resumes_per_minute_per_uid / 60,
+            replay.resume_burst_per_uid,
+            max_keys=RATE_KEYS,
+        )
         self._drain_requested = trio.Event()
         self._drain_reason = ""
         self._ready = trio.Event()
@@ -370,14 +384,28 @@ class Instance:
             await self._drain(serving)
 
     async def _serve_websocket(self, config: Config, *, task_status: trio.TaskStatus[int]) -> None:
+        ws = config.websocket
+        refused = self.ctx.metrics.handshakes.labels("too_many_unfinished")
         await websocket.serve(
             self._on_handshake,
-            config.websocket.listen.host,
-            config.websocket.listen.port,
+            ws.listen.host,
+            ws.listen.port,
             ssl_context=self.tls.context("websocket"),
             max_message_bytes=config.limits.max_frame_bytes,
-            handshake_timeout_s=config.websocket.handshake_timeout_s,
+            handshake_timeout_s=ws.handshake_timeout_s,
             partial_message_timeout_s=config.limits.partial_message_timeout_s,
+            unfinished=websocket.UnfinishedHandshakes(
+                ws.max_unfinished_handshakes,
+                ws.max_unfinished_handshakes_per_address,
+                address_key=address_key,
+                on_refused=refused.inc,
+            ),
+            keepalive=websocket.TcpKeepalive(
+                ws.tcp_keepalive_idle_s,
+                ws.tcp_keepalive_interval_s,
+                ws.tcp_keepalive_count,
+                ws.tcp_user_timeout_s,
+            ),
             task_status=task_status,
         )
 
@@ -480,6 +508,8 @@ class Instance:
                 return None
             return owner.info.ws_url
 
+        now = trio.current_time()
+        self._follow_rate_limits(config)
         decision = admit(
             UpgradeRequest(hs.path, hs.query, hs.headers.get("origin"), hs.remote),
             config=config,
@@ -489,6 +519,9 @@ class Instance:
             owner_url=owner_url,
             connections=self.connections,
             new_device_id=new_device_id,
+            handshake_wait=lambda address: self.handshake_rate.acquire(address, now),
+            resume_wait=lambda uid: self.resume_rate.acquire(uid, now),
+            page_urls=lambda: (o.info.http_url for o in ctx.cache.snapshot() if o is not None),
         )
         if isinstance(decision, Refusal):
             metrics.handshakes.labels(decision.error).inc()
@@ -539,6 +572,16 @@ class Instance:
             raise
         # The session's task, in the partition's nursery, owns the socket now.
         hs.detach()
+
+    def _follow_rate_limits(self, config: Config) -> None:
+        """The rate limiters take the configuration as it is now (a reload may change it)."""
+        limits, replay = config.limits, config.replay
+        self.handshake_rate.reconfigure(
+            limits.handshakes_per_second_per_address, limits.handshake_burst_per_address
+        )
+        self.resume_rate.reconfigure(
+            replay.resumes_per_minute_per_uid / 60, replay.resume_burst_per_uid
+        )
 
     # -- drain and reload ---------------------------------------------------------
 

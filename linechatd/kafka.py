@@ -786,6 +786,10 @@ _GONE = {KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE}
 _REPLAY_POLL_S = 0.2
 
 
+REPLAY_PREFETCH_RECORDS = 2000
+REPLAY_PREFETCH_KIB = 4096
+
+
 def replay_settings(bootstrap: str, group: str, *, fetch_wait_max_ms: int) -> dict[str, Any]:
     return {
         "bootstrap.servers": bootstrap,
@@ -799,6 +803,12 @@ def replay_settings(bootstrap: str, group: str, *, fetch_wait_max_ms: int) -> di
         "fetch.wait.max.ms": fetch_wait_max_ms,
         "socket.nagle.disable": True,
         "fetch.queue.backoff.ms": 10,
+        # Prefetch a few batches ahead, not librdkafka's default of 100,000
+        # records or 64 MiB per reader: that read most of a replay window into
+        # memory (two readers per partition) for a resume whose client may be
+        # gone after the first batch.
+        "queued.min.messages": REPLAY_PREFETCH_RECORDS,
+        "queued.max.messages.kbytes": REPLAY_PREFETCH_KIB,
     }
 
 

@@ -5,7 +5,27 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+from .protocol import CloseCode
+
+__all__ = ["CLOSE_LABELS", "CONTENT_TYPE_LATEST", "Metrics", "close_label"]
+
+# linechatd_closes_total{code}: a fixed set, whatever clients send. The codes
+# the server (or its transport: 1002 protocol error, 1007 invalid UTF-8)
+# decides are themselves; a close the peer started is "peer", whatever code it
+# chose, so that clients can neither create series nor fire the 1008/1009
+# alerts; 1006 is a connection lost without a close frame.
+CLOSE_LABELS = frozenset({*(str(int(code)) for code in CloseCode), "1002", "1007", "peer", "other"})
+
+
+def close_label(code: int | None, *, by_peer: bool) -> str:
+    """The ``code`` label of one closed session (see CLOSE_LABELS)."""
+    if code == CloseCode.ABNORMAL or code is None:
+        return str(int(CloseCode.ABNORMAL))
+    if by_peer:
+        return "peer"
+    label = str(code)
+    return label if label in CLOSE_LABELS else "other"
+
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -21,7 +41,7 @@ class Metrics:
         )
         self.closes = Counter(
             "linechatd_closes_total",
-            "WebSocket sessions closed, by close code",
+            "WebSocket sessions closed, by the code the server chose ('peer': the client closed)",
             ["code"],
             registry=r,
         )

@@ -381,9 +381,15 @@ class PartitionRuntime:
                 except RecordError as exc:
                     # A poisoned record must never stop the partition.
                     metrics.bad_records.labels(str(k)).inc()
+                    # Sizes and kinds only: the message text may quote the record.
                     log.warning(
                         "bad_record_skipped",
-                        extra={"partition": k, "offset": record.offset, "error": str(exc)},
+                        extra={
+                            "partition": k,
+                            "offset": record.offset,
+                            "kind": exc.kind,
+                            "bytes": None if record.value is None else len(record.value),
+                        },
                     )
                     continue
                 delivered = 0

@@ -64,6 +64,7 @@ __all__ = [
     "Ping",
     "Pong",
     "ProtocolError",
+    "RECORD_ERROR_KINDS",
     "RecordError",
     "RemoteProtocolError",
     "Send",
@@ -175,7 +176,22 @@ class LocalProtocolError(ProtocolError):
 
 
 class RecordError(ProtocolError):
-    """A Kafka record value that cannot be decoded into a :class:`ChatRecord`."""
+    """A Kafka record value that cannot be decoded into a :class:`ChatRecord`.
+
+    ``kind`` names the problem in one word from a fixed set (``RECORD_ERROR_KINDS``),
+    fit for logs: the message may quote parts of the record, which is
+    someone's message.
+    """
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+#: The kinds of :class:`RecordError`.
+RECORD_ERROR_KINDS = frozenset(
+    {"no_value", "too_large", "not_utf8", "bad_json", "not_object", "bad_version", "bad_field"}
+)
 
 
 class HandshakeError(RemoteProtocolError):
@@ -886,7 +902,7 @@ def encode_record(r: Record, *, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
 
 def _uid_tuple(value: object, name: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(uid, str) for uid in value):
-        raise RecordError(f"record field {name!r} must be a list of uids")
+        raise RecordError(f"record field {name!r} must be a list of uids", kind="bad_field")
     return tuple(value)
 
 
@@ -899,30 +915,30 @@ def decode_record(data: bytes | None, *, max_bytes: int = MAX_RECORD_BYTES) -> R
     ignored so that compatible additions do not need a new version.
     """
     if data is None:
-        raise RecordError("record has no value")
+        raise RecordError("record has no value", kind="no_value")
     if not isinstance(data, bytes | bytearray | memoryview):
-        raise RecordError(f"record value must be bytes, got {type(data).__name__}")
+        raise RecordError(f"record value must be bytes, got {type(data).__name__}", kind="no_value")
     if len(data) > max_bytes:
-        raise RecordError(f"record is {len(data)} bytes, limit {max_bytes}")
+        raise RecordError(f"record is {len(data)} bytes, limit {max_bytes}", kind="too_large")
     try:
         text = bytes(data).decode("utf-8")
     except UnicodeDecodeError:
-        raise RecordError("record is not valid UTF-8") from None
+        raise RecordError("record is not valid UTF-8", kind="not_utf8") from None
     try:
         obj = _loads_strict(text)
     except ValueError as exc:
-        raise RecordError(f"record is not valid: {_json_reason(exc)}") from None
+        raise RecordError(f"record is not valid: {_json_reason(exc)}", kind="bad_json") from None
     if not isinstance(obj, dict):
-        raise RecordError("record must be a JSON object")
+        raise RecordError("record must be a JSON object", kind="not_object")
 
     version = obj.get("v")
     if type(version) is not int:
-        raise RecordError("record field 'v' must be an integer")
+        raise RecordError("record field 'v' must be an integer", kind="bad_version")
     if version not in (RECORD_VERSION, GROUP_RECORD_VERSION):
-        raise RecordError(f"unsupported record version {version}")
+        raise RecordError(f"unsupported record version {version}", kind="bad_version")
     for name in ("from", "from_device", "to", "id", "body", "ts"):
         if name not in obj:
-            raise RecordError(f"record field {name!r} is required")
+            raise RecordError(f"record field {name!r} is required", kind="bad_field")
     record: Record
     if version == RECORD_VERSION:
         record = ChatRecord(
@@ -946,5 +962,5 @@ def decode_record(data: bytes | None, *, max_bytes: int = MAX_RECORD_BYTES) -> R
         )
     problem = _record_problem(record)
     if problem is not None:
-        raise RecordError(f"record {problem}")
+        raise RecordError(f"record {problem}", kind="bad_field")
     return record

@@ -31,6 +31,7 @@ import trio
 
 from .delivery import CoreLimits, ProduceRequest, SessionCore
 from .kafka import KafkaUnavailable
+from .metrics import close_label
 from .protocol import CloseCode, encode_welcome
 from .ratelimit import TokenBucket
 from .replay import Replay, ReplayHub
@@ -231,7 +232,7 @@ class Session:
                 # Whatever happened, the socket is released here: the session owns it.
                 await self._conn.aclose()
             code = self._conn.closed_code if self._peer_closed else close.code
-            metrics.closes.labels(str(code)).inc()
+            metrics.closes.labels(close_label(code, by_peer=not self._conn.closed_locally)).inc()
             if self._on_end is not None:
                 self._on_end()
 
@@ -258,6 +259,10 @@ class Session:
             await self._send_ahead(welcome(resumed), " for the welcome")
             if resumed:
                 await replay.send_to(self)
+
+    async def wait_gone(self) -> None:
+        """Return once the client has dropped its connection (while replaying; see replay.py)."""
+        await self._conn.wait_peer_gone()
 
     async def send_replayed(self, offset: int, frame: str) -> None:
         """Send a replayed record now, ahead of the (still waiting) live outbox."""

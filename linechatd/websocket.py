@@ -23,8 +23,11 @@ import json
 import logging
 import math
 import os
+import select
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 import h11
@@ -50,6 +53,8 @@ DISCONNECT_TIMEOUT_S = 2.0
 # A peer closed for abuse is not waited for: until its close reply arrives
 # every byte it keeps sending would still be read and parsed.
 ABUSE_CLOSE_WAIT_S = 0.1
+# While a client that sent bytes nobody reads yet is watched for leaving.
+PEER_GONE_POLL_S = 0.25
 # Per read: large enough for a burst of frames in one call, and the bytes
 # object is shrunk to what arrived, so an idle socket holds none of it.
 RECEIVE_BYTES = 65536
@@ -244,6 +249,37 @@ class Connection:
                 self._closed_code, self._closed_reason = int(event.code), event.reason
             await self._drop()
 
+    async def wait_peer_gone(self) -> None:
+        """Return once the peer has closed or reset its TCP connection, without reading.
+
+        For a task that must not read (the session's reader is not running
+        yet) but should stop working for a client that left. Linux reports
+        the peer's FIN as POLLRDHUP even behind unread bytes; elsewhere this
+        never returns. Only one task may wait at a time, and never while
+        another reads.
+        """
+        stream = self._stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        rdhup = getattr(select, "POLLRDHUP", None)
+        if not isinstance(stream, trio.SocketStream) or rdhup is None:
+            await trio.sleep_forever()
+            return
+        sock = stream.socket
+        gone = rdhup | select.POLLHUP | select.POLLERR
+        while not self._dropped:
+            await trio.lowlevel.wait_readable(sock)
+            fd = sock.fileno()
+            if fd < 0:
+                return  # closed here meanwhile
+            poller = select.poll()
+            poller.register(fd, gone)
+            if poller.poll(0):
+                return
+            # Bytes from a client still there: look again now and then (a
+            # readable socket would wake us at once, over and over).
+            await trio.sleep(PEER_GONE_POLL_S)
+
     # -- sending -------------------------------------------------------------
 
     async def send(self, text: str) -> None:
@@ -408,6 +444,11 @@ class Connection:
         if self._closed_code is None:
             self._closed_code = CLOSE_ABNORMAL
         await trio.aclose_forcefully(self._stream)
+
+    @property
+    def closed_locally(self) -> bool:
+        """This side started the close (the session, or the transport failing the peer)."""
+        return self._local_close_code is not None
 
     @property
     def closed_code(self) -> int | None:
@@ -647,6 +688,97 @@ async def _read_request(
             return None
 
 
+@dataclass(frozen=True, slots=True)
+class TcpKeepalive:
+    """Keepalive settings for accepted sockets (seconds, probes)."""
+
+    idle_s: int
+    interval_s: int
+    count: int
+    user_timeout_s: float
+
+
+def apply_tcp_keepalive(sock: trio.socket.SocketType, settings: TcpKeepalive) -> None:
+    """Turn keepalive on for ``sock``, so that a peer that vanished is noticed.
+
+    Without it an idle socket whose client lost its network stays open
+    forever, and one with unacknowledged data for ~15 minutes of
+    retransmissions; TCP_USER_TIMEOUT bounds both (Linux). Options the
+    platform lacks are skipped; a socket already reset is left alone.
+    """
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), settings.idle_s),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), settings.interval_s),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), settings.count),
+        (
+            socket.IPPROTO_TCP,
+            getattr(socket, "TCP_USER_TIMEOUT", None),
+            int(settings.user_timeout_s * 1000),
+        ),
+    ]
+    try:
+        for level, name, value in options:
+            if name is not None:
+                sock.setsockopt(level, name, value)
+    except OSError:
+        pass  # the peer is already gone: the first read says so
+
+
+class UnfinishedHandshakes:
+    """Sockets accepted whose upgrade request is not complete, capped in total and per address.
+
+    No I/O: the listener asks :meth:`enter` as it accepts a socket and closes
+    it at once when refused, so slow or idle clients cannot hold more than
+    the caps of sockets (and their buffers) however many they open.
+    """
+
+    def __init__(
+        self,
+        max_total: int,
+        max_per_address: int,
+        *,
+        address_key: Callable[[str], str] = lambda remote: remote,
+        on_refused: Callable[[], object] = lambda: None,
+    ) -> None:
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self._key = address_key
+        self._on_refused = on_refused
+        self.total = 0
+        self.refused = 0
+        self._by_address: dict[str, int] = {}
+
+    def of(self, remote: str) -> int:
+        return self._by_address.get(self._key(remote), 0)
+
+    def enter(self, remote: str) -> Callable[[], None] | None:
+        """Count a socket from ``remote``; its release, or None when a cap is reached."""
+        key = self._key(remote)
+        held = self._by_address.get(key, 0)
+        if self.total >= self.max_total or held >= self.max_per_address:
+            self.refused += 1
+            self._on_refused()
+            return None
+        self.total += 1
+        self._by_address[key] = held + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.total -= 1
+            left = self._by_address[key] - 1
+            if left:
+                self._by_address[key] = left
+            else:
+                del self._by_address[key]
+
+        return release
+
+
 async def serve(
     handler: Callable[[Handshake], Awaitable[None]],
     host: str,
@@ -656,29 +788,42 @@ async def serve(
     max_message_bytes: int,
     handshake_timeout_s: float,
     partial_message_timeout_s: float = DEFAULT_PARTIAL_MESSAGE_TIMEOUT_S,
+    unfinished: UnfinishedHandshakes | None = None,
+    keepalive: TcpKeepalive | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen until cancelled; ``task_status.started(port)`` once bound.
 
     ``handshake_timeout_s`` bounds everything before the upgrade request is
     complete, TLS handshake included: a socket that never finishes is closed.
+    ``unfinished`` caps how many may be at that stage at once (a socket past
+    the caps is closed as soon as it is accepted); ``keepalive`` is set on
+    every accepted socket.
     """
 
     async def on_connection(tcp: trio.SocketStream) -> None:
         stream: trio.abc.Stream = tcp
-        if ssl_context is not None:
-            stream = trio.SSLStream(tcp, ssl_context, server_side=True, https_compatible=True)
         hs: Handshake | None = None
         # A fault boundary per connection: one that raised would stop the listener.
         try:
             remote = _remote_address(tcp)
-            with trio.move_on_after(handshake_timeout_s):
-                try:
-                    hs = await _read_request(
-                        stream, remote, max_message_bytes, partial_message_timeout_s
-                    )
-                except _STREAM_ERRORS:
-                    pass
+            release = unfinished.enter(remote) if unfinished is not None else _nothing
+            if release is None:
+                return  # closed below, before anything is read
+            if keepalive is not None:
+                apply_tcp_keepalive(tcp.socket, keepalive)
+            if ssl_context is not None:
+                stream = trio.SSLStream(tcp, ssl_context, server_side=True, https_compatible=True)
+            try:
+                with trio.move_on_after(handshake_timeout_s):
+                    try:
+                        hs = await _read_request(
+                            stream, remote, max_message_bytes, partial_message_timeout_s
+                        )
+                    except _STREAM_ERRORS:
+                        pass
+            finally:
+                release()
             if hs is None:
                 return
             await handler(hs)
@@ -699,6 +844,10 @@ async def serve(
         for listener in listeners:
             nursery.start_soon(_accept_loop, listener, on_connection, nursery)
         task_status.started(bound)
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _accept_loop(

@@ -476,8 +476,9 @@ async def test_offline_recipient_finds_the_message_in_kafka_and_by_resume(
                 second = await again.receive(timeout_s=10)
                 assert [first.id, second.offset] == ["while-away", live.offset]
 
-            # Past replay.max_records (3 here) a resume is refused: resumed is false,
-            # nothing is replayed, and live delivery goes on.
+            # Past replay.max_records (3 here) resume=-1 still resumes: it asks for
+            # what is left in the window, the last 3 records of the partition
+            # ("while-away" has left it), then live delivery goes on.
             async with (
                 connect(cluster[1].http_url, frank) as sender,
                 connect(cluster[0].http_url, other) as bystander,
@@ -487,10 +488,19 @@ async def test_offline_recipient_finds_the_message_in_kafka_and_by_resume(
                 await bystander.receive(timeout_s=10)
                 async with connect(cluster[2].http_url, erin, resume=-1) as late:
                     assert late.welcome.value is not None
-                    assert late.welcome.value.resumed is False
+                    assert late.welcome.value.resumed is True
+                    replayed = await late.receive(timeout_s=10)
+                    assert replayed.offset == live.offset
                     ack = await sender.send(erin, "after the gap")
                     message = await late.receive(timeout_s=10)
                     assert (message.body, message.offset) == ("after the gap", ack.offset)
+
+            # A device further behind than the window with an explicit cursor
+            # still gets "resumed": false and resyncs from its own history.
+            assert ack.offset > 3  # so that offset 0 is out of the 3-record window
+            async with connect(cluster[2].http_url, erin, resume=0) as behind:
+                assert behind.welcome.value is not None
+                assert behind.welcome.value.resumed is False
 
 
 def produce_burst(

@@ -39,6 +39,12 @@ DEFAULTS: dict[str, Any] = {
     "websocket.listen": HostPort("127.0.0.1", 8765),
     "websocket.advertise": "ws://127.0.0.1:8765/ws",
     "websocket.handshake_timeout_s": 10.0,
+    "websocket.max_unfinished_handshakes": 4096,
+    "websocket.max_unfinished_handshakes_per_address": 256,
+    "websocket.tcp_keepalive_idle_s": 45,
+    "websocket.tcp_keepalive_interval_s": 15,
+    "websocket.tcp_keepalive_count": 3,
+    "websocket.tcp_user_timeout_s": 90.0,
     "websocket.allowed_origins": (),
     "websocket.tls_cert_file": None,
     "websocket.tls_key_file": None,
@@ -59,6 +65,9 @@ DEFAULTS: dict[str, Any] = {
     "auth.jwt_audience": None,
     "auth.jwt_leeway_s": 30.0,
     "auth.allow_insecure_none": False,
+    "auth.allow_any_audience": False,
+    "auth.allow_any_issuer": False,
+    "auth.max_token_lifetime_s": 86400.0,
     "limits.max_frame_bytes": 65536,
     "limits.bad_frames_per_minute": 10,
     "limits.outbound_queue_messages": 1024,
@@ -66,7 +75,9 @@ DEFAULTS: dict[str, Any] = {
     "limits.sends_per_second": 100.0,
     "limits.send_burst": 200,
     "limits.max_connections": 100000,
-    "limits.max_connections_per_address": 10000,
+    "limits.max_connections_per_address": 1000,
+    "limits.handshakes_per_second_per_address": 20.0,
+    "limits.handshake_burst_per_address": 200,
     "limits.max_devices_per_uid": 16,
     "limits.max_frames_per_s": 200.0,
     "limits.idle_timeout_s": 120.0,
@@ -78,11 +89,15 @@ DEFAULTS: dict[str, Any] = {
     "partitions.rebalance_pause_s": 0.2,
     "replay.max_records": 100000,
     "replay.max_age_s": 604800.0,
+    "replay.resumes_per_minute_per_uid": 20.0,
+    "replay.resume_burst_per_uid": 20,
     "shutdown.grace_period_s": 30.0,
     "shutdown.drain_stagger_s": 0.5,
     "log.level": "info",
     "log.format": "logfmt",
 }
+# What jwt mode requires besides the key (or their explicit opt-outs).
+CLAIMS = {"jwt_issuer": "https://idp.example", "jwt_audience": "chat"}
 ALL_KEYS = [*DEFAULTS, "instance.id", "zookeeper.hosts", "kafka.bootstrap_servers"]
 
 
@@ -268,7 +283,8 @@ def test_relative_paths_resolve_against_the_config_files_directory(
         '[zookeeper]\nhosts = "127.0.0.1:2181"\n'
         '[kafka]\nbootstrap_servers = "127.0.0.1:9092"\n'
         '[http]\nadmin_token_file = "admin.token"\n'
-        '[auth]\nmode = "jwt"\njwt_secret_file = "keys/jwt.key"\n',
+        '[auth]\nmode = "jwt"\njwt_secret_file = "keys/jwt.key"\n'
+        'jwt_issuer = "https://idp.example"\njwt_audience = "chat"\n',
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -282,7 +298,7 @@ def test_relative_paths_resolve_against_the_config_files_directory(
 def test_parse_config_resolves_paths_against_base_dir(tmp_path: Path) -> None:
     (tmp_path / "jwt.key").write_bytes(b"s")
     config = parse_config(
-        with_values(auth={"mode": "jwt", "jwt_secret_file": "jwt.key"}), base_dir=tmp_path
+        with_values(auth={"mode": "jwt", "jwt_secret_file": "jwt.key", **CLAIMS}), base_dir=tmp_path
     )
     assert config.auth.jwt_secret_file == tmp_path / "jwt.key"
 
@@ -291,7 +307,8 @@ def test_absolute_path_is_kept(tmp_path: Path) -> None:
     key = tmp_path / "jwt.key"
     key.write_bytes(b"s")
     config = parse_config(
-        with_values(auth={"mode": "jwt", "jwt_secret_file": str(key)}), base_dir=Path("/nowhere")
+        with_values(auth={"mode": "jwt", "jwt_secret_file": str(key), **CLAIMS}),
+        base_dir=Path("/nowhere"),
     )
     assert config.auth.jwt_secret_file == key
 
@@ -299,7 +316,7 @@ def test_absolute_path_is_kept(tmp_path: Path) -> None:
 def test_missing_file_is_reported(tmp_path: Path) -> None:
     data = with_values(
         http={"admin_token_file": "nope.token"},
-        auth={"mode": "jwt", "jwt_secret_file": "nope.key"},
+        auth={"mode": "jwt", "jwt_secret_file": "nope.key", **CLAIMS},
     )
     assert problems_of(data, base_dir=tmp_path) == [
         f"http.admin_token_file: cannot read {str(tmp_path / 'nope.token')!r}: "
@@ -322,14 +339,33 @@ def test_empty_path_is_rejected(tmp_path: Path) -> None:
 
 
 def test_jwt_mode_requires_a_secret_file() -> None:
-    assert problems_of(with_values(auth={"mode": "jwt"})) == [
+    assert problems_of(with_values(auth={"mode": "jwt", **CLAIMS})) == [
         'auth.jwt_secret_file: required when auth.mode is "jwt"'
     ]
 
 
+def test_jwt_mode_requires_audience_and_issuer_or_their_explicit_opt_outs(tmp_path: Path) -> None:
+    (tmp_path / "jwt.key").write_bytes(b"s")
+    base = {"mode": "jwt", "jwt_secret_file": "jwt.key"}
+    problems = problems_of(with_values(auth=base), base_dir=tmp_path)
+    assert [p.split(":", 1)[0] for p in problems] == ["auth.jwt_audience", "auth.jwt_issuer"]
+    assert "auth.allow_any_audience = true" in problems[0]
+    assert "auth.allow_any_issuer = true" in problems[1]
+    only_aud = {**base, "jwt_audience": "chat"}
+    assert [p.split(":", 1)[0] for p in problems_of(with_values(auth=only_aud), tmp_path)] == [
+        "auth.jwt_issuer"
+    ]
+    opted_out = {**base, "allow_any_audience": True, "allow_any_issuer": True}
+    config = parse_config(with_values(auth=opted_out), base_dir=tmp_path)
+    assert config.auth.jwt_audience is None and config.auth.allow_any_audience
+    # "none" needs neither.
+    assert parse_config(with_values(auth={"mode": "none"})).auth.jwt_audience is None
+
+
 def test_jwt_mode_with_unreadable_secret_file_is_one_problem(tmp_path: Path) -> None:
     problems = problems_of(
-        with_values(auth={"mode": "jwt", "jwt_secret_file": "missing"}), base_dir=tmp_path
+        with_values(auth={"mode": "jwt", "jwt_secret_file": "missing", **CLAIMS}),
+        base_dir=tmp_path,
     )
     assert len(problems) == 1
     assert problems[0].startswith("auth.jwt_secret_file: cannot read ")

@@ -80,6 +80,13 @@ class FakeConnection:
         self.closed = (int(code), reason)
         self.closed_at = trio.current_time()
 
+    @property
+    def closed_locally(self) -> bool:
+        return self.closed is not None
+
+    async def wait_peer_gone(self) -> None:
+        await trio.sleep_forever()
+
     async def aclose(self) -> None:
         pass
 
