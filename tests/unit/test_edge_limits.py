@@ -164,7 +164,8 @@ def test_every_peer_code_lands_in_the_fixed_set() -> None:
         (b'{"secret":1,"secret":2}', "bad_json"),
         (b'{"v":1,"body":31337e99999}', "bad_json"),
         (b"[1]", "not_object"),
-        (b'{"v":2}', "bad_version"),
+        (b'{"v":3}', "bad_version"),
+        (b'{"v":2}', "bad_field"),
         (json.dumps({"v": 1, "from": "secret"}).encode(), "bad_field"),
     ],
 )
