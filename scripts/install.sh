@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything linechatd needs to run, develop and test on Debian 12, then
-# creates ./.venv with the project (editable) and its test tools, and installs the
+# creates ./.venv with the project (editable) and its test tools at the versions
+# of requirements.lock (the ones the tests run with), and installs the
 # browser client package's devDependencies (clients/js/node_modules, from its
 # lockfile). Idempotent: on a machine that already has it all, it only checks
 # and returns in about a second.
@@ -124,7 +125,7 @@ install_venv() {
         "$PYTHON" -m venv "$VENV" || die "'$PYTHON -m venv' failed (on Debian: apt-get install -y python3-venv)"
     fi
     local want
-    want="$(cat pyproject.toml; "$VENV/bin/python" -V 2>&1)"
+    want="$(cat pyproject.toml requirements.lock; "$VENV/bin/python" -V 2>&1)"
     want="$(printf '%s' "$want" | sha256sum | cut -d' ' -f1)"
     if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/linechatd" ]; then
         log "python packages: up to date"
@@ -135,7 +136,9 @@ install_venv() {
         pip_install+=(--progress-bar off)
     fi
     log "installing python packages into $VENV"
-    retry "${pip_install[@]}" -e '.[test,bench]'
+    # The lock as constraints: every dependency at the version it pins
+    # (scripts/lock-requirements.sh writes it; production installs use it too).
+    retry "${pip_install[@]}" --constraint requirements.lock -e '.[test,bench]'
     printf '%s\n' "$want" >"$STAMP"
 }
 

@@ -738,7 +738,9 @@ def test_restart_required_changes_lists_each_changed_key() -> None:
         table, name = key.split(".")
         new = parse_config(with_values(**{table: {name: value}}))
         # A listen address also moves the advertise url derived from it.
-        expected = [key, f"{table}.advertise"] if key in ("http.listen", "websocket.listen") else [key]
+        expected = (
+            [key, f"{table}.advertise"] if key in ("http.listen", "websocket.listen") else [key]
+        )
         assert old.restart_required_changes(new) == expected
         assert new.restart_required_changes(old) == expected
     everything = with_values()
