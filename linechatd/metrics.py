@@ -88,7 +88,7 @@ class Metrics:
         self.build_info = Gauge(
             "linechatd_build_info",
             "Always 1: the running version, its runtime and the cluster it serves",
-            ["version", "python", "librdkafka", "cluster"],
+            ["version", "python", "librdkafka", "cluster_name"],
             registry=r,
         )
         self.partitions_configured = Gauge(

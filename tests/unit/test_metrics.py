@@ -33,7 +33,7 @@ def test_build_info_and_configured_partitions() -> None:
     )
     samples = _samples(metrics)
     [(labels, value)] = samples["linechatd_build_info"]
-    assert value == 1 and labels["version"] == __version__ and labels["cluster"] == "eu1"
+    assert value == 1 and labels["version"] == __version__ and labels["cluster_name"] == "eu1"
     assert labels["librdkafka"] and labels["python"]
     assert samples["linechatd_partitions_configured"] == [({}, 48.0)]
 
@@ -67,3 +67,33 @@ def test_process_metrics_need_only_the_process_own_entries(tmp_path: Path) -> No
     assert collected["process_virtual_memory_bytes"].samples[0].value == 2500 * page
     assert "process_open_fds" not in collected  # unreadable: left out, never an error
     assert collected["process_cpu_seconds"].samples[0].value > 0
+
+
+def test_dashboard_scopes_every_query_and_uses_only_real_metrics() -> None:
+    import json
+    import re
+
+    dashboard = json.loads(
+        (Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json").read_text()
+    )
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"cluster", "instance"} <= variables
+    metrics = Metrics()
+    metrics.describe(
+        parse_config({"zookeeper": {"hosts": "h:1"}, "kafka": {"bootstrap_servers": "h:2"}})
+    )
+    # Every family the registry knows, also those without a sample yet.
+    families = {family.name for family in metrics.registry.collect()}
+    titles = {p["title"] for p in dashboard["panels"]}
+    assert any("Handover gap" in t for t in titles) and any("Lease start" in t for t in titles)
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for _name, labels in re.findall(
+                r"\b((?:linechatd|process)_[a-z_]+)\{([^}]*)\}", target["expr"]
+            ):
+                assert 'cluster="$cluster"' in labels and 'instance=~"$instance"' in labels
+            unscoped = re.sub(r"\{[^}]*\}", "", target["expr"])
+            for name in re.findall(r"\b(?:linechatd|process)_[a-z_]+", unscoped):
+                assert re.search(rf"\b{name}\{{", target["expr"]), f"{name} unscoped"
+                family = re.sub(r"_(bucket|count|sum|total)$", "", name)
+                assert family in families, name
