@@ -316,7 +316,7 @@ def _readable_file(value: object, base_dir: Path) -> Path:
     return path
 
 
-# A shared secret that clients send as a bearer token (CONTRACT §4, §6).
+# A shared secret that clients send as a bearer token (the admin token; docs/protocol.md §2).
 MIN_TOKEN_CHARS: Final = 32
 _PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
@@ -448,7 +448,7 @@ class WebSocketConfig:
 
 @dataclass(frozen=True)
 class AdminConfig:
-    # The bearer token every admin endpoint requires (CONTRACT §4). Unset: the
+    # The bearer token every admin endpoint requires (docs/protocol.md §2). Unset: the
     # admin endpoints answer 404 on every address, loopback included.
     token_file: Path | None = _setting(None, _token_file)
     # A listener of its own for /admin/*, /api/status, /metrics, /healthz and

@@ -3,7 +3,7 @@
 Errors are JSON with an ``error`` code; an unexpected exception answers 500
 ``{"error": "internal"}`` and is logged, never shown to the client.
 
-Admin endpoints (``/admin/*``, CONTRACT §4) trust no address: they need
+Admin endpoints (``/admin/*``, docs/protocol.md §2) trust no address: they need
 ``Authorization: Bearer <admin token>`` (``[admin] token_file``) from
 loopback as from anywhere, answer 404 while no token is configured and 403 to
 a request that carries ``Origin`` (a browser page, never an operator's tool).
