@@ -221,6 +221,9 @@ def _kafka_naming(config: Config) -> dict[str, str]:
 
 async def _ensure_cluster(zk: ZooKeeper, paths: ZkPaths, config: Config) -> None:
     """Record the partition count on first start; refuse a different one later."""
+    # Before recording anything: a refused newcomer must not leave a record
+    # that would then refuse the cluster it collided with.
+    await _refuse_shared_topics(zk, paths, config)
     partitions = config.cluster.partitions
     doc = {
         "partitions": partitions,
@@ -256,7 +259,6 @@ async def _ensure_cluster(zk: ZooKeeper, paths: ZkPaths, config: Config) -> None
                 await zk.set(paths.meta, json.dumps(recorded_doc).encode(), version=stat.version)
             except ZooKeeperError:
                 pass  # another instance updated it meanwhile
-    await _refuse_shared_topics(zk, paths, config)
     await zk.ensure_path(paths.partitions)
 
 

@@ -4,9 +4,11 @@ Call sites log an event name and put the details in ``extra``::
 
     log.info("lease_acquired", extra={"partition": 3, "epoch": 4711})
 
-Formats: ``logfmt`` (``ts=2026-12-04T20:35:57.123Z level=info event=lease_acquired
-partition=3 …``) or ``json``. ``ts`` is ISO 8601 in UTC with milliseconds. Every
-line carries the instance id. Tokens and message bodies are never passed to the
+Formats: ``logfmt`` (``ts=1796415357.123456 level=info event=lease_acquired
+partition=3 …``) or ``json``. ``ts`` is the time of the event in seconds since
+the Unix epoch (UTC), with microseconds: one number that sorts, subtracts and
+parses the same in both formats (journald stamps each line with its own
+wall-clock time for reading). Every line carries the instance id. Tokens and message bodies are never passed to the
 logger, so no formatter has to scrub them.
 
 Under systemd (stderr is the journal: ``JOURNAL_STREAM`` names it) each line
@@ -20,7 +22,6 @@ past the budget they are dropped and the next one that passes carries
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -74,11 +75,6 @@ def _logfmt_value(value: Any) -> str:
     return text
 
 
-def _iso(created: float) -> str:
-    moment = datetime.datetime.fromtimestamp(created, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 def _priority(levelno: int) -> int:
     return next((p for level, p in _PRIORITIES if levelno >= level), _DEBUG_PRIORITY)
 
@@ -91,7 +87,7 @@ class _Base(logging.Formatter):
 
     def event(self, record: logging.LogRecord) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "ts": _iso(record.created),
+            "ts": round(record.created, 6),
             "level": record.levelname.lower(),
             "event": record.getMessage(),
             "instance": self.instance,

@@ -345,3 +345,38 @@ async def test_run_exits_78_on_an_invalid_configuration(tmp_path: Path) -> None:
     assert "zookeeper.session_timeout_s: unknown key (did you mean 'session_timeout'?)" in (
         result.stderr
     )
+
+
+async def test_a_second_cluster_on_the_same_kafka_names_is_refused(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    async with start_cluster(
+        1,
+        workdir=tmp_path,
+        zookeeper_hosts=zookeeper_hosts,
+        kafka_bootstrap=kafka_bootstrap,
+        names=cluster_names,
+        partitions=2,
+    ) as cluster:
+        other = cluster_names.cluster + "-other"
+        # Another cluster name, the same topic and group names on the same Kafka.
+        intruder = cluster.add_instance({"cluster": {"name": other}})
+        with trio.fail_after(60):
+            assert await intruder.wait_exit(60) == EXIT_CONFIG, intruder.log_tail()
+        assert f"kafka.topic_prefix: cluster {cluster_names.cluster!r} uses the same Kafka" in (
+            intruder.log_text()
+        )
+        # It recorded nothing: the first cluster still starts (a second instance joins).
+        joiner = cluster.add_instance()
+        await joiner.wait_ready(60)
+        # With names of its own (the {cluster} placeholder) the other cluster starts.
+        separate = cluster.add_instance(
+            {
+                "cluster": {"name": other},
+                "kafka": {
+                    "topic_prefix": "{cluster}-topic-",
+                    "group_prefix": "{cluster}-consumer-group-",
+                },
+            }
+        )
+        await separate.wait_ready(60)
