@@ -9,7 +9,7 @@ DEV_ARGS ?=
 # A hung test must not hang CI forever: the whole run gets this many seconds.
 TEST_TIMEOUT_S ?= 1800
 
-.PHONY: install dev test lint clean
+.PHONY: install dev test lint clean dist lock
 
 install:
 	VENV=$(VENV) bash scripts/install.sh
@@ -25,6 +25,16 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy linechatd tests/support
+
+# A release: the wheel and the sdist (which carries requirements.lock, the
+# production install script, the units, the example configs and the docs).
+dist: install
+	rm -rf dist
+	$(VENV)/bin/python -m build --outdir dist .
+
+# requirements.lock from the test virtualenv (see scripts/lock-requirements.sh).
+lock: install
+	VENV=$(VENV) bash scripts/lock-requirements.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info clients/js/node_modules clients/js/dist .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts

@@ -30,8 +30,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IDLE_RECHECK_S = 1.0
+# How often a start retries registering while its id is taken.
+CLAIM_RETRY_S = 0.5
 ACQUIRED = "acquired"
 RELEASED = "released"
+
+
+class DuplicateInstanceError(Exception):
+    """Another live instance of the cluster uses this instance's id."""
 
 
 @dataclass(frozen=True)
@@ -156,27 +162,31 @@ class Balancer:
             members[member_id] = member_from_json(data)
         self.members.value = members
 
-    async def _ensure_registered(self, info: SessionInfo) -> None:
+    async def _ensure_registered(self, info: SessionInfo) -> bool:
+        """Register (or update) this instance's node; False while another session holds it."""
         ctx = self._ctx
         me = ctx.info.instance
         data = self._registration()
         if self._registered == (info.generation, data) and me in self._member_ids.value:
-            return
+            return True
         path = ctx.paths.instance(me)
         try:
             await ctx.zk.create(path, data, ephemeral=True, makepath=True)
             log.info("instance_registered", extra={"path": path})
             self._registered = (info.generation, data)
-            return
+            return True
         except NodeExistsError:
             pass
-        current, stat = await ctx.zk.get(path)
+        try:
+            current, stat = await ctx.zk.get(path)
+        except NoNodeError:
+            return False  # gone meanwhile: the next attempt creates it
         if stat.ephemeral_owner == info.session_id:
             if current != data:
                 await ctx.zk.set(path, data)
                 log.info("instance_registration_updated", extra={"path": path})
             self._registered = (info.generation, data)
-            return
+            return True
         # An earlier incarnation's session (a crash moments ago) or a duplicate id.
         if self._id_in_use_warned != info.generation:
             self._id_in_use_warned = info.generation
@@ -187,6 +197,34 @@ class Balancer:
                     "hint": "waiting for the old session to expire; ids must be unique",
                 },
             )
+        return False
+
+    async def claim_registration(self, *, wait_s: float) -> None:
+        """Register before serving; DuplicateInstanceError if the id stays taken ``wait_s``.
+
+        A node left by this instance's previous run (a crash) disappears once
+        its session expires, within the session timeout; one that outlives
+        that belongs to a live instance with the same id, and two instances
+        with one id would each believe the other's registration is its own.
+        """
+        ctx = self._ctx
+        deadline = trio.current_time() + wait_s
+        while True:
+            info = ctx.zk.session.value
+            if info.state is SessionState.CONNECTED:
+                try:
+                    if await self._ensure_registered(info):
+                        return
+                except ZooKeeperError as exc:
+                    log.warning("instance_registration_failed", extra={"error": str(exc)})
+            if trio.current_time() >= deadline:
+                raise DuplicateInstanceError(
+                    f"instance.id: {ctx.info.instance!r} is registered by another live instance "
+                    f"of cluster {ctx.paths.cluster!r} ({ctx.paths.instance(ctx.info.instance)} "
+                    f"still held after {wait_s:g} s); give every instance its own instance.id"
+                )
+            with trio.move_on_after(CLAIM_RETRY_S):
+                await ctx.zk.session.wait_transition()
 
     # -- the loop -------------------------------------------------------------
 
@@ -287,7 +325,11 @@ class Balancer:
     # -- drain ----------------------------------------------------------------
 
     async def drain(self, *, stagger_s: float) -> None:
-        """Give every partition back, one at a time, once someone can take it."""
+        """Give every partition back, one at a time while another instance can take them.
+
+        With nobody left to take over (every instance is stopping, or this is
+        the last one) waiting helps no one: the rest is released at once.
+        """
         ctx, sup = self._ctx, self._supervisor
         ctx.draining.set()
         me = ctx.info.instance
@@ -298,21 +340,26 @@ class Balancer:
         # held() re-read each time: a lease still being acquired when the
         # drain began is given back too.
         while held := sup.held():
+            if ctx.zk.connected and not await self._anyone_else():
+                log.info("drain_nobody_left", extra={"partitions": len(held)})
+                async with trio.open_nursery() as nursery:
+                    for k in held:
+                        nursery.start_soon(sup.release, k, EndReason.DRAIN)
+                continue
             k = held[0]
-            # Close a partition's sockets only when its users can reconnect
-            # somewhere: wait (bounded by the caller) for another live instance.
-            while ctx.zk.connected:
-                try:
-                    await self._refresh_members()
-                except (ZooKeeperError, NoNodeError) as exc:
-                    log.warning("drain_members_failed", extra={"error": str(exc)})
-                if any(m != me for m in self.members.value):
-                    break
-                with trio.move_on_after(IDLE_RECHECK_S):
-                    await self._member_ids.wait_transition()
             log.info("partition_drain_release", extra={"partition": k})
             await sup.release(k, EndReason.DRAIN)
             await trio.sleep(stagger_s)
+
+    async def _anyone_else(self) -> bool:
+        """Is another live (registered, so not draining) instance there to take partitions?"""
+        try:
+            await self._refresh_members()
+        except (ZooKeeperError, NoNodeError) as exc:
+            log.warning("drain_members_failed", extra={"error": str(exc)})
+            return True  # unknown: keep the staggered hand-over
+        me = self._ctx.info.instance
+        return any(m != me for m in self.members.value)
 
 
 # The share of the grace period that staggered drain releases may take; the

@@ -12,6 +12,7 @@ with ``*``. End of input or Ctrl-C ends the chat.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import sys
@@ -28,8 +29,10 @@ DEFAULT_HTTP_URL = "http://127.0.0.1:7110"
 SEND_TIMEOUT_S = 30.0
 
 
-def run(http_url: str, uid: str, to: str) -> int:
+def run(http_url: str, uid: str, to: str, *, token: str | None = None) -> int:
     """Chat as ``uid`` with ``to`` through the instance at ``http_url``; the exit code.
+
+    ``token`` is the JWT (``sub`` = uid) when the cluster's auth mode is jwt.
 
     0 after end of input or Ctrl-C, 1 when the gateway refuses us for good
     (bad uid, bad token, closed for abuse), 2 for an invalid uid argument.
@@ -45,7 +48,11 @@ def run(http_url: str, uid: str, to: str) -> int:
             return 2
     try:
         target: str | list[str] = recipients[0] if len(recipients) == 1 else recipients
-        return trio.run(chat, http_url, uid, target, sys.stdin, sys.stdout, sys.stderr)
+        return trio.run(
+            functools.partial(
+                chat, http_url, uid, target, sys.stdin, sys.stdout, sys.stderr, token=token
+            )
+        )
     except KeyboardInterrupt:
         print("\n* bye", file=sys.stderr, flush=True)
         return 0
@@ -58,11 +65,13 @@ async def chat(
     stdin: TextIO,
     stdout: TextIO,
     stderr: TextIO,
+    *,
+    token: str | None = None,
 ) -> int:
     def status(text: str) -> None:
         print(f"* {text}", file=stderr, flush=True)
 
-    client = ChatClient(http_url, uid)
+    client = ChatClient(http_url, uid, token=token)
     peers = to if isinstance(to, str) else ", ".join(to)
     status(f"{uid} chatting with {peers} via {http_url} (end of input or Ctrl-C to quit)")
     async with trio.open_nursery() as nursery:
@@ -176,8 +185,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_HTTP_URL,
         help=f"any instance's HTTP url (default {DEFAULT_HTTP_URL})",
     )
+    add_token_arguments(parser)
     args = parser.parse_args(argv)
-    return run(args.http, args.uid, args.to)
+    try:
+        token = token_from_arguments(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run(args.http, args.uid, args.to, token=token)
+
+
+def add_token_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--token", metavar="JWT", help="the JWT to connect with (auth mode jwt; visible in ps)"
+    )
+    group.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="a file holding the JWT (surrounding whitespace stripped)",
+    )
+
+
+def token_from_arguments(args: argparse.Namespace) -> str | None:
+    """The JWT of --token or --token-file; ValueError naming the flag when unusable."""
+    if args.token is not None:
+        token = args.token.strip()
+    elif args.token_file is None:
+        return None
+    else:
+        try:
+            with open(args.token_file, encoding="utf-8") as file:
+                token = file.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--token-file: cannot read {args.token_file}: {exc}") from None
+    if not token or any(c.isspace() for c in token):
+        raise ValueError("the token must be one non-empty line without spaces")
+    return token
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ what serves once that is up: every part of it exists from its construction on.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -38,21 +37,29 @@ from trio_util import AsyncValue
 from . import logs, serverapi, websocket
 from .admission import ConnectionCounter, Refusal, UpgradeRequest, address_key, admit
 from .auth import Authenticator, KeyFileError
-from .balancer import Balancer, drain_stagger
-from .config import Config, ConfigError, load_config
+from .balancer import Balancer, DuplicateInstanceError, drain_stagger
+from .config import Config, ConfigError, Reload, load_config, reload_of
 from .context import Context
-from .http import HttpApi, serve_http
+from .http import HttpApi, Role, serve_http
 from .kafka import GroupOffsetsPool, KafkaAdmin, KafkaFetcher, KafkaProducer, KafkaUnavailable
 from .keyedrate import KeyedRateLimiter
 from .metrics import Metrics
-from .ownership import InstanceInfo, OwnershipCache, ZkPaths
+from .ownership import ROOT, InstanceInfo, OwnershipCache, ZkPaths
 from .partitions import PartitionSupervisor
 from .protocol import CloseCode, new_device_id
 from .sdnotify import Notifier
 from .session import Session
-from .startup import StartupError, auth_exposure_problems, log_auth_warnings, startup_error
+from .startup import (
+    EXIT_CONFIG,
+    ConfigurationError,
+    StartupError,
+    auth_exposure_problems,
+    config_findings,
+    log_auth_warnings,
+    startup_error,
+)
 from .tls import ListenerTLS, TLSFilesError
-from .zk import NodeExistsError, ZooKeeper, ZooKeeperError, ZooKeeperUnavailable
+from .zk import NodeExistsError, NoNodeError, ZooKeeper, ZooKeeperError, ZooKeeperUnavailable
 
 __all__ = ["Gateway", "Instance", "StartupError", "run_from_config", "startup_error"]
 
@@ -67,8 +74,12 @@ STARTUP_RETRY_MAX_S = 15.0
 KAFKA_FAILURE_MEMORY_S = 5.0
 # Addresses (and uids) whose handshake (resume) rate is remembered at once; see keyedrate.
 RATE_KEYS = 65536
-# Sections a reload applies to the running instance; the rest need a restart.
-LIVE_SECTIONS = ("partitions", "limits", "log", "auth", "replay", "shutdown", "server_api")
+# How much longer than the grace period a drain may take (the last partition's
+# hand-over, closing the listeners): what EXTEND_TIMEOUT_USEC asks systemd for.
+DRAIN_STOP_MARGIN_S = 15.0
+# Past the session timeout, how long a start waits for its instance id to be
+# free before it counts as taken by another live instance.
+CLAIM_MARGIN_S = 5.0
 
 
 class Gateway:
@@ -140,18 +151,20 @@ def load_server_key(config: Config) -> bytes | None:
 
 def _check_startup(config: Config) -> tuple[Authenticator, ListenerTLS]:
     """Refuse to start insecurely; load keys and certificates before binding anything."""
-    problems = auth_exposure_problems(config, config)
-    if problems:
-        raise StartupError("; ".join(problems))
+    findings = config_findings(config)
+    if findings.errors:
+        raise ConfigurationError("; ".join(findings.errors))
+    for warning in findings.warnings:
+        log.warning("config_warning", extra={"problem": warning})
     log_auth_warnings(config)
     try:
         auth = Authenticator(config.auth)
     except (OSError, KeyFileError) as exc:
-        raise StartupError(f"auth.jwt_secret_file: cannot use the key: {exc}") from None
+        raise ConfigurationError(f"auth.jwt_secret_file: cannot use the key: {exc}") from None
     try:
         tls = ListenerTLS(config)
     except TLSFilesError as exc:
-        raise StartupError(str(exc)) from None
+        raise ConfigurationError(str(exc)) from None
     load_server_key(config)
     return auth, tls
 
@@ -203,6 +216,7 @@ async def _start_infrastructure(
     zk_wait = config.zookeeper.connect_timeout_s
     zk = await _until_reachable("zookeeper", connect_zookeeper, notifier, zk_wait)
     metrics.zk_connected.set(1)
+    metrics.describe(config)
 
     async def cluster_recorded() -> None:
         try:
@@ -240,7 +254,12 @@ async def _start_infrastructure(
         limiter=consumer_limiter,
     )
     await infra.start(offsets.run)
-    info = InstanceInfo(config.instance.id, config.websocket.advertise, config.http.advertise)
+    info = InstanceInfo(
+        config.instance.id,
+        config.websocket.advertise,
+        config.http.advertise,
+        admin_url=config.admin_url,
+    )
     return Context(
         config=AsyncValue(config),
         auth=AsyncValue(auth),
@@ -258,13 +277,26 @@ async def _start_infrastructure(
     )
 
 
+def _kafka_naming(config: Config) -> dict[str, str]:
+    """What this cluster's topics and groups are called, recorded in its meta node."""
+    return {
+        "bootstrap_servers": config.kafka.bootstrap_servers,
+        "topic_prefix": config.kafka.topic_prefix,
+        "group_prefix": config.kafka.group_prefix,
+    }
+
+
 async def _ensure_cluster(zk: ZooKeeper, paths: ZkPaths, config: Config) -> None:
     """Record the partition count on first start; refuse a different one later."""
+    # Before recording anything: a refused newcomer must not leave a record
+    # that would then refuse the cluster it collided with.
+    await _refuse_shared_topics(zk, paths, config)
     partitions = config.cluster.partitions
     doc = {
         "partitions": partitions,
         "created_by": config.instance.id,
         "created_at_ms": int(time.time() * 1000),
+        "kafka": _kafka_naming(config),
     }
     try:
         await zk.create(paths.meta, json.dumps(doc).encode(), makepath=True)
@@ -272,20 +304,67 @@ async def _ensure_cluster(zk: ZooKeeper, paths: ZkPaths, config: Config) -> None
             "cluster_created", extra={"cluster": config.cluster.name, "partitions": partitions}
         )
     except NodeExistsError:
-        data, _stat = await zk.get(paths.meta)
+        data, stat = await zk.get(paths.meta)
         try:
-            recorded = int(json.loads(data)["partitions"])
+            recorded_doc = json.loads(data)
+            recorded = int(recorded_doc["partitions"])
         except (ValueError, KeyError, TypeError):
             raise StartupError(
                 f"{paths.meta} in ZooKeeper holds no partition count: {data[:100]!r}"
             ) from None
         if recorded != partitions:
-            raise StartupError(
+            raise ConfigurationError(
                 f"cluster.partitions: this instance is configured with {partitions} partitions, "
                 f"but cluster {config.cluster.name!r} was created with {recorded}; "
                 f"set cluster.partitions = {recorded} (the count is fixed for a cluster's lifetime)"
             ) from None
+        if recorded_doc.get("kafka") != _kafka_naming(config):
+            # The names as of now (the first start after an upgrade, or a
+            # deliberate change of prefixes): what other clusters compare with.
+            recorded_doc["kafka"] = _kafka_naming(config)
+            try:
+                await zk.set(paths.meta, json.dumps(recorded_doc).encode(), version=stat.version)
+            except ZooKeeperError:
+                pass  # another instance updated it meanwhile
     await zk.ensure_path(paths.partitions)
+
+
+def _brokers(bootstrap: str) -> set[str]:
+    return {item.lower() for item in bootstrap.split(",")}
+
+
+async def _refuse_shared_topics(zk: ZooKeeper, paths: ZkPaths, config: Config) -> None:
+    """Two clusters on one Kafka with the same topic names would read each other's messages."""
+    try:
+        clusters = await zk.get_children(ROOT)
+    except NoNodeError:
+        return
+    mine = _kafka_naming(config)
+    for other in sorted(clusters):
+        if other == config.cluster.name:
+            continue
+        try:
+            data, _stat = await zk.get(ZkPaths(other).meta)
+            naming = json.loads(data).get("kafka")
+        except (NoNodeError, ValueError, AttributeError):
+            continue
+        if not isinstance(naming, dict):
+            continue  # recorded by a version that did not record names
+        same_kafka = _brokers(str(naming.get("bootstrap_servers", ""))) & _brokers(
+            mine["bootstrap_servers"]
+        )
+        if same_kafka and (
+            naming.get("topic_prefix") == mine["topic_prefix"]
+            or naming.get("group_prefix") == mine["group_prefix"]
+        ):
+            raise ConfigurationError(
+                f"kafka.topic_prefix: cluster {other!r} uses the same Kafka "
+                f"({', '.join(sorted(same_kafka))}) with the same topic or group names "
+                f"({mine['topic_prefix']}k, {mine['group_prefix']}k): the two clusters would "
+                'read each other\'s messages; set topic_prefix = "{cluster}-topic-" and '
+                'group_prefix = "{cluster}-consumer-group-" (or delete '
+                f"{ZkPaths(other).root} in ZooKeeper if that cluster is gone)"
+            )
 
 
 async def _ensure_topics(admin: KafkaAdmin, config: Config) -> None:
@@ -293,12 +372,24 @@ async def _ensure_topics(admin: KafkaAdmin, config: Config) -> None:
     topics = [f"{config.kafka.topic_prefix}{k}" for k in range(config.cluster.partitions)]
     if config.kafka.create_topics:
         created = await admin.ensure_topics(
-            topics, replication_factor=config.kafka.replication_factor
+            topics,
+            replication_factor=config.kafka.replication_factor,
+            topic_config=_topic_config(config),
         )
         if created:
             log.info("topics_created", extra={"count": len(created)})
     else:
         await admin.check()
+
+
+def _topic_config(config: Config) -> dict[str, str]:
+    """Settings of the topics this instance creates (unset keys: the broker's defaults)."""
+    settings = {}
+    if config.kafka.min_insync_replicas is not None:
+        settings["min.insync.replicas"] = str(config.kafka.min_insync_replicas)
+    if config.kafka.topic_retention_s is not None:
+        settings["retention.ms"] = str(int(config.kafka.topic_retention_s * 1000))
+    return settings
 
 
 class Instance:
@@ -350,6 +441,12 @@ class Instance:
         """Serve until drained; ``ready()`` once every listener is bound and the balancer runs."""
         ctx = self.ctx
         config = ctx.config.value
+        try:
+            await self.balancer.claim_registration(
+                wait_s=config.zookeeper.session_timeout_s + CLAIM_MARGIN_S
+            )
+        except DuplicateInstanceError as exc:
+            raise ConfigurationError(str(exc)) from None
         async with trio.open_nursery() as serving:
             await serving.start(self.supervisor.run)
             # Passed only when configured, so that serve_http needs the
@@ -358,11 +455,20 @@ class Instance:
             http_context = self.tls.context("http")
             if http_context is not None:
                 http_options["ssl_context"] = http_context
+            separate_admin = config.admin.listen is not None
             http_binds = await serving.start(
                 functools.partial(
-                    serve_http, HttpApi(ctx, self), str(config.http.listen), **http_options
+                    serve_http,
+                    HttpApi(ctx, self, role=Role.PUBLIC if separate_admin else Role.BOTH),
+                    str(config.http.listen),
+                    **http_options,
                 )
             )
+            admin_binds: list[str] = []
+            if config.admin.listen is not None:
+                admin_binds = await serving.start(
+                    serve_http, HttpApi(ctx, self, role=Role.ADMIN), str(config.admin.listen)
+                )
             ws_port = await serving.start(self._serve_websocket, config)
             await serving.start(self.balancer.run)
             serving.start_soon(self._monitor)
@@ -371,6 +477,7 @@ class Instance:
                 "gateway_ready",
                 extra={
                     "http": http_binds,
+                    **({"admin": admin_binds} if admin_binds else {}),
                     "ws_port": ws_port,
                     "tls": self.tls.sections,
                     "cluster": config.cluster.name,
@@ -594,7 +701,8 @@ class Instance:
         """Staged shutdown: refuse new sockets, hand partitions over, then stop."""
         ctx, balancer = self.ctx, self.balancer
         grace = ctx.config.value.shutdown.grace_period_s
-        self.notifier.stopping()
+        # systemd's stop timeout follows the grace period, whatever TimeoutStopSec says.
+        self.notifier.stopping(extend_s=grace + DRAIN_STOP_MARGIN_S)
         log.info("drain_started", extra={"reason": self._drain_reason, "grace_period_s": grace})
         started = trio.current_time()
         configured = ctx.config.value.shutdown.drain_stagger_s
@@ -616,7 +724,11 @@ class Instance:
         serving.cancel_scope.cancel()
 
     async def reload(self) -> bool:
-        """Apply a re-read configuration; keep the running one if the file is invalid."""
+        """Apply a re-read configuration; keep the running one if the file is invalid.
+
+        Every changed key is logged with what happened to it: applied, or
+        needing a restart (RELOAD in config.py says which).
+        """
         ctx = self.ctx
         if self.config_path is None:
             return False
@@ -629,19 +741,20 @@ class Instance:
                     log.error("reload_rejected", extra={"problem": problem})
                 return False
             old = ctx.config.value
-            for key in old.restart_required_changes(new):
-                log.warning("reload_needs_restart", extra={"key": key})
-            applied = dataclasses.replace(old, **{s: getattr(new, s) for s in LIVE_SECTIONS})
             # Independent of the rest: a renewed certificate applies even if
             # another part of the reload is refused.
             for problem in self.tls.reload(new):
                 log.error("reload_tls_failed", extra={"problem": problem})
+            findings = config_findings(new)
             # The listeners keep their running addresses until a restart.
-            exposure = auth_exposure_problems(applied, old)
-            for problem in exposure:
+            applied = old.with_live_keys_of(new)
+            problems = [*findings.errors, *auth_exposure_problems(applied, old)]
+            for problem in problems:
                 log.error("reload_rejected", extra={"problem": problem})
-            if exposure:
+            if problems:
                 return False
+            for warning in findings.warnings:
+                log.warning("config_warning", extra={"problem": warning})
             try:
                 auth = Authenticator(applied.auth)
             except (OSError, ValueError) as exc:
@@ -656,16 +769,25 @@ class Instance:
             except StartupError as exc:
                 log.error("reload_rejected", extra={"problem": str(exc)})
                 return False
+            changed = old.changed_keys(new)
+            for key in changed:
+                if reload_of(key) is Reload.LIVE:
+                    log.info("reload_key_applied", extra={"key": key})
+                else:
+                    log.warning("reload_needs_restart", extra={"key": key})
             if applied.auth != old.auth:
                 log_auth_warnings(applied)
             ctx.auth.value = auth
             self.server_key = server_key
             ctx.config.value = applied
-            logs.set_level(applied.log.level)
+            if applied.log != old.log:
+                logs.configure(
+                    level=applied.log.level, fmt=applied.log.format, instance=applied.instance.id
+                )
             self.balancer.reconfigure()
             log.info(
                 "reload_applied",
-                extra={"changed": [s for s in LIVE_SECTIONS if getattr(old, s) != getattr(new, s)]},
+                extra={"changed": [k for k in changed if reload_of(k) is Reload.LIVE]},
             )
             return True
         finally:
@@ -673,13 +795,15 @@ class Instance:
 
 
 async def run_from_config(path: Path) -> int:
-    """``linechatd run``: exit code 0 after a clean drain."""
+    """``linechatd run``: 0 after a clean drain, EXIT_CONFIG when the configuration
+    is at fault (the unit does not restart then), 1 when the instance cannot start
+    for another reason."""
     try:
         config = load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     logs.configure(level=config.log.level, fmt=config.log.format, instance=config.instance.id)
     try:
         await Gateway(config, config_path=path).run()
@@ -690,5 +814,5 @@ async def run_from_config(path: Path) -> int:
             raise
         log.error("startup_failed", extra={"reason": str(startup)})
         print(f"linechatd: cannot start: {startup}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG if isinstance(startup, ConfigurationError) else 1
     return 0

@@ -2,12 +2,20 @@
 
 Errors are JSON with an ``error`` code; an unexpected exception answers 500
 ``{"error": "internal"}`` and is logged, never shown to the client.
+
+Admin endpoints (``/admin/*``, docs/protocol.md §2) trust no address: they need
+``Authorization: Bearer <admin token>`` (``[admin] token_file``) from
+loopback as from anywhere, answer 404 while no token is configured and 403 to
+a request that carries ``Origin`` (a browser page, never an operator's tool).
+With ``[admin] listen`` set they are served only by that listener, which also
+serves status, metrics and health, so a proxy in front of the HTTP listener
+can hide everything else.
 """
 
 from __future__ import annotations
 
+import enum
 import hmac
-import ipaddress
 import json
 import logging
 import ssl
@@ -20,6 +28,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from .auth import AuthError, bearer_token
+from .config import read_token_file
 from .hashing import partition_for
 from .metrics import CONTENT_TYPE_LATEST
 from .ownership import partition_view
@@ -94,21 +103,33 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(parts)
 
 
-def _is_loopback(client: tuple[str, int] | None) -> bool:
-    if not client:
-        return False
-    try:
-        return ipaddress.ip_address(client[0]).is_loopback
-    except ValueError:
-        return False
+class Role(enum.Enum):
+    """Which endpoints a listener serves."""
+
+    PUBLIC = "public"  # the HTTP listener, when the admin endpoints have their own
+    ADMIN = "admin"  # the admin listener: admin endpoints, status, metrics, health
+    BOTH = "both"  # the HTTP listener serving the admin endpoints too
+
+
+# Endpoints that change an instance: the admin token guards them.
+ADMIN_ROUTES = frozenset({("POST", "/admin/drain")})
+# What the admin listener serves besides them.
+ADMIN_LISTENER_ROUTES = ADMIN_ROUTES | {
+    ("GET", "/api/status"),
+    ("GET", "/api/partitions"),
+    ("GET", "/metrics"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+}
 
 
 class HttpApi:
     """Routes requests to handlers; the instance serves status, readiness and drain."""
 
-    def __init__(self, ctx: Context, instance: Instance) -> None:
+    def __init__(self, ctx: Context, instance: Instance, *, role: Role = Role.BOTH) -> None:
         self._ctx = ctx
         self._instance = instance
+        self._role = role
         self._routes: dict[
             tuple[str, str], Callable[[Scope, dict[str, str], dict[str, str]], Awaitable[Response]]
         ] = {
@@ -128,6 +149,13 @@ class HttpApi:
             ("GET", "/api/presence"): self.presence,
             ("GET", "/internal/presence"): self.internal_presence,
         }
+        if role is Role.PUBLIC:
+            self._routes = {r: h for r, h in self._routes.items() if r not in ADMIN_ROUTES}
+        elif role is Role.ADMIN:
+            self._routes = {r: h for r, h in self._routes.items() if r in ADMIN_LISTENER_ROUTES}
+        if role is Role.ADMIN:
+            # The server API is for backends, on the HTTP listener only.
+            self._server_routes = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -162,7 +190,12 @@ class HttpApi:
         if any(p == path for _m, p in self._server_routes):
             return json_response(405, {"error": "method_not_allowed"})
         handler = self._routes.get((method, path))
-        if handler is None and method == "GET" and self._ctx.config.value.http.demo_page:
+        if (
+            handler is None
+            and method == "GET"
+            and self._role is not Role.ADMIN
+            and self._ctx.config.value.http.demo_page
+        ):
             asset = asset_for(path)
             if asset is not None:
                 return Response(200, asset.body, asset.content_type, asset.headers)
@@ -252,30 +285,42 @@ class HttpApi:
 
     # -- admin ----------------------------------------------------------------
 
-    def _admin_allowed(self, scope: Scope, headers: dict[str, str]) -> bool:
-        token_file = self._ctx.config.value.http.admin_token_file
+    def _admin_refusal(self, headers: dict[str, str]) -> Response | None:
+        """Why an admin request is refused (None: it carries the admin token)."""
+        token_file = self._ctx.config.value.admin.token_file
         if token_file is None:
-            return _is_loopback(scope.get("client"))
+            # Not configured: the endpoint does not exist, on any address.
+            return json_response(404, {"error": "not_found"})
+        if "origin" in headers:
+            # Browsers send Origin; operators' tools do not. A page must never
+            # reach an admin endpoint, whatever it knows.
+            return json_response(403, {"error": "forbidden_origin"})
         try:
-            expected = token_file.read_text().strip()
-        except OSError:
-            return False
+            expected = read_token_file(token_file)
+        except (OSError, ValueError) as exc:
+            log.error("admin_token_unusable", extra={"file": str(token_file), "error": str(exc)})
+            return json_response(503, {"error": "admin_token_unavailable"})
         given = bearer_token(headers.get("authorization")) or ""
-        return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return json_response(
+                401, {"error": "unauthorized"}, headers={"WWW-Authenticate": "Bearer"}
+            )
+        return None
 
     async def admin_drain(
         self, scope: Scope, query: dict[str, str], headers: dict[str, str]
     ) -> Response:
-        if not self._admin_allowed(scope, headers):
-            return json_response(
-                403,
-                {
-                    "error": "forbidden",
-                    "message": "admin endpoints need loopback or the admin token",
-                },
-            )
+        refusal = self._admin_refusal(headers)
+        if refusal is not None:
+            return refusal
+        me = self._ctx.info.instance
+        target = query.get("instance")
+        if target is not None and target != me:
+            # The caller reached another instance than it meant (a shared
+            # admin url, a port reused): draining this one would be wrong.
+            return json_response(409, {"error": "wrong_instance", "instance": me})
         self._instance.request_drain("admin")
-        return json_response(202, {"draining": True, "instance": self._ctx.info.instance})
+        return json_response(202, {"draining": True, "instance": me})
 
     # -- the server API (CONTRACT.md §6) ---------------------------------------------
 

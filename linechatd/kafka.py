@@ -27,10 +27,10 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import trio
 from confluent_kafka import (
@@ -44,6 +44,25 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 log = logging.getLogger(__name__)
+
+
+class _LibrdkafkaLog:
+    """librdkafka's own log lines into ours (confluent-kafka's ``logger`` setting).
+
+    Without it librdkafka writes raw ``%3|…|FAIL|…`` lines to stderr, past the
+    log format. Called on the thread that polls the client; it only logs.
+    """
+
+    _log = logging.getLogger("linechatd.librdkafka")
+
+    def log(self, level: int, fmt: str, *args: object) -> None:
+        facility, client, detail = (*args, "", "", "")[:3]
+        self._log.log(
+            level, "librdkafka", extra={"facility": facility, "client": client, "detail": detail}
+        )
+
+
+LIBRDKAFKA_LOG: Final = _LibrdkafkaLog()
 
 
 # How often the fetch thread refreshes every feed's (low, high) watermarks.
@@ -90,6 +109,7 @@ class Record(NamedTuple):
 def producer_settings(bootstrap: str, *, linger_ms: int, timeout_s: float) -> dict[str, Any]:
     return {
         "bootstrap.servers": bootstrap,
+        "logger": LIBRDKAFKA_LOG,
         # An ack means durable: every in-sync replica has the record.
         "acks": "all",
         # Retries never duplicate or reorder within a partition.
@@ -109,6 +129,7 @@ def producer_settings(bootstrap: str, *, linger_ms: int, timeout_s: float) -> di
 def consumer_settings(bootstrap: str, group: str, *, fetch_wait_max_ms: int) -> dict[str, Any]:
     return {
         "bootstrap.servers": bootstrap,
+        "logger": LIBRDKAFKA_LOG,
         "group.id": group,
         # Offsets are committed by the owner, only while it holds the lease.
         "enable.auto.commit": False,
@@ -390,7 +411,8 @@ class KafkaAdmin:
     """
 
     def __init__(self, bootstrap: str) -> None:
-        self._admin = AdminClient({"bootstrap.servers": bootstrap})
+        settings: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": LIBRDKAFKA_LOG}
+        self._admin = AdminClient(settings)
 
     async def end_offset(self, topic: str, timeout_s: float = 10.0) -> int:
         """The offset the next record of ``topic`` will get."""
@@ -405,6 +427,8 @@ class KafkaAdmin:
         """Raise KafkaUnavailable unless the cluster answers a metadata request."""
 
         def probe() -> None:
+            # Serves the admin client's queued log lines (see _LibrdkafkaLog).
+            self._admin.poll(0)
             try:
                 self._admin.list_topics(timeout=timeout_s)
             except KafkaException as exc:
@@ -413,11 +437,17 @@ class KafkaAdmin:
         await trio.to_thread.run_sync(probe)
 
     async def ensure_topics(
-        self, topics: Sequence[str], *, replication_factor: int, timeout_s: float = 30.0
+        self,
+        topics: Sequence[str],
+        *,
+        replication_factor: int,
+        topic_config: Mapping[str, str] | None = None,
+        timeout_s: float = 30.0,
     ) -> list[str]:
-        """Create the missing single-partition topics; return those created.
+        """Create the missing single-partition topics with ``topic_config``; return those created.
 
-        Safe when several instances race: "already exists" is success.
+        Safe when several instances race: "already exists" is success. Topics
+        that exist keep their settings (change those with Kafka's own tools).
         """
 
         def create() -> list[str]:
@@ -427,7 +457,12 @@ class KafkaAdmin:
                 return []
             futures = self._admin.create_topics(
                 [
-                    NewTopic(t, num_partitions=1, replication_factor=replication_factor)
+                    NewTopic(
+                        t,
+                        num_partitions=1,
+                        replication_factor=replication_factor,
+                        config=dict(topic_config or {}),
+                    )
                     for t in missing
                 ],
                 operation_timeout=timeout_s,
@@ -793,6 +828,7 @@ REPLAY_PREFETCH_KIB = 4096
 def replay_settings(bootstrap: str, group: str, *, fetch_wait_max_ms: int) -> dict[str, Any]:
     return {
         "bootstrap.servers": bootstrap,
+        "logger": LIBRDKAFKA_LOG,
         # Required by librdkafka; never joined nor committed to.
         "group.id": group,
         "enable.auto.commit": False,

@@ -1,13 +1,83 @@
-"""Prometheus metrics of one gateway instance (its own registry, no globals)."""
+"""Prometheus metrics of one gateway instance (its own registry, no globals).
+
+Process metrics (``process_*``) come from :class:`ProcessMetrics`, which reads
+only what the unit's sandbox leaves visible (``ProcSubset=pid``: this
+process's own /proc entries, no /proc/stat): prometheus-client's own process
+collector needs /proc/stat for the start time and would export nothing there.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+import os
+import platform
+import resource
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from . import __version__
 from .protocol import CloseCode
 
-__all__ = ["CLOSE_LABELS", "CONTENT_TYPE_LATEST", "Metrics", "close_label"]
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = ["CLOSE_LABELS", "CONTENT_TYPE_LATEST", "Metrics", "ProcessMetrics", "close_label"]
+
+
+class ProcessMetrics(Collector):
+    """CPU, memory and descriptors of this process, from its own /proc entries and getrusage."""
+
+    def __init__(self, proc: str = "/proc/self") -> None:
+        self._proc = proc
+        self._started = time.time()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = CounterMetricFamily(
+            "process_cpu_seconds", "Total user and system CPU time spent in seconds."
+        )
+        cpu.add_metric([], usage.ru_utime + usage.ru_stime)
+        yield cpu
+        yield GaugeMetricFamily(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            value=self._started,
+        )
+        try:
+            with open(f"{self._proc}/statm", "rb") as statm:
+                size, resident = (int(n) for n in statm.read().split()[:2])
+        except (OSError, ValueError):
+            pass
+        else:
+            yield GaugeMetricFamily(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+                value=size * self._page,
+            )
+            yield GaugeMetricFamily(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                value=resident * self._page,
+            )
+        try:
+            open_fds = len(os.listdir(f"{self._proc}/fd"))
+        except OSError:
+            pass
+        else:
+            yield GaugeMetricFamily(
+                "process_open_fds", "Number of open file descriptors.", value=open_fds
+            )
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        yield GaugeMetricFamily(
+            "process_max_fds", "Maximum number of open file descriptors.", value=soft
+        )
+
 
 # linechatd_closes_total{code}: a fixed set, whatever clients send. The codes
 # the server (or its transport: 1002 protocol error, 1007 invalid UTF-8)
@@ -33,6 +103,24 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        r.register(ProcessMetrics())
+        self.build_info = Gauge(
+            "linechatd_build_info",
+            "Always 1: the running version, its runtime and the cluster it serves",
+            ["version", "python", "librdkafka", "cluster_name"],
+            registry=r,
+        )
+        self.partitions_configured = Gauge(
+            "linechatd_partitions_configured",
+            "The cluster's partition count P (cluster.partitions)",
+            registry=r,
+        )
+        self.send_ack = Histogram(
+            "linechatd_send_ack_seconds",
+            "From a send handed to the producer to the broker's report (ack or error)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.connections = Gauge(
             "linechatd_connections", "Open WebSocket sessions", ["partition"], registry=r
         )
@@ -159,6 +247,18 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+    def describe(self, config: Config) -> None:
+        """The series that say what runs: build info and the partition count."""
+        import confluent_kafka
+
+        self.build_info.labels(
+            __version__,
+            platform.python_version(),
+            confluent_kafka.libversion()[0],
+            config.cluster.name,
+        ).set(1)
+        self.partitions_configured.set(config.cluster.partitions)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

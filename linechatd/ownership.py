@@ -63,6 +63,9 @@ class InstanceInfo:
     instance: str
     ws_url: str
     http_url: str
+    # Where `linechatd status`/`drain` reach the admin endpoints ("" from an
+    # instance older than the field: use http_url).
+    admin_url: str = ""
 
     def to_json(self, **extra: object) -> bytes:
         doc: dict[str, object] = {
@@ -70,6 +73,8 @@ class InstanceInfo:
             "ws_url": self.ws_url,
             "http_url": self.http_url,
         }
+        if self.admin_url:
+            doc["admin_url"] = self.admin_url
         doc.update(extra)
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -80,9 +85,10 @@ class InstanceInfo:
             fields = doc["instance"], doc["ws_url"], doc["http_url"]
         except (ValueError, TypeError, KeyError):
             return None
-        if not all(isinstance(f, str) for f in fields):
+        admin_url = doc.get("admin_url", "")
+        if not all(isinstance(f, str) for f in (*fields, admin_url)):
             return None
-        return cls(*fields)
+        return cls(*fields, admin_url=admin_url)
 
 
 @dataclass(frozen=True)

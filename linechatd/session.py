@@ -335,11 +335,13 @@ class Session:
             return
         ctx.metrics.messages_sent.inc()
         core.produced(request, receipts)
+        sent_at = trio.current_time()
         for receipt in receipts:
-            receipt.on_resolved = self._on_report
+            receipt.on_resolved = lambda: self._on_report(sent_at)
 
-    def _on_report(self) -> None:
+    def _on_report(self, sent_at: float) -> None:
         # The trio thread, as a delivery report resolves; never raises.
+        self._ctx.metrics.send_ack.observe(trio.current_time() - sent_at)
         self.core.on_report()
         self._carry_out()
         if self.core.reading_allowed:

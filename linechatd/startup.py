@@ -1,18 +1,29 @@
-"""Checks an instance makes before it binds anything, shared with ``check-config``."""
+"""Checks an instance makes before it binds anything, shared with ``check-config``.
+
+:func:`config_findings` is every check of a configuration that needs no
+network: ``linechatd run`` refuses to start on any of its errors and logs its
+warnings; ``linechatd check-config`` prints both and fails on errors. A check
+that ``run`` makes belongs here, so that the two cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .config import Config, HostPort
-from .tls import tls_files
+from .tls import ListenerTLS, TLSFilesError, tls_files
 
 __all__ = [
+    "EXIT_CONFIG",
+    "ConfigurationError",
+    "Findings",
     "StartupError",
     "auth_exposure_problems",
     "cleartext_token_listeners",
+    "config_findings",
     "is_loopback",
     "log_auth_warnings",
     "startup_error",
@@ -21,9 +32,131 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# `linechatd run`'s exit status when the configuration is at fault (sysexits'
+# EX_CONFIG): the unit's RestartPreventExitStatus, so that a bad file does not
+# restart-loop. Other startup failures exit 1 and are restarted.
+EXIT_CONFIG = 78
+
 
 class StartupError(Exception):
     """The instance cannot start; the message tells the operator why and what to do."""
+
+
+class ConfigurationError(StartupError):
+    """The instance cannot start until its configuration is changed (exit EXIT_CONFIG)."""
+
+
+@dataclass
+class Findings:
+    """What the checks found: errors stop an instance, warnings are logged."""
+
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def config_findings(config: Config) -> Findings:
+    """Every check ``run`` makes of ``config`` before it connects anywhere."""
+    # Imported here: auth imports config, and startup is imported by cli early.
+    from .auth import Authenticator, KeyFileError
+
+    found = Findings(warnings=list(config.deprecations))
+    found.errors += auth_exposure_problems(config, config)
+    try:
+        Authenticator(config.auth)
+    except (OSError, KeyFileError) as exc:
+        found.errors.append(f"auth.jwt_secret_file: cannot use the key: {exc}")
+    try:
+        ListenerTLS(config)
+    except TLSFilesError as exc:
+        found.errors.append(str(exc))
+    found.errors += _advertise_problems(config)
+    found.errors += _listener_clashes(config)
+    found.warnings += _durability_warnings(config)
+    found.warnings += _operations_warnings(config)
+    return found
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _advertise_problems(config: Config) -> list[str]:
+    """An advertised url must be one that others can connect to."""
+    problems = []
+    for name, section in (("http", config.http), ("websocket", config.websocket)):
+        host = urlsplit(section.advertise).hostname or ""
+        if _is_unspecified(host):
+            problems.append(
+                f"{name}.advertise: required when {name}.listen = {section.listen} "
+                f"(clients and other instances cannot connect to {host}); set the url "
+                "they reach this listener at"
+            )
+    admin_host = urlsplit(config.admin.advertise).hostname or ""
+    if config.admin.advertise and _is_unspecified(admin_host):
+        problems.append(f"admin.advertise: {admin_host} cannot be connected to")
+    return problems
+
+
+def _listener_clashes(config: Config) -> list[str]:
+    listeners = [("http.listen", config.http.listen), ("websocket.listen", config.websocket.listen)]
+    if config.admin.listen is not None:
+        listeners.append(("admin.listen", config.admin.listen))
+    problems = []
+    for i, (name, address) in enumerate(listeners):
+        for other, other_address in listeners[:i]:
+            if address.port != 0 and address == other_address:
+                problems.append(f"{name}: the same address as {other} ({address})")
+    return problems
+
+
+def _durability_warnings(config: Config) -> list[str]:
+    """acks=all is only as durable as the replicas that must have a record."""
+    kafka = config.kafka
+    warnings = []
+    production = config.cluster.environment == "production"
+    if production and kafka.replication_factor < 3:
+        warnings.append(
+            f"kafka.replication_factor: {kafka.replication_factor} in a production cluster: "
+            "an acked message is on fewer than 3 brokers; losing one can lose it (set 3)"
+        )
+    if production and (kafka.min_insync_replicas or 1) < 2:
+        current = (
+            "unset (the broker's default, 1 unless changed)"
+            if kafka.min_insync_replicas is None
+            else "1"
+        )
+        warnings.append(
+            f"kafka.min_insync_replicas: {current} in a production cluster: acks=all is then "
+            "satisfied by a single replica; set 2 (with replication_factor = 3)"
+        )
+    if (
+        kafka.min_insync_replicas is not None
+        and kafka.min_insync_replicas > kafka.replication_factor
+    ):
+        warnings.append(
+            f"kafka.min_insync_replicas: {kafka.min_insync_replicas} is above "
+            f"kafka.replication_factor ({kafka.replication_factor}): no send could be acked"
+        )
+    retention = kafka.topic_retention_s
+    if retention is not None and retention < config.replay.max_age_s:
+        warnings.append(
+            f"kafka.topic_retention_s: {retention:g} s is shorter than replay.max_age_s "
+            f"({config.replay.max_age_s:g} s): resumes cannot reach that far back"
+        )
+    return warnings
+
+
+def _operations_warnings(config: Config) -> list[str]:
+    warnings = []
+    if config.cluster.environment == "production" and config.admin.token_file is None:
+        warnings.append(
+            "admin.token_file: unset in a production cluster: the admin endpoints answer 404, "
+            "so `linechatd drain` cannot drain this instance (systemctl stop still can)"
+        )
+    return warnings
 
 
 def startup_error(exc: BaseException) -> StartupError | None:

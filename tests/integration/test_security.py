@@ -485,7 +485,7 @@ async def test_auth_none_is_refused_on_a_public_listener(
     gw = GatewayProcess(config, http_url="http://127.0.0.1:1", instance_id="public")
     gw.start()
     try:
-        assert await gw.wait_exit(30) == 1
+        assert await gw.wait_exit(30) == 78  # a configuration fault: startup.EXIT_CONFIG
     finally:
         await gw.stop()
     log_text = gw.log_text()
