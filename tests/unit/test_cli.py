@@ -10,7 +10,7 @@ import pytest
 from linechatd import chat
 from linechatd.cli import build_parser, main
 
-SUBCOMMANDS = ["run", "check-config", "dev", "status", "drain", "chat"]
+SUBCOMMANDS = ["run", "check-config", "dev", "status", "drain", "publish", "chat"]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -45,7 +45,14 @@ def _bad_tls(tmp_path: Path) -> dict[str, dict[str, Any]]:
 
 def _short_hs256_key(tmp_path: Path) -> dict[str, dict[str, Any]]:
     (tmp_path / "jwt.key").write_bytes(b"ab")
-    return {"auth": {"mode": "jwt", "jwt_secret_file": "jwt.key"}}
+    return {
+        "auth": {
+            "mode": "jwt",
+            "jwt_secret_file": "jwt.key",
+            "jwt_issuer": "https://idp.example",
+            "jwt_audience": "chat",
+        }
+    }
 
 
 CASES = {
