@@ -50,7 +50,7 @@ BENCH_OUT ?= bench-results
 # Hard stop for a wedged run (every phase is bounded on its own as well).
 BENCH_TIMEOUT_S ?= 3600
 
-.PHONY: bench bench-smoke bench-transport bench-fanout bench-codec bench-abuse
+.PHONY: bench bench-smoke bench-transport bench-fanout bench-codec bench-abuse bench-faults
 
 bench: install
 	timeout --foreground -k 30 $(BENCH_TIMEOUT_S) $(VENV)/bin/python -m benchmarks.run --out $(BENCH_OUT) $(BENCH_ARGS)
@@ -73,3 +73,8 @@ bench-codec: install
 #   make bench-abuse BENCH_ARGS='--scenarios ping_flood,half_open --duration 5'
 bench-abuse: install
 	timeout --foreground -k 30 1800 $(VENV)/bin/python -m benchmarks.abuse --out $(BENCH_OUT) $(BENCH_ARGS)
+# Broker and ZooKeeper faults under traffic, one cluster each (docs/operations.md):
+# prints a table (stopped, resumed, unavailable, acked, lost); about 5 minutes.
+#   make bench-faults BENCH_ARGS='--scenarios blackhole-5,leader-kill'
+bench-faults: install
+	timeout --foreground -k 30 1800 $(VENV)/bin/python -m benchmarks.faults --out $(BENCH_OUT) $(BENCH_ARGS)

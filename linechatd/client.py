@@ -288,6 +288,8 @@ class ChatClient:
         # Offsets at or below the cursor that the server sent anyway: always 0
         # with a server that keeps the contract.
         self.offsets_repeated = 0
+        # Sends answered "unavailable" (each resent with the same id).
+        self.unavailable_answers = 0
         self.last_close: tuple[int | None, str | None] | None = None  # (code, reason)
         self.fatal: Exception | None = None
         # A group send's list is checked against this before it goes out.
@@ -358,6 +360,7 @@ class ChatClient:
                     await entry.done.wait()
                     result = entry.outcome
                     if isinstance(result, SendFailed) and result.code == "unavailable":
+                        self.unavailable_answers += 1
                         # Not acked, so not stored: the same id may go again.
                         entry.done, entry.outcome, entry.sent_on = trio.Event(), None, -1
                         await trio.sleep(random.uniform(retry_s / 2, retry_s))

@@ -26,7 +26,8 @@ __all__ = ["Traffic", "TrafficReport"]
 @dataclass
 class TrafficReport:
     sent: int  # sends answered with an ack
-    refused: int  # unavailable (or other) answers before an ack, each resent
+    refused: int  # answers other than an ack or unavailable, each resent
+    unavailable: int  # "unavailable" answers (the client resends by itself)
     lost: list[str]  # "sender -> recipient #seq" acked but never delivered
     offsets_repeated: int  # offsets a device got again (must be 0)
     out_of_order: int  # messages of one sender delivered out of send order
@@ -35,7 +36,7 @@ class TrafficReport:
 
     def summary(self) -> str:
         return (
-            f"acked {self.sent}, refused-then-resent {self.refused}, lost {len(self.lost)}, "
+            f"acked {self.sent}, unavailable {self.unavailable}, refused {self.refused}, lost {len(self.lost)}, "
             f"offsets repeated {self.offsets_repeated}, out of order {self.out_of_order}, "
             f"reconnects {self.reconnects}, longest ack wait {max(self.ack_gaps, default=0):.2f} s"
         )
@@ -65,6 +66,10 @@ class Traffic:
         self._stop = trio.Event()
         self._sending = 0
         self._senders_done = trio.Event()
+
+    @property
+    def unavailable(self) -> int:
+        return sum(c.unavailable_answers for c in self.senders)
 
     @property
     def sent(self) -> int:
@@ -120,6 +125,12 @@ class Traffic:
         while self.sent < goal:
             await self.progress.wait()
 
+    async def every_pair_delivers(self) -> None:
+        """Until every recipient got at least one more message than it had when called."""
+        had = {r.uid: len(self.delivered[r.uid]) for r in self.recipients}
+        while any(len(self.delivered[uid]) <= n for uid, n in had.items()):
+            await self._arrival.wait()
+
     async def stop(self, settle_s: float = 60.0) -> TrafficReport:
         """Stop sending, wait for every acked message to arrive (bounded), and report."""
         self._stop.set()
@@ -138,6 +149,7 @@ class Traffic:
         return TrafficReport(
             sent=self.sent,
             refused=self.refused,
+            unavailable=self.unavailable,
             lost=lost,
             offsets_repeated=sum(c.offsets_repeated for c in clients),
             out_of_order=out_of_order,
