@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import parse_qsl
+
+from . import jsonfast
 
 __all__ = [
     "BAD_DEVICE",
@@ -100,11 +101,8 @@ BAD_REQUEST = "bad_request"
 
 UID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 MAX_ID_CHARS = 64
-MAX_JSON_DEPTH = 64
-# Members of objects and elements of arrays in one document, all levels
-# together: what a chat frame needs is far below; what a 64 KiB frame of
-# "[1,1,1,..." costs to parse is not.
-MAX_JSON_MEMBERS = 4096
+MAX_JSON_DEPTH = jsonfast.MAX_JSON_DEPTH
+MAX_JSON_MEMBERS = jsonfast.MAX_JSON_MEMBERS
 MAX_QUERY_CHARS = 8192
 # Recipients of one group send (``[limits] max_recipients``), by default.
 DEFAULT_MAX_RECIPIENTS = 100
@@ -207,92 +205,13 @@ def new_device_id() -> str:
 # ------------------------------------------------------------------- strict JSON
 
 
-class _JSONRejected(ValueError):
-    """Raised from inside the json hooks; the message is meant for the peer."""
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise _JSONRejected(f"{name} is not allowed in JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        # "1e400" parses to inf, which could never be encoded back as JSON.
-        raise _JSONRejected(f"number {text[:32]} is out of range")
-    return value
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                # ascii(): the key may hold an unpaired surrogate (not checked yet).
-                raise _JSONRejected(f"duplicate key {key[:64]!a}")
-            seen.add(key)
-    return obj
-
-
-_DECODER = json.JSONDecoder(
-    object_pairs_hook=_unique_object,
-    parse_constant=_reject_constant,
-    parse_float=_finite_float,
-)
-
-# A string token (an unterminated one runs to the end, so a failed match never
-# restarts scanning inside it), a bracket or a comma.
-_STRUCTURE_TOKEN = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{},]', re.DOTALL)
-# Only escapes in D800-DFFF can decode to an unpaired surrogate.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _check_structure(text: str) -> None:
-    """Reject nesting deeper than MAX_JSON_DEPTH, or more than MAX_JSON_MEMBERS
-    members and elements, before the parser spends anything on the text."""
-    # Fast path, three passes in C: too few brackets to be too deep and too
-    # few commas (even counting those inside strings) to be too many members.
-    shallow = text.count("[") + text.count("{") <= MAX_JSON_DEPTH
-    if shallow and text.count(",") <= MAX_JSON_MEMBERS:
-        return
-    depth = 0
-    members = 0
-    for match in _STRUCTURE_TOKEN.finditer(text):
-        char = text[match.start()]
-        if char in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise _JSONRejected(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-        elif char in "]}":
-            depth -= 1
-        elif char == ",":
-            members += 1
-            if members > MAX_JSON_MEMBERS:
-                raise _JSONRejected(f"JSON with more than {MAX_JSON_MEMBERS} members or elements")
-
-
-def _loads_strict(text: str) -> Any:
-    """Parse one JSON document strictly; every failure is a ValueError.
-
-    The text itself must not contain surrogate code points (callers check).
-    """
-    _check_structure(text)
-    try:
-        value = _DECODER.decode(text)
-    except RecursionError:
-        # The depth scan should prevent this; stay safe if it ever does not.
-        raise _JSONRejected(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise _JSONRejected("JSON string contains an unpaired surrogate escape") from None
-    return value
+# jsonfast: orjson where it reads and writes exactly what the standard
+# library's strict decoder and compact encoder do, the standard library otherwise.
+_loads_strict = jsonfast.loads_strict_fast
 
 
 def _json_reason(exc: ValueError) -> str:
-    if isinstance(exc, _JSONRejected):
+    if isinstance(exc, jsonfast.JSONRejected):
         return str(exc)
     if isinstance(exc, json.JSONDecodeError):
         return f"invalid JSON: {exc.msg} at position {exc.pos}"
@@ -324,8 +243,13 @@ def encode_json(value: Any) -> str:
 
 
 def _dumps(value: Any) -> str:
+    return _dumps_bytes(value).decode("utf-8")
+
+
+def _dumps_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON; LocalProtocolError if it cannot be (a lone surrogate included)."""
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return jsonfast.dumps_compact_fast(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise LocalProtocolError(f"cannot encode as JSON: {exc}") from exc
 
@@ -870,11 +794,12 @@ def encode_record(r: Record, *, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
         if r.recipients is not None:
             doc["recipients"] = list(r.recipients)
     doc.update({"id": r.id, "body": r.body, "ts": r.ts})
-    text = _dumps(doc)
     try:
-        data = text.encode("utf-8")
+        data = jsonfast.dumps_compact_fast(doc)
     except UnicodeEncodeError as exc:
         raise LocalProtocolError("invalid record: body contains an unpaired surrogate") from exc
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise LocalProtocolError(f"cannot encode as JSON: {exc}") from exc
     if len(data) > max_bytes:
         raise RemoteProtocolError(
             BAD_FRAME,
@@ -905,12 +830,13 @@ def decode_record(data: bytes | None, *, max_bytes: int = MAX_RECORD_BYTES) -> R
     if len(data) > max_bytes:
         raise RecordError(f"record is {len(data)} bytes, limit {max_bytes}")
     try:
-        text = bytes(data).decode("utf-8")
-    except UnicodeDecodeError:
-        raise RecordError("record is not valid UTF-8") from None
-    try:
-        obj = _loads_strict(text)
+        # Bytes as they are: orjson reads UTF-8 without a decoded copy.
+        obj = _loads_strict(data)
     except ValueError as exc:
+        try:
+            bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RecordError("record is not valid UTF-8") from None
         raise RecordError(f"record is not valid: {_json_reason(exc)}") from None
     if not isinstance(obj, dict):
         raise RecordError("record must be a JSON object")
