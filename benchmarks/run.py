@@ -26,15 +26,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from linechatd.config import parse_config
 from linechatd.localservices import LocalBroker, LocalZooKeeper, MissingDependency, ServiceError
 
-from . import stack
+from . import brokerprobe, stack
 from .loadgen import BODY_BYTES, LoadGen
 from .phases import Bench, Settings
 from .systems import AsyncioPeer, Linechatd, SocketioPeer, System
 
 SYSTEMS = ("linechatd", "asyncio", "socketio")
-PHASES = ("saturation", "latency", "profile", "connections", "failover")
+PHASES = ("saturation", "latency", "broker_only", "profile", "connections", "failover")
 TARGETS = {
     "delivered_per_s_per_process": 10_000,
     "p99_ms_at_1000": 10.0,
@@ -324,6 +325,14 @@ def run_system(
             if half:
                 latency["at_half_max"] = phase("latency", lambda: bench.latency(half))
             record["latency"] = latency
+            if name == "linechatd" and services is not None and "broker_only" in phases:
+                # Right after the gateway's own steps: the broker holds the same data.
+                record["broker_only"] = phase(
+                    "broker_only",
+                    lambda: _broker_only(
+                        services, args, settings, [settings.latency_rate, half], say
+                    ),
+                )
         if name == "linechatd" and "profile" in phases:
             results["profile"] = phase(
                 "profile", lambda: profile_under_load(bench, half or settings.latency_rate, out)
@@ -343,6 +352,35 @@ def run_system(
         say(f"== {name}: stopping")
         system.stop()
     return record
+
+
+def _broker_only(
+    services: stack.Services,
+    args: argparse.Namespace,
+    settings: Settings,
+    rates: list[float],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """The broker-only probe at the latency phase's rates, with the gateways' Kafka settings."""
+    kafka = linechatd_overrides(args).get("kafka", {})
+    defaults = parse_config(
+        {"zookeeper": {"hosts": "127.0.0.1:1"}, "kafka": {"bootstrap_servers": "127.0.0.1:1"}}
+    ).kafka
+    out: dict[str, Any] = {}
+    for key, rate in zip(("at_1000", "at_half_max"), rates, strict=True):
+        if not rate:
+            continue
+        out[key] = brokerprobe.run(
+            services.broker.address,
+            rate=rate,
+            duration_s=settings.latency_s,
+            linger_ms=int(kafka.get("linger_ms", defaults.linger_ms)),
+            fetch_wait_max_ms=int(kafka.get("fetch_wait_max_ms", defaults.fetch_wait_max_ms)),
+            broker_pid=services.pids().get("broker"),
+            drain_s=settings.drain_s,
+            say=say,
+        )
+    return out
 
 
 def _idle(bench: Bench) -> dict[str, Any]:

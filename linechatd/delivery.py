@@ -63,12 +63,12 @@ from .protocol import (
     Ping,
     RemoteProtocolError,
     Send,
+    ack_frame,
     decode_client_frame,
-    encode_ack,
     encode_error,
-    encode_group_ack,
     encode_pong,
     encode_record,
+    group_ack_frame,
 )
 from .ratelimit import StrikeCounter, TokenBucket
 
@@ -210,7 +210,8 @@ class _NoCounts:
         pass
 
 
-_Outgoing = tuple[int | None, str]  # (record offset or None, frame text)
+# (record offset or None, frame text: str, or bytes already UTF-8)
+_Outgoing = tuple[int | None, str | bytes]
 
 
 class SessionCore:
@@ -300,7 +301,7 @@ class SessionCore:
 
     # -- frames out -------------------------------------------------------------
 
-    def offer(self, offset: int | None, frame: str) -> None:
+    def offer(self, offset: int | None, frame: str | bytes) -> None:
         """Queue a frame: a live record at ``offset``, or (None) any other frame.
 
         A record the device already has, or one the replay covers, is dropped.
@@ -327,7 +328,7 @@ class SessionCore:
         self._last_replayed = offset
         return True
 
-    def next_frame(self) -> str | None:
+    def next_frame(self) -> str | bytes | None:
         """The next frame to write, or None (nothing queued, or not live)."""
         if self.phase is not SessionPhase.LIVE or not self._outbox:
             return None
@@ -438,10 +439,13 @@ class SessionCore:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def on_report(self) -> None:
-        """Answer every send at the head of the in-flight queue whose reports are all in."""
+    def on_report(self) -> int:
+        """Answer every send at the head of the in-flight queue whose reports are all in;
+        how many were answered."""
         in_flight = self._in_flight
+        answered = 0
         while in_flight and all(report.resolved for report in in_flight[0][1]):
+            answered += 1
             request, reports = in_flight.popleft()
             if any(report.error is not None for report in reports):
                 # Some records may be stored: the client sends again with the same
@@ -454,10 +458,11 @@ class SessionCore:
                     (r.partition, report.offset, r.to)
                     for r, report in zip(request.records, reports, strict=True)
                 ]
-                self.offer(None, encode_group_ack(request.msg_id, acks))
+                self.offer(None, group_ack_frame(request.msg_id, acks))
             else:
                 [record], [report] = request.records, reports
-                self.offer(None, encode_ack(request.msg_id, record.partition, report.offset))
+                self.offer(None, ack_frame(request.msg_id, record.partition, report.offset))
+        return answered
 
     # -- closing -------------------------------------------------------------------
 

@@ -74,11 +74,14 @@ __all__ = [
     "decode_json",
     "decode_record",
     "decode_server_frame",
+    "ack_frame",
     "encode_ack",
     "encode_error",
     "encode_json",
     "encode_group_ack",
+    "group_ack_frame",
     "encode_message",
+    "message_frame",
     "encode_pong",
     "encode_record",
     "encode_ping",
@@ -398,12 +401,22 @@ def encode_welcome(
 
 def encode_ack(id: str, partition: int, offset: int) -> str:
     """Acknowledge a send once the broker has durably accepted it."""
-    return _dumps({"type": "ack", "id": id, "partition": partition, "offset": offset})
+    return ack_frame(id, partition, offset).decode("utf-8")
+
+
+def ack_frame(id: str, partition: int, offset: int) -> bytes:
+    """:func:`encode_ack` as UTF-8, as the transport writes it."""
+    return _dumps_bytes({"type": "ack", "id": id, "partition": partition, "offset": offset})
 
 
 def encode_group_ack(id: str, acks: Sequence[tuple[int, int, Sequence[str]]]) -> str:
     """Acknowledge a group send once every record is durable: (partition, offset, its uids)."""
-    return _dumps(
+    return group_ack_frame(id, acks).decode("utf-8")
+
+
+def group_ack_frame(id: str, acks: Sequence[tuple[int, int, Sequence[str]]]) -> bytes:
+    """:func:`encode_group_ack` as UTF-8, as the transport writes it."""
+    return _dumps_bytes(
         {
             "type": "ack",
             "id": id,
@@ -433,6 +446,13 @@ def encode_message(
     ``to`` is one of the record's recipients (a one-to-one record's own when
     left out). A group send's message carries the whole list as ``recipients``.
     """
+    return message_frame(record, partition, offset, to).decode("utf-8")
+
+
+def message_frame(
+    record: ChatRecord | GroupRecord, partition: int, offset: int, to: str | None = None
+) -> bytes:
+    """:func:`encode_message` as UTF-8, as the transport writes it (no decoded copy)."""
     frame: dict[str, Any] = {
         "type": "message",
         "from": record.from_uid,
@@ -449,7 +469,7 @@ def encode_message(
             raise LocalProtocolError(f"{to!r} is not a recipient of this record")
         if record.recipients is not None:
             frame["recipients"] = list(record.recipients)
-    return _dumps(frame)
+    return _dumps_bytes(frame)
 
 
 # ------------------------------------------------------ the client's side of the frames

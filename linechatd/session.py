@@ -127,9 +127,18 @@ class Session:
         """Registered with the partition: live delivery starts at ``live_from``."""
         self.core.start(live_from)
 
-    def offer(self, offset: int | None, frame: str) -> None:
+    def offer(self, offset: int | None, frame: str | bytes) -> None:
         """A live frame from the partition's delivery task; never waits."""
         self.core.offer(offset, frame)
+        self._carry_out()
+
+    def queue(self, offset: int | None, frame: str | bytes) -> None:
+        """Like :meth:`offer`, written at the next :meth:`write_queued` (one
+        write for every frame a fetched batch brings this session)."""
+        self.core.offer(offset, frame)
+
+    def write_queued(self) -> None:
+        """Write what :meth:`queue` queued (or close, if the core decided so)."""
         self._carry_out()
 
     def check_idle(self, now: float) -> None:
@@ -167,16 +176,18 @@ class Session:
         if self._writer_active or self._nursery is None:
             return
         conn = self._conn
-        # Direct writes, without a task switch, while the socket takes frames at once.
-        while conn.can_write_now:
-            frame = core.next_frame()
-            if frame is None:
-                break
-            try:
-                conn.write_now(frame)
-            except ConnectionClosed:
-                self._peer_gone()
-                return
+        # Direct writes, without a task switch, while the socket takes frames
+        # at once: everything due goes out in one system call.
+        if core.backlog and conn.can_write_now:
+            frames = []
+            while (frame := core.next_frame()) is not None:
+                frames.append(frame)
+            if frames:
+                try:
+                    conn.write_many_now(frames)
+                except ConnectionClosed:
+                    self._peer_gone()
+                    return
         if core.backlog or conn.unflushed:
             self._writer_active = True
             self._nursery.start_soon(self._writer)
@@ -259,12 +270,12 @@ class Session:
             if resumed:
                 await replay.send_to(self)
 
-    async def send_replayed(self, offset: int, frame: str) -> None:
+    async def send_replayed(self, offset: int, frame: str | bytes) -> None:
         """Send a replayed record now, ahead of the (still waiting) live outbox."""
         if self.core.replayed(offset):
             await self._send_ahead(frame, " during replay")
 
-    async def _send_ahead(self, frame: str, during: str) -> None:
+    async def _send_ahead(self, frame: str | bytes, during: str) -> None:
         """Send before the live outbox, within the send deadline; past it the core closes."""
         with trio.move_on_after(self._ctx.config.value.limits.send_timeout_s):
             await self._conn.send(frame)
@@ -299,6 +310,7 @@ class Session:
     async def _reader(self) -> None:
         """Read frames until the peer closes; hand sends to the broker in order."""
         core, conn = self.core, self._conn
+        residence = self._ctx.metrics.residence
         while True:
             try:
                 data = await conn.receive()
@@ -310,6 +322,7 @@ class Session:
             request = core.on_frame(data, trio.current_time(), int(time.time() * 1000))
             if request is not None:
                 self._produce(request)
+                residence.observe("read_to_produce", time.perf_counter() - conn.read_at)
             self._carry_out()
             while not core.reading_allowed:
                 self._room = trio.Event()
@@ -330,13 +343,19 @@ class Session:
             return
         ctx.metrics.messages_sent.inc()
         core.produced(request, receipts)
+        on_reports = self._on_reports
         for receipt in receipts:
-            receipt.on_resolved = self._on_report
+            receipt.on_batch = on_reports
 
-    def _on_report(self) -> None:
-        # The trio thread, as a delivery report resolves; never raises.
-        self.core.on_report()
+    def _on_reports(self, reported_at: float) -> None:
+        # The trio thread, once per hand-over of delivery reports (however
+        # many of this session's it holds): every ack due, in one write.
+        answered = self.core.on_report()
         self._carry_out()
+        if answered:
+            self._ctx.metrics.residence.observe(
+                "report_to_ack", time.perf_counter() - reported_at, answered
+            )
         if self.core.reading_allowed:
             self._room.set()
 

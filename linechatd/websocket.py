@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import NoReturn
 from urllib.parse import unquote_plus
@@ -97,6 +98,7 @@ class Connection:
     """An accepted WebSocket: text frames in and out, and a close with a code."""
 
     __slots__ = (
+        "read_at",
         "_stream",
         "_decoder",
         "_state",
@@ -125,6 +127,8 @@ class Connection:
         *,
         trailing: bytes = b"",
     ) -> None:
+        # time.perf_counter() when the frames being handed out were read.
+        self.read_at = time.perf_counter()
         self._stream = stream
         # Joins fragments and enforces the size limit on every frame's header.
         self._decoder = FrameDecoder(max_message_bytes)
@@ -240,6 +244,7 @@ class Connection:
             self._state = _CLOSED
             await self._drop()
             return False
+        self.read_at = time.perf_counter()
         self._events = decoder.events(data)
         self._fresh_read = True
         return True
