@@ -102,7 +102,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     def consume_loop() -> None:
         while not stop.is_set():
-            for m in consumer.consume(500, 0.05):
+            # As the gateway's fetcher: wait for the first record only, then
+            # take what is already there (consume(n, t) would wait for all n).
+            first = consumer.poll(0.05)
+            if first is None:
+                continue
+            for m in (first, *consumer.consume(499, 0)):
                 if m.error() is not None:
                     continue
                 value = m.value()
