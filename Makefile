@@ -40,7 +40,7 @@ BENCH_OUT ?= bench-results
 # Hard stop for a wedged run (every phase is bounded on its own as well).
 BENCH_TIMEOUT_S ?= 3600
 
-.PHONY: bench bench-smoke bench-transport bench-fanout bench-codec
+.PHONY: bench bench-smoke bench-transport bench-fanout bench-codec bench-kafka bench-handshakes
 
 bench: install
 	timeout --foreground -k 30 $(BENCH_TIMEOUT_S) $(VENV)/bin/python -m benchmarks.run --out $(BENCH_OUT) $(BENCH_ARGS)
@@ -58,3 +58,9 @@ bench-fanout: install
 # The WebSocket frame codecs and the JSON paths alone, in-process: CPU-µs per message.
 bench-codec: install
 	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.codec --out $(BENCH_OUT)/codec.json
+# Broker and gateway CPU per message against linger_ms and fetch_wait_max_ms (a fresh broker each).
+bench-kafka: install
+	timeout --foreground -k 30 3000 $(VENV)/bin/python -m benchmarks.kafka_settings --out $(BENCH_OUT)/kafka-settings.json $(BENCH_ARGS)
+# connection-url + upgrade per second, RSS per idle connection, and where each goes (py-spy, tracemalloc).
+bench-handshakes: install
+	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.handshakes --profile --out $(BENCH_OUT)/handshakes.json $(BENCH_ARGS)
