@@ -276,10 +276,12 @@ class SessionCore:
         # The device has every offset up to its resume cursor already.
         self._last_live = -1 if resume is None else resume
         self._last_replayed = -1 if resume is None else resume
-        self._outbox: deque[_Outgoing] = deque()
+        # Both made at first use: an empty deque weighs about 770 bytes, and an
+        # idle session needs neither.
+        self._outbox: deque[_Outgoing] | None = None
         self._outbox_bytes = 0
         # Sends produced and not yet answered, in send order (a report per record).
-        self._in_flight: deque[tuple[ProduceRequest, Sequence[Report]]] = deque()
+        self._in_flight: deque[tuple[ProduceRequest, Sequence[Report]]] | None = None
         self._partitions_of: dict[str, int] = {}
 
     def __repr__(self) -> str:
@@ -318,6 +320,8 @@ class SessionCore:
                 return
             self._last_live = offset
         outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
         if len(outbox) >= self._limits.outbox_frames or (
             self._outbox_bytes + len(frame) > self._limits.outbox_bytes and self._outbox_bytes > 0
         ):
@@ -335,16 +339,17 @@ class SessionCore:
 
     def next_frame(self) -> str | bytes | None:
         """The next frame to write, or None (nothing queued, or not live)."""
-        if self.phase is not SessionPhase.LIVE or not self._outbox:
+        outbox = self._outbox
+        if self.phase is not SessionPhase.LIVE or not outbox:
             return None
-        _offset, frame = self._outbox.popleft()
+        _offset, frame = outbox.popleft()
         self._outbox_bytes -= len(frame)
         return frame
 
     @property
     def backlog(self) -> int:
         """Frames queued and not yet taken by :meth:`next_frame`."""
-        return len(self._outbox)
+        return len(self._outbox) if self._outbox is not None else 0
 
     @property
     def backlog_chars(self) -> int:
@@ -440,6 +445,8 @@ class SessionCore:
 
     def produced(self, request: ProduceRequest, reports: Sequence[Report]) -> None:
         """The broker has ``request``'s records; each report resolves when its record is durable."""
+        if self._in_flight is None:
+            self._in_flight = deque()
         self._in_flight.append((request, reports))
 
     def refused(self, request: ProduceRequest, message: str) -> None:
@@ -449,17 +456,20 @@ class SessionCore:
     @property
     def reading_allowed(self) -> bool:
         """False while ``max_in_flight`` sends wait for their reports."""
-        return len(self._in_flight) < self._limits.max_in_flight
+        in_flight = self._in_flight
+        return in_flight is None or len(in_flight) < self._limits.max_in_flight
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return len(self._in_flight) if self._in_flight is not None else 0
 
     def on_report(self) -> int:
         """Answer every send at the head of the in-flight queue whose reports are all in;
         how many were answered."""
         in_flight = self._in_flight
         answered = 0
+        if in_flight is None:
+            return answered
         while in_flight and all(report.resolved for report in in_flight[0][1]):
             answered += 1
             request, reports = in_flight.popleft()

@@ -73,6 +73,23 @@ class _Counts:
 
 
 class Session:
+    # Slots: thousands of idle sessions per process, each a handful of objects.
+    __slots__ = (
+        "uid",
+        "device",
+        "partition",
+        "core",
+        "_conn",
+        "_identity",
+        "_ctx",
+        "_room",
+        "_writer_active",
+        "_nursery",
+        "_on_end",
+        "_scope",
+        "_peer_closed",
+    )
+
     def __init__(
         self,
         *,
@@ -109,7 +126,8 @@ class Session:
         )
         # Every frame is counted before it is looked at (pings and closes too).
         conn.frame_hook = self._frame_arrived
-        self._room = trio.Event()
+        # Set when reading may go on after max_in_flight sends; made only then.
+        self._room: trio.Event | None = None
         # While the writer runs it owns the socket's sending side; the
         # session's nursery (for the writer) exists only while live.
         self._writer_active = False
@@ -325,8 +343,8 @@ class Session:
                 residence.observe("read_to_produce", time.perf_counter() - conn.read_at)
             self._carry_out()
             while not core.reading_allowed:
-                self._room = trio.Event()
-                await self._room.wait()
+                room = self._room = trio.Event()
+                await room.wait()
 
     def _produce(self, request: ProduceRequest) -> None:
         ctx, core = self._ctx, self.core
@@ -356,7 +374,7 @@ class Session:
             self._ctx.metrics.residence.observe(
                 "report_to_ack", time.perf_counter() - reported_at, answered
             )
-        if self.core.reading_allowed:
+        if self._room is not None and self.core.reading_allowed:
             self._room.set()
 
     async def _expire_at(self, expires_at: float) -> None:

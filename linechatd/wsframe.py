@@ -199,7 +199,8 @@ class FrameDecoder:
         self._opcode: int | None = None
         self._parts: list[str | bytes] = []
         self._size = 0
-        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        # Made for the first fragmented text message: most connections never send one.
+        self._utf8: codecs.IncrementalDecoder | None = None
         # A close frame or a violation was seen: nothing more is read.
         self._done = False
         self._refused = False
@@ -399,7 +400,10 @@ class FrameDecoder:
                 return
             self._opcode = opcode
             self._begun += 1
-            self._utf8.reset()
+            if self._utf8 is None:
+                self._utf8 = codecs.getincrementaldecoder("utf-8")()
+            else:
+                self._utf8.reset()
         self._size += len(payload)
         if self._opcode == _BINARY:
             self._parts.append(payload)
@@ -407,6 +411,7 @@ class FrameDecoder:
                 return
             message: str | bytes = b"".join(self._parts)  # type: ignore[arg-type]
         else:
+            assert self._utf8 is not None  # made with the message's first fragment
             try:
                 # Checked fragment by fragment, so bad UTF-8 fails as soon as it arrives.
                 self._parts.append(self._utf8.decode(payload, fin))
