@@ -408,7 +408,7 @@ class KafkaConfig:
     replication_factor: int = _setting(1, _integer(1, 32))
     produce_timeout_s: float = _setting(5.0, _number(0, 120, above=True))
     linger_ms: int = _setting(1, _integer(0, 1000))
-    fetch_wait_max_ms: int = _setting(10, _integer(1, 1000))
+    fetch_wait_max_ms: int = _setting(50, _integer(1, 1000))
 
 
 @dataclass(frozen=True)

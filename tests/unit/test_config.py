@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "kafka.replication_factor": 1,
     "kafka.produce_timeout_s": 5.0,
     "kafka.linger_ms": 1,
-    "kafka.fetch_wait_max_ms": 10,
+    "kafka.fetch_wait_max_ms": 50,
     "auth.mode": "none",
     "auth.jwt_secret_file": None,
     "auth.jwt_algorithm": "HS256",
