@@ -44,9 +44,15 @@ async def _open_one(
         f"GET /api/connection-url?uid={uid} HTTP/1.1\r\nHost: {http[0]}:{http[1]}\r\n"
         "Connection: close\r\n\r\n".encode()
     )
-    answer = await reader.read()
+    # As a client library does: the body by its Content-Length, not by waiting for the close.
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    body = await reader.readexactly(length)
     writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
         return False
     url = urlsplit(json.loads(body)["url"])
