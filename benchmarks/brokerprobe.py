@@ -180,7 +180,9 @@ def run(
     names = [f"{TOPIC_PREFIX}{k}" for k in range(topics)]
     ensure_topics(bootstrap, names)
     shares = [names[i::processes] for i in range(processes)]
-    start_at = time.monotonic() + 2.0
+    # Time for the processes to import and connect before the window opens:
+    # their start must not count as other processes' load.
+    start_at = time.monotonic() + 5.0
     procs = []
     for i in range(processes):
         consume = shares[i]
