@@ -231,7 +231,28 @@ class Session:
                     self._carry_out()
                     if self._identity.expires_at is not None:
                         nursery.start_soon(self._expire_at, self._identity.expires_at)
-                    await self._reader()
+                    # The read loop is here, not in a method of its own: an idle
+                    # session waits in it, and each coroutine frame on its
+                    # stack costs ~250 bytes per connection.
+                    conn, residence = self._conn, metrics.residence
+                    while True:
+                        try:
+                            data = await conn.receive()
+                        except ConnectionClosed:
+                            self._peer_closed = True
+                            break
+                        except FrameRefused:
+                            break  # the core decided to close: _carry_out() cancelled us
+                        # Sends go to the broker in the order they were read.
+                        now_ms = int(time.time() * 1000)
+                        request = core.on_frame(data, trio.current_time(), now_ms)
+                        if request is not None:
+                            self._produce(request)
+                            residence.observe("read_to_produce", time.perf_counter() - conn.read_at)
+                        self._carry_out()
+                        while not core.reading_allowed:
+                            room = self._room = trio.Event()
+                            await room.wait()
                     nursery.cancel_scope.cancel()
         except ConnectionClosed:
             self._peer_closed = True
@@ -324,27 +345,6 @@ class Session:
             # No checkpoint between the empty backlog and this: a frame queued
             # before was sent above, one queued after is written directly.
             self._writer_active = False
-
-    async def _reader(self) -> None:
-        """Read frames until the peer closes; hand sends to the broker in order."""
-        core, conn = self.core, self._conn
-        residence = self._ctx.metrics.residence
-        while True:
-            try:
-                data = await conn.receive()
-            except ConnectionClosed:
-                self._peer_closed = True
-                return
-            except FrameRefused:
-                return  # the core decided to close: _carry_out() has cancelled us
-            request = core.on_frame(data, trio.current_time(), int(time.time() * 1000))
-            if request is not None:
-                self._produce(request)
-                residence.observe("read_to_produce", time.perf_counter() - conn.read_at)
-            self._carry_out()
-            while not core.reading_allowed:
-                room = self._room = trio.Event()
-                await room.wait()
 
     def _produce(self, request: ProduceRequest) -> None:
         ctx, core = self._ctx, self.core

@@ -108,7 +108,8 @@ class Connection:
         "_partial_message",
         "_fresh_read",
         "_events",
-        "_send_lock",
+        "_sending",
+        "_send_waiters",
         "_pending",
         "_reading",
         "_socket",
@@ -141,7 +142,11 @@ class Connection:
         # Frames the client sent right behind its upgrade request come first.
         self._events: Iterator[Event] | None = self._decoder.events(trailing) if trailing else None
         self._fresh_read = True
-        self._send_lock = trio.Lock()
+        # Whether a write owns the socket's sending side, and (made on the
+        # first contention only) the writes waiting for it: a trio.Lock and
+        # its parking lot would weigh ~450 bytes on every idle connection.
+        self._sending = False
+        self._send_waiters: trio.lowlevel.ParkingLot | None = None
         self._pending: list[bytes] = []
         self._reading = False
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -197,7 +202,21 @@ class Connection:
                 self._events = None
                 if self._decoder.refused:
                     raise FrameRefused
-            if not await self._read():
+            if self._decoder.in_message or self._state is not _OPEN:
+                # A deadline may apply (a fragmented message): the general read.
+                if not await self._read():
+                    raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
+                continue
+            # The common read, here rather than in _read(): an idle connection
+            # waits here, and each coroutine frame on its stack costs ~250 bytes.
+            self._reading = True
+            try:
+                data: bytes | bytearray = await self._stream.receive_some(RECEIVE_BYTES)
+            except _STREAM_ERRORS:
+                data = b""
+            finally:
+                self._reading = False
+            if not await self._took(data):
                 raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
 
     async def _on_violation(self, event: Violation) -> NoReturn:
@@ -239,13 +258,18 @@ class Connection:
         if late:
             await self._fail(CLOSE_POLICY, "fragmented message not completed in time")
             raise ConnectionClosed(CLOSE_POLICY, "fragmented message not completed in time")
+        return await self._took(data)
+
+    async def _took(self, data: bytes | bytearray) -> bool:
+        """Hand what a read returned to the decoder; False (and the socket
+        released) when it was the end of the stream."""
         if not data:
             # The peer went away without a closing handshake (or after ours).
             self._state = _CLOSED
             await self._drop()
             return False
         self.read_at = time.perf_counter()
-        self._events = decoder.events(data)
+        self._events = self._decoder.events(data)
         self._fresh_read = True
         return True
 
@@ -282,7 +306,7 @@ class Connection:
         return (
             self._socket is not None
             and not self._pending
-            and not self._send_lock.locked()
+            and not self._sending
             and not self._broken
             and not self._dropped
             and self._state is _OPEN
@@ -336,11 +360,13 @@ class Connection:
         """Send ``data`` after anything queued before it, coalescing what waits."""
         pending = self._pending
         pending.append(data)
-        lock = self._send_lock
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
+        if self._sending:
+            if self._send_waiters is None:
+                self._send_waiters = trio.lowlevel.ParkingLot()
+            # Woken by _release_send() as the owner of the sending side (FIFO).
+            await self._send_waiters.park()
+        else:
+            self._sending = True
         try:
             if self._broken:
                 pending.clear()
@@ -357,7 +383,14 @@ class Connection:
                     self._closed_code = CLOSE_ABNORMAL
                 raise ConnectionClosed(self.closed_code, self._closed_reason) from None
         finally:
-            lock.release()
+            self._release_send()
+
+    def _release_send(self) -> None:
+        waiters = self._send_waiters
+        if waiters:
+            waiters.unpark()  # ownership passes straight to the next write
+        else:
+            self._sending = False
 
     async def _send_all(self, data: bytes) -> None:
         sock = self._socket
