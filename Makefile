@@ -50,7 +50,7 @@ BENCH_OUT ?= bench-results
 # Hard stop for a wedged run (every phase is bounded on its own as well).
 BENCH_TIMEOUT_S ?= 3600
 
-.PHONY: bench bench-smoke bench-transport bench-fanout bench-codec bench-abuse bench-faults
+.PHONY: bench bench-smoke bench-transport bench-fanout bench-codec bench-abuse bench-faults bench-kafka bench-handshakes
 
 bench: install
 	timeout --foreground -k 30 $(BENCH_TIMEOUT_S) $(VENV)/bin/python -m benchmarks.run --out $(BENCH_OUT) $(BENCH_ARGS)
@@ -78,3 +78,9 @@ bench-abuse: install
 #   make bench-faults BENCH_ARGS='--scenarios blackhole-5,leader-kill'
 bench-faults: install
 	timeout --foreground -k 30 1800 $(VENV)/bin/python -m benchmarks.faults --out $(BENCH_OUT) $(BENCH_ARGS)
+# Broker and gateway CPU per message against linger_ms and fetch_wait_max_ms (a fresh broker each).
+bench-kafka: install
+	timeout --foreground -k 30 3000 $(VENV)/bin/python -m benchmarks.kafka_settings --out $(BENCH_OUT)/kafka-settings.json $(BENCH_ARGS)
+# connection-url + upgrade per second, RSS per idle connection, and where each goes (py-spy, tracemalloc).
+bench-handshakes: install
+	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.handshakes --profile --out $(BENCH_OUT)/handshakes.json $(BENCH_ARGS)

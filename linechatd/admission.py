@@ -245,18 +245,28 @@ class ConnectionCounter:
         """Count one connection from ``address``; returns its release (idempotent)."""
         self.total += 1
         self._by_address[address] = self._by_address.get(address, 0) + 1
-        released = False
+        return _Release(self, address)
 
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            self.total -= 1
-            left = self._by_address[address] - 1
-            if left:
-                self._by_address[address] = left
-            else:
-                del self._by_address[address]
+    def _remove(self, address: str) -> None:
+        self.total -= 1
+        left = self._by_address[address] - 1
+        if left:
+            self._by_address[address] = left
+        else:
+            del self._by_address[address]
 
-        return release
+
+class _Release:
+    """One counted connection's release: an object with slots, not a closure
+    (held by every open session, it is a third of the size)."""
+
+    __slots__ = ("_counter", "_address")
+
+    def __init__(self, counter: ConnectionCounter, address: str) -> None:
+        self._counter: ConnectionCounter | None = counter
+        self._address = address
+
+    def __call__(self) -> None:
+        counter, self._counter = self._counter, None
+        if counter is not None:
+            counter._remove(self._address)

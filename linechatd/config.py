@@ -493,7 +493,7 @@ class KafkaConfig:
     topic_retention_s: float | None = _setting(None, _number(0, above=True))
     produce_timeout_s: float = _setting(5.0, _number(0, 120, above=True))
     linger_ms: int = _setting(1, _integer(0, 1000))
-    fetch_wait_max_ms: int = _setting(10, _integer(1, 1000))
+    fetch_wait_max_ms: int = _setting(50, _integer(1, 1000))
     # Unable to reach the broker this long while another instance can: give
     # every partition up (CONTRACT.md §7, the zombie owner).
     unhealthy_release_s: float = _setting(15.0, _number(1, 3600))

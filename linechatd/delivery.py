@@ -63,12 +63,12 @@ from .protocol import (
     Ping,
     RemoteProtocolError,
     Send,
+    ack_frame,
     decode_client_frame,
-    encode_ack,
     encode_error,
-    encode_group_ack,
     encode_pong,
     encode_record,
+    group_ack_frame,
 )
 from .ratelimit import StrikeCounter, TokenBucket
 
@@ -94,6 +94,9 @@ MAX_IN_FLIGHT = 256
 # mostly ASCII JSON), next to its bound in frames: a few large messages must
 # not hold as much memory as a thousand small ones.
 OUTBOX_MAX_BYTES = 4 << 20
+
+# Recipients whose partition a session remembers (see SessionCore._partition_of).
+_PARTITION_CACHE_SIZE = 64
 
 
 class SessionPhase(enum.Enum):
@@ -210,7 +213,8 @@ class _NoCounts:
         pass
 
 
-_Outgoing = tuple[int | None, str]  # (record offset or None, frame text)
+# (record offset or None, frame text: str, or bytes already UTF-8)
+_Outgoing = tuple[int | None, str | bytes]
 
 
 class SessionCore:
@@ -236,6 +240,7 @@ class SessionCore:
         "_outbox",
         "_outbox_bytes",
         "_in_flight",
+        "_partitions_of",
     )
 
     def __init__(
@@ -271,10 +276,13 @@ class SessionCore:
         # The device has every offset up to its resume cursor already.
         self._last_live = -1 if resume is None else resume
         self._last_replayed = -1 if resume is None else resume
-        self._outbox: deque[_Outgoing] = deque()
+        # Both made at first use: an empty deque weighs about 770 bytes, and an
+        # idle session needs neither.
+        self._outbox: deque[_Outgoing] | None = None
         self._outbox_bytes = 0
         # Sends produced and not yet answered, in send order (a report per record).
-        self._in_flight: deque[tuple[ProduceRequest, Sequence[Report]]] = deque()
+        self._in_flight: deque[tuple[ProduceRequest, Sequence[Report]]] | None = None
+        self._partitions_of: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<SessionCore uid={self.uid} device={self.device} {self.phase.value}>"
@@ -300,7 +308,7 @@ class SessionCore:
 
     # -- frames out -------------------------------------------------------------
 
-    def offer(self, offset: int | None, frame: str) -> None:
+    def offer(self, offset: int | None, frame: str | bytes) -> None:
         """Queue a frame: a live record at ``offset``, or (None) any other frame.
 
         A record the device already has, or one the replay covers, is dropped.
@@ -312,6 +320,8 @@ class SessionCore:
                 return
             self._last_live = offset
         outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
         if len(outbox) >= self._limits.outbox_frames or (
             self._outbox_bytes + len(frame) > self._limits.outbox_bytes and self._outbox_bytes > 0
         ):
@@ -327,18 +337,19 @@ class SessionCore:
         self._last_replayed = offset
         return True
 
-    def next_frame(self) -> str | None:
+    def next_frame(self) -> str | bytes | None:
         """The next frame to write, or None (nothing queued, or not live)."""
-        if self.phase is not SessionPhase.LIVE or not self._outbox:
+        outbox = self._outbox
+        if self.phase is not SessionPhase.LIVE or not outbox:
             return None
-        _offset, frame = self._outbox.popleft()
+        _offset, frame = outbox.popleft()
         self._outbox_bytes -= len(frame)
         return frame
 
     @property
     def backlog(self) -> int:
         """Frames queued and not yet taken by :meth:`next_frame`."""
-        return len(self._outbox)
+        return len(self._outbox) if self._outbox is not None else 0
 
     @property
     def backlog_chars(self) -> int:
@@ -414,15 +425,28 @@ class SessionCore:
             # Too large once stored: the client's mistake, answered like a bad frame.
             self._reject(exc.id, exc.code, exc.message, now)
             return None
-        k = partition_for(frame.to, self._partitions)
+        k = self._partition_of(frame.to)
         return ProduceRequest(
             frame.id, (RecordOut(k, frame.to.encode(), value, (frame.to,)),), group=False
         )
+
+    def _partition_of(self, uid: str) -> int:
+        # A device mostly writes to the same few uids: SHA-256 once per uid
+        # (about 3 µs) rather than once per send; bounded by clearing.
+        cache = self._partitions_of
+        k = cache.get(uid)
+        if k is None:
+            if len(cache) >= _PARTITION_CACHE_SIZE:
+                cache.clear()
+            k = cache[uid] = partition_for(uid, self._partitions)
+        return k
 
     # -- sends and their reports ---------------------------------------------------
 
     def produced(self, request: ProduceRequest, reports: Sequence[Report]) -> None:
         """The broker has ``request``'s records; each report resolves when its record is durable."""
+        if self._in_flight is None:
+            self._in_flight = deque()
         self._in_flight.append((request, reports))
 
     def refused(self, request: ProduceRequest, message: str) -> None:
@@ -432,16 +456,22 @@ class SessionCore:
     @property
     def reading_allowed(self) -> bool:
         """False while ``max_in_flight`` sends wait for their reports."""
-        return len(self._in_flight) < self._limits.max_in_flight
+        in_flight = self._in_flight
+        return in_flight is None or len(in_flight) < self._limits.max_in_flight
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return len(self._in_flight) if self._in_flight is not None else 0
 
-    def on_report(self) -> None:
-        """Answer every send at the head of the in-flight queue whose reports are all in."""
+    def on_report(self) -> int:
+        """Answer every send at the head of the in-flight queue whose reports are all in;
+        how many were answered."""
         in_flight = self._in_flight
+        answered = 0
+        if in_flight is None:
+            return answered
         while in_flight and all(report.resolved for report in in_flight[0][1]):
+            answered += 1
             request, reports = in_flight.popleft()
             if any(report.error is not None for report in reports):
                 # Some records may be stored: the client sends again with the same
@@ -454,10 +484,11 @@ class SessionCore:
                     (r.partition, report.offset, r.to)
                     for r, report in zip(request.records, reports, strict=True)
                 ]
-                self.offer(None, encode_group_ack(request.msg_id, acks))
+                self.offer(None, group_ack_frame(request.msg_id, acks))
             else:
                 [record], [report] = request.records, reports
-                self.offer(None, encode_ack(request.msg_id, record.partition, report.offset))
+                self.offer(None, ack_frame(request.msg_id, record.partition, report.offset))
+        return answered
 
     # -- closing -------------------------------------------------------------------
 

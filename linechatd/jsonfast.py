@@ -17,6 +17,7 @@ invalid UTF-8, BOM            rejected                  -
 duplicate keys                last one wins             colons in the text vs in
                                                         ``orjson.dumps`` of the value
 nesting deeper than 64        allowed up to 1024        bracket count, then a scan
+more than 4096 members        allowed                   comma count, then a scan
 integer outside int64/uint64  becomes a float           any run of 19+ digits: stdlib
 ============================  =======================  ==============================
 
@@ -47,6 +48,7 @@ from typing import Any, NoReturn
 
 __all__ = [
     "MAX_JSON_DEPTH",
+    "MAX_JSON_MEMBERS",
     "ORJSON_VERSION",
     "JSONRejected",
     "dumps_compact",
@@ -56,6 +58,10 @@ __all__ = [
 ]
 
 MAX_JSON_DEPTH = 64
+# Members of objects and elements of arrays in one document, all levels
+# together: what a chat frame needs is far below; what a 64 KiB frame of
+# "[1,1,1,..." costs to parse is not.
+MAX_JSON_MEMBERS = 4096
 
 try:
     import orjson as _orjson
@@ -103,34 +109,43 @@ _DECODER = json.JSONDecoder(
 )
 
 # A string token (an unterminated one runs to the end, so a failed match never
-# restarts scanning inside it) or a bracket.
-_DEPTH_TOKEN = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
-_DEPTH_TOKEN_BYTES = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
+# restarts scanning inside it), a bracket or a comma.
+_STRUCTURE_TOKEN = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{},]', re.DOTALL)
+_STRUCTURE_TOKEN_BYTES = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[\[\]{},]', re.DOTALL)
 # Only escapes in D800-DFFF can decode to an unpaired surrogate.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _too_deep(text: str | bytes) -> bool:
-    """Nesting deeper than MAX_JSON_DEPTH, found without the recursive parser."""
+def _structure_problem(text: str | bytes) -> str | None:
+    """Nesting deeper than MAX_JSON_DEPTH, or more than MAX_JSON_MEMBERS members
+    and elements, found without the recursive parser (whichever comes first)."""
     firsts: Iterator[str]
     if isinstance(text, str):
-        # Too few brackets to be too deep, whatever their order.
-        if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
-            return False
-        firsts = (match.group()[0] for match in _DEPTH_TOKEN.finditer(text))
+        # Three passes in C: too few brackets to be too deep and too few commas
+        # (even counting those inside strings) to be too many members.
+        shallow = text.count("[") + text.count("{") <= MAX_JSON_DEPTH
+        if shallow and text.count(",") <= MAX_JSON_MEMBERS:
+            return None
+        firsts = (match.group()[0] for match in _STRUCTURE_TOKEN.finditer(text))
     else:
-        if text.count(b"[") + text.count(b"{") <= MAX_JSON_DEPTH:
-            return False
-        firsts = (chr(match.group()[0]) for match in _DEPTH_TOKEN_BYTES.finditer(text))
+        shallow = text.count(b"[") + text.count(b"{") <= MAX_JSON_DEPTH
+        if shallow and text.count(b",") <= MAX_JSON_MEMBERS:
+            return None
+        firsts = (chr(match.group()[0]) for match in _STRUCTURE_TOKEN_BYTES.finditer(text))
     depth = 0
+    members = 0
     for char in firsts:
         if char in "[{":
             depth += 1
             if depth > MAX_JSON_DEPTH:
-                return True
+                return f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
         elif char in "]}":
             depth -= 1
-    return False
+        elif char == ",":
+            members += 1
+            if members > MAX_JSON_MEMBERS:
+                return f"JSON with more than {MAX_JSON_MEMBERS} members or elements"
+    return None
 
 
 def loads_strict(data: str | bytes) -> Any:
@@ -146,8 +161,9 @@ def loads_strict(data: str | bytes) -> Any:
             raise JSONRejected("JSON is not valid UTF-8") from None
     else:
         text = data
-    if _too_deep(text):
-        raise JSONRejected(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    problem = _structure_problem(text)
+    if problem is not None:
+        raise JSONRejected(problem)
     try:
         value = _DECODER.decode(text)
     except RecursionError:
@@ -200,7 +216,9 @@ def _loads_orjson(data: str | bytes) -> Any:
     shape = raw.translate(_SHAPE)
     if _LONG_DIGIT_RUN in shape or b"\\u003" in raw:
         return loads_strict(data)
-    if shape.count(b"[") > MAX_JSON_DEPTH and _too_deep(raw):
+    if (
+        shape.count(b"[") > MAX_JSON_DEPTH or shape.count(b",") > MAX_JSON_MEMBERS
+    ) and _structure_problem(raw) is not None:
         return loads_strict(data)
     try:
         value = _orjson.loads(raw)

@@ -158,9 +158,13 @@ class DeliveryReceipt:
 
     Resolved on the trio thread; ``on_resolved`` (if set) is called right
     then, so a session can answer its acks without a task or an event per send.
+    ``on_batch`` (if set) is called once per hand-over for all the receipts
+    that name it, after all of them are resolved, with the
+    ``time.perf_counter()`` at which librdkafka served their reports: a
+    session answers every ack of one poll in one write.
     """
 
-    __slots__ = ("error", "offset", "on_resolved", "resolved")
+    __slots__ = ("error", "offset", "on_batch", "on_resolved", "resolved")
 
     def __init__(self) -> None:
         self.resolved = False
@@ -168,6 +172,7 @@ class DeliveryReceipt:
         self.error: str | None = None
         self.offset = -1
         self.on_resolved: Callable[[], object] | None = None
+        self.on_batch: Callable[[float], object] | None = None
 
     def resolve(self, error: KafkaError | None, offset: int | None) -> None:
         self.error = None if error is None else error.str()
@@ -177,12 +182,22 @@ class DeliveryReceipt:
             self.on_resolved()
 
 
-def _resolve_all(reports: list[tuple[DeliveryReceipt, KafkaError | None, int | None]]) -> None:
+def _resolve_all(
+    reports: list[tuple[DeliveryReceipt, KafkaError | None, int | None]], reported_at: float
+) -> None:
     # Runs as a trio run_sync_soon callback, where an exception would end the
     # whole run: one receiver's bug is logged and the others still hear.
+    batches: dict[Callable[[float], object], None] = {}
     for receipt, error, offset in reports:
         try:
             receipt.resolve(error, offset)
+        except Exception:
+            log.exception("delivery_report_failed")
+        if receipt.on_batch is not None:
+            batches[receipt.on_batch] = None
+    for on_batch in batches:
+        try:
+            on_batch(reported_at)
         except Exception:
             log.exception("delivery_report_failed")
 
@@ -270,7 +285,7 @@ class KafkaProducer:
                 await trio.to_thread.run_sync(current.flush, 5.0)
                 await trio.to_thread.run_sync(self._drain_retired)
                 reports, self._reports = self._reports, []
-                _resolve_all(reports)
+                _resolve_all(reports, time.perf_counter())
 
     def _poll_loop(self) -> None:
         # The only thread that runs delivery callbacks. Every report served by
@@ -284,7 +299,7 @@ class KafkaProducer:
             if self._reports:
                 reports, self._reports = self._reports, []
                 try:
-                    self._token.run_sync_soon(_resolve_all, reports)
+                    self._token.run_sync_soon(_resolve_all, reports, time.perf_counter())
                 except trio.RunFinishedError:
                     return
 
@@ -499,7 +514,9 @@ class TopicFeed:
         self.start = start
         self._fetcher = fetcher
         self._limit = limit
-        self._batches: deque[list[Record]] = deque()
+        self._batches: deque[tuple[float, list[Record]]] = deque()
+        # time.perf_counter() when the fetch thread took the batch receive() returned last.
+        self.fetched_at = 0.0
         self._buffered = 0
         self._next = start  # drops anything handed over twice
         # Fetch thread only: the next offset due, and a gap being refetched.
@@ -537,7 +554,7 @@ class TopicFeed:
             raise KafkaUnavailable(f"{self.topic}: no fetch answered yet")
         return watermarks
 
-    def _push(self, records: list[Record]) -> None:
+    def _push(self, records: list[Record], fetched_at: float) -> None:
         # Trio thread (the fetcher's hand-over).
         if self.closed:
             return
@@ -546,7 +563,7 @@ class TopicFeed:
             if not records:
                 return
         self._next = records[-1].offset + 1
-        self._batches.append(records)
+        self._batches.append((fetched_at, records))
         self._buffered += len(records)
         self._arrived.set()
 
@@ -555,7 +572,7 @@ class TopicFeed:
         while not self._batches:
             self._arrived = trio.Event()
             await self._arrived.wait()
-        batch = self._batches.popleft()
+        self.fetched_at, batch = self._batches.popleft()
         self._buffered -= len(batch)
         self._taken += len(batch)
         pauses = self._pauses
@@ -606,6 +623,8 @@ class KafkaFetcher:
         self._pending = threading.BoundedSemaphore(4)
         # Set while the fetch thread runs (only that thread calls it).
         self._consumer: Consumer | None = None
+        # Fetch thread: time.perf_counter() when the batch being built arrived.
+        self._fetched_at = 0.0
 
     async def run(
         self, *, task_status: trio.TaskStatus[KafkaFetcher] = trio.TASK_STATUS_IGNORED
@@ -683,7 +702,7 @@ class KafkaFetcher:
                     if high >= 0:
                         feed._watermarks = (int(low), int(high))
                 if records:
-                    self._hand_over(records)
+                    self._hand_over(records, self._fetched_at)
         finally:
             consumer.close()
 
@@ -735,6 +754,8 @@ class KafkaFetcher:
         first = consumer.poll(self._poll_s)
         if first is None:
             return []
+        # Where the records' time inside the gateway starts (fetch_to_write).
+        self._fetched_at = time.perf_counter()
         by_topic: dict[str, list[Record]] = {}
         refetching: set[str] = set()
         for m in (first, *consumer.consume(self._batch_max - 1, 0)):
@@ -799,21 +820,21 @@ class KafkaFetcher:
         except trio.RunFinishedError:
             self._stop.set()
 
-    def _hand_over(self, records: list[tuple[TopicFeed, list[Record]]]) -> None:
+    def _hand_over(self, records: list[tuple[TopicFeed, list[Record]]], fetched_at: float) -> None:
         assert self._token is not None
         while not self._pending.acquire(timeout=self._poll_s):
             if self._stop.is_set():
                 return
         try:
-            self._token.run_sync_soon(self._deliver, records)
+            self._token.run_sync_soon(self._deliver, records, fetched_at)
         except trio.RunFinishedError:
             self._stop.set()
 
-    def _deliver(self, records: list[tuple[TopicFeed, list[Record]]]) -> None:
+    def _deliver(self, records: list[tuple[TopicFeed, list[Record]]], fetched_at: float) -> None:
         # Trio thread.
         self._pending.release()
         for feed, batch in records:
-            feed._push(batch)
+            feed._push(batch, fetched_at)
 
 
 # Out of range at the assigned offset: retention deleted it after the window check.

@@ -30,7 +30,7 @@ from trio_util import AsyncValue
 
 from .kafka import CommitsPaused, KafkaUnavailable, TopicFeed
 from .ownership import lease_data
-from .protocol import RecordError, decode_record, encode_message
+from .protocol import RecordError, decode_record, message_frame
 from .ratelimit import UidBuckets
 from .replay import ReplayHub
 from .zk import NodeExistsError, NodeStat, NoNodeError, SessionState, ZooKeeperError
@@ -371,6 +371,9 @@ class PartitionRuntime:
         while True:
             batch = await feed.receive()
             now = time.time()
+            # Each session's frames of this batch, written once it is all queued.
+            touched: dict[Session, None] = {}
+            written = 0
             for record in batch:
                 # No await from here to the offers below: a session registering
                 # reads next_offset as its live split point and relies on every
@@ -397,14 +400,22 @@ class PartitionRuntime:
                     devices = self.sessions.get(uid)
                     if not devices:
                         continue
-                    frame = encode_message(chat, k, record.offset, uid)
-                    for session in list(devices):
-                        session.offer(record.offset, frame)
+                    frame = message_frame(chat, k, record.offset, uid)
+                    for session in devices:
+                        session.queue(record.offset, frame)
+                        touched[session] = None
                     delivered += len(devices)
                 if not delivered:
                     continue
+                written += delivered
                 metrics.messages_delivered.inc(delivered)
                 metrics.delivery_latency.observe(max(0.0, now - chat.ts / 1000))
+            if touched:
+                for session in touched:
+                    session.write_queued()
+                metrics.residence.observe(
+                    "fetch_to_write", time.perf_counter() - feed.fetched_at, written
+                )
 
     async def _sweep_idle(self) -> None:
         """Close the sessions whose clients went silent: one task per partition, not per socket."""

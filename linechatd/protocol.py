@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import parse_qsl
+
+from . import jsonfast
 
 __all__ = [
     "BAD_DEVICE",
@@ -74,11 +75,14 @@ __all__ = [
     "decode_json",
     "decode_record",
     "decode_server_frame",
+    "ack_frame",
     "encode_ack",
     "encode_error",
     "encode_json",
     "encode_group_ack",
+    "group_ack_frame",
     "encode_message",
+    "message_frame",
     "encode_pong",
     "encode_record",
     "encode_ping",
@@ -101,11 +105,8 @@ BAD_REQUEST = "bad_request"
 
 UID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 MAX_ID_CHARS = 64
-MAX_JSON_DEPTH = 64
-# Members of objects and elements of arrays in one document, all levels
-# together: what a chat frame needs is far below; what a 64 KiB frame of
-# "[1,1,1,..." costs to parse is not.
-MAX_JSON_MEMBERS = 4096
+MAX_JSON_DEPTH = jsonfast.MAX_JSON_DEPTH
+MAX_JSON_MEMBERS = jsonfast.MAX_JSON_MEMBERS
 MAX_QUERY_CHARS = 8192
 # Recipients of one group send (``[limits] max_recipients``), by default.
 DEFAULT_MAX_RECIPIENTS = 100
@@ -223,92 +224,13 @@ def new_device_id() -> str:
 # ------------------------------------------------------------------- strict JSON
 
 
-class _JSONRejected(ValueError):
-    """Raised from inside the json hooks; the message is meant for the peer."""
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise _JSONRejected(f"{name} is not allowed in JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        # "1e400" parses to inf, which could never be encoded back as JSON.
-        raise _JSONRejected(f"number {text[:32]} is out of range")
-    return value
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                # ascii(): the key may hold an unpaired surrogate (not checked yet).
-                raise _JSONRejected(f"duplicate key {key[:64]!a}")
-            seen.add(key)
-    return obj
-
-
-_DECODER = json.JSONDecoder(
-    object_pairs_hook=_unique_object,
-    parse_constant=_reject_constant,
-    parse_float=_finite_float,
-)
-
-# A string token (an unterminated one runs to the end, so a failed match never
-# restarts scanning inside it), a bracket or a comma.
-_STRUCTURE_TOKEN = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{},]', re.DOTALL)
-# Only escapes in D800-DFFF can decode to an unpaired surrogate.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _check_structure(text: str) -> None:
-    """Reject nesting deeper than MAX_JSON_DEPTH, or more than MAX_JSON_MEMBERS
-    members and elements, before the parser spends anything on the text."""
-    # Fast path, three passes in C: too few brackets to be too deep and too
-    # few commas (even counting those inside strings) to be too many members.
-    shallow = text.count("[") + text.count("{") <= MAX_JSON_DEPTH
-    if shallow and text.count(",") <= MAX_JSON_MEMBERS:
-        return
-    depth = 0
-    members = 0
-    for match in _STRUCTURE_TOKEN.finditer(text):
-        char = text[match.start()]
-        if char in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise _JSONRejected(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-        elif char in "]}":
-            depth -= 1
-        elif char == ",":
-            members += 1
-            if members > MAX_JSON_MEMBERS:
-                raise _JSONRejected(f"JSON with more than {MAX_JSON_MEMBERS} members or elements")
-
-
-def _loads_strict(text: str) -> Any:
-    """Parse one JSON document strictly; every failure is a ValueError.
-
-    The text itself must not contain surrogate code points (callers check).
-    """
-    _check_structure(text)
-    try:
-        value = _DECODER.decode(text)
-    except RecursionError:
-        # The depth scan should prevent this; stay safe if it ever does not.
-        raise _JSONRejected(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise _JSONRejected("JSON string contains an unpaired surrogate escape") from None
-    return value
+# jsonfast: orjson where it reads and writes exactly what the standard
+# library's strict decoder and compact encoder do, the standard library otherwise.
+_loads_strict = jsonfast.loads_strict_fast
 
 
 def _json_reason(exc: ValueError) -> str:
-    if isinstance(exc, _JSONRejected):
+    if isinstance(exc, jsonfast.JSONRejected):
         return str(exc)
     if isinstance(exc, json.JSONDecodeError):
         return f"invalid JSON: {exc.msg} at position {exc.pos}"
@@ -340,8 +262,13 @@ def encode_json(value: Any) -> str:
 
 
 def _dumps(value: Any) -> str:
+    return _dumps_bytes(value).decode("utf-8")
+
+
+def _dumps_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON; LocalProtocolError if it cannot be (a lone surrogate included)."""
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return jsonfast.dumps_compact_fast(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise LocalProtocolError(f"cannot encode as JSON: {exc}") from exc
 
@@ -490,12 +417,22 @@ def encode_welcome(
 
 def encode_ack(id: str, partition: int, offset: int) -> str:
     """Acknowledge a send once the broker has durably accepted it."""
-    return _dumps({"type": "ack", "id": id, "partition": partition, "offset": offset})
+    return ack_frame(id, partition, offset).decode("utf-8")
+
+
+def ack_frame(id: str, partition: int, offset: int) -> bytes:
+    """:func:`encode_ack` as UTF-8, as the transport writes it."""
+    return _dumps_bytes({"type": "ack", "id": id, "partition": partition, "offset": offset})
 
 
 def encode_group_ack(id: str, acks: Sequence[tuple[int, int, Sequence[str]]]) -> str:
     """Acknowledge a group send once every record is durable: (partition, offset, its uids)."""
-    return _dumps(
+    return group_ack_frame(id, acks).decode("utf-8")
+
+
+def group_ack_frame(id: str, acks: Sequence[tuple[int, int, Sequence[str]]]) -> bytes:
+    """:func:`encode_group_ack` as UTF-8, as the transport writes it."""
+    return _dumps_bytes(
         {
             "type": "ack",
             "id": id,
@@ -525,6 +462,13 @@ def encode_message(
     ``to`` is one of the record's recipients (a one-to-one record's own when
     left out). A group send's message carries the whole list as ``recipients``.
     """
+    return message_frame(record, partition, offset, to).decode("utf-8")
+
+
+def message_frame(
+    record: ChatRecord | GroupRecord, partition: int, offset: int, to: str | None = None
+) -> bytes:
+    """:func:`encode_message` as UTF-8, as the transport writes it (no decoded copy)."""
     frame: dict[str, Any] = {
         "type": "message",
         "from": record.from_uid,
@@ -541,7 +485,7 @@ def encode_message(
             raise LocalProtocolError(f"{to!r} is not a recipient of this record")
         if record.recipients is not None:
             frame["recipients"] = list(record.recipients)
-    return _dumps(frame)
+    return _dumps_bytes(frame)
 
 
 # ------------------------------------------------------ the client's side of the frames
@@ -886,11 +830,12 @@ def encode_record(r: Record, *, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
         if r.recipients is not None:
             doc["recipients"] = list(r.recipients)
     doc.update({"id": r.id, "body": r.body, "ts": r.ts})
-    text = _dumps(doc)
     try:
-        data = text.encode("utf-8")
+        data = jsonfast.dumps_compact_fast(doc)
     except UnicodeEncodeError as exc:
         raise LocalProtocolError("invalid record: body contains an unpaired surrogate") from exc
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise LocalProtocolError(f"cannot encode as JSON: {exc}") from exc
     if len(data) > max_bytes:
         raise RemoteProtocolError(
             BAD_FRAME,
@@ -921,12 +866,13 @@ def decode_record(data: bytes | None, *, max_bytes: int = MAX_RECORD_BYTES) -> R
     if len(data) > max_bytes:
         raise RecordError(f"record is {len(data)} bytes, limit {max_bytes}", kind="too_large")
     try:
-        text = bytes(data).decode("utf-8")
-    except UnicodeDecodeError:
-        raise RecordError("record is not valid UTF-8", kind="not_utf8") from None
-    try:
-        obj = _loads_strict(text)
+        # Bytes as they are: orjson reads UTF-8 without a decoded copy.
+        obj = _loads_strict(data)
     except ValueError as exc:
+        try:
+            bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RecordError("record is not valid UTF-8", kind="not_utf8") from None
         raise RecordError(f"record is not valid: {_json_reason(exc)}", kind="bad_json") from None
     if not isinstance(obj, dict):
         raise RecordError("record must be a JSON object", kind="not_object")

@@ -42,14 +42,19 @@ class StrikeCounter:
     def __init__(self, limit: int, window_s: float = 60.0) -> None:
         self.limit = limit
         self.window_s = window_s
-        self._times: deque[float] = deque(maxlen=limit + 1)
+        # Made at the first strike: an empty deque weighs about 770 bytes, and
+        # every session holds two counters that mostly never strike.
+        self._times: deque[float] | None = None
 
     def strike(self, now: float) -> bool:
         """Record one strike; True once more than ``limit`` fell inside the window."""
-        self._times.append(now)
-        while self._times and now - self._times[0] > self.window_s:
-            self._times.popleft()
-        return len(self._times) > self.limit
+        times = self._times
+        if times is None:
+            times = self._times = deque(maxlen=self.limit + 1)
+        times.append(now)
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        return len(times) > self.limit
 
 
 class UidBuckets:

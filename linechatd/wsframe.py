@@ -28,7 +28,7 @@ helper shipped with the ``websockets`` package when it is installed (about
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -147,6 +147,9 @@ class Violation:
 Event: TypeAlias = str | bytes | Ping | Pong | Close | Violation
 
 
+_NO_EVENTS: Iterator[Event] = iter(())
+
+
 class LocalProtocolError(ValueError):
     """We were asked to encode a frame that may not be sent: a bug in the caller."""
 
@@ -157,8 +160,9 @@ class LocalProtocolError(ValueError):
 class FrameDecoder:
     """Client frames in, messages and control events out.
 
-    ``feed(data)`` returns, in order, everything ``data`` completes; an
-    incomplete frame waits for the next call. Never raises on any input.
+    ``feed(data)`` returns, in order, everything ``data`` completes, and
+    ``events(data)`` the same lazily; an incomplete frame waits for the next
+    call. Never raises on any input.
     """
 
     __slots__ = (
@@ -171,12 +175,20 @@ class FrameDecoder:
         "_size",
         "_utf8",
         "_done",
+        "_refused",
+        "_begun",
+        "frame_hook",
     )
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(
+        self, max_message_bytes: int, frame_hook: Callable[[], bool] | None = None
+    ) -> None:
         if max_message_bytes < 0:
             raise ValueError("max_message_bytes must be >= 0")
         self._max_bytes = max_message_bytes
+        # Called for every complete frame, before its payload is unmasked or
+        # decoded; False refuses it: nothing more is read (``refused``).
+        self.frame_hook = frame_hook
         # The start of an incomplete frame, in the chunks it arrived in, and
         # how many bytes it needs before it is worth parsing again.
         self._pending: list[bytes] = []
@@ -187,42 +199,65 @@ class FrameDecoder:
         self._opcode: int | None = None
         self._parts: list[str | bytes] = []
         self._size = 0
-        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        # Made for the first fragmented text message: most connections never send one.
+        self._utf8: codecs.IncrementalDecoder | None = None
         # A close frame or a violation was seen: nothing more is read.
         self._done = False
+        self._refused = False
+        self._begun = 0
 
     @property
     def buffered_bytes(self) -> int:
         """Bytes held: an incomplete frame and the parts of a fragmented message."""
         return self._pending_bytes + self._size
 
+    @property
+    def in_message(self) -> bool:
+        """A fragmented message has begun and not yet ended."""
+        return self._opcode is not None
+
+    @property
+    def messages_begun(self) -> int:
+        """How many fragmented messages have begun: a new value means a new message."""
+        return self._begun
+
+    @property
+    def refused(self) -> bool:
+        """``frame_hook`` refused a frame; nothing more is read."""
+        return self._refused
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Every event ``data`` completes, at once."""
+        return list(self.events(data))
+
+    def events(self, data: bytes | bytearray | memoryview) -> Iterator[Event]:
+        """The events ``data`` completes, parsed one frame at a time as they are taken.
+
+        A frame is parsed only when the event before it has been taken, so
+        ``frame_hook`` sees each frame after the caller has acted on the
+        previous one. Take every event before the next call.
+        """
         if self._done or not data:
-            return []
+            return _NO_EVENTS
         if type(data) is not bytes:
             data = bytes(data)
         if self._pending:
             self._pending.append(data)
             self._pending_bytes += len(data)
             if self._pending_bytes < self._need:
-                return []
+                return _NO_EVENTS
             data = b"".join(self._pending)
             self._pending.clear()
             self._pending_bytes = 0
-        events: list[Event] = []
-        pos = self._parse(data, events)
-        if pos < len(data) and not self._done:
-            rest = data[pos:]
-            self._pending.append(rest)
-            self._pending_bytes = len(rest)
-        return events
+        return self._parse(data)
 
-    def _parse(self, data: bytes, events: list[Event]) -> int:
-        """Decode the complete frames at the start of ``data``; the offset where they end."""
+    def _parse(self, data: bytes) -> Iterator[Event]:
+        """Decode the complete frames of ``data``; keep the start of an incomplete one."""
         end = len(data)
         pos = 0
         max_bytes = self._max_bytes
         mask = apply_mask
+        out: list[Event] = []
         while end - pos >= 2:
             b0 = data[pos]
             b1 = data[pos + 1]
@@ -241,22 +276,36 @@ class FrameDecoder:
                     stop = start + length
                     if stop > end:
                         self._need = stop - pos
-                        return pos
+                        break
+                    hook = self.frame_hook
+                    if hook is not None and not hook():
+                        self._refuse()
+                        return
                     payload = mask(data[start:stop], data[start - 4 : start])
                     try:
-                        events.append(payload.decode("utf-8"))
+                        text = payload.decode("utf-8")
                     except UnicodeDecodeError as exc:
-                        return self._fail(events, CLOSE_INVALID_DATA, _utf8_problem(exc))
+                        self._fail(out, CLOSE_INVALID_DATA, _utf8_problem(exc))
+                        yield from out
+                        return
                     pos = stop
+                    yield text
                     continue
-            consumed = self._frame(data, pos, events)
-            if consumed == 0:
-                return pos
+            consumed = self._frame(data, pos, out)
+            if out:
+                yield from out
+                out.clear()
             if self._done:
-                return end
+                return
+            if consumed == 0:
+                break
             pos += consumed
-        self._need = 2
-        return pos
+        else:
+            self._need = 2
+        if pos < end:
+            rest = data[pos:]
+            self._pending.append(rest)
+            self._pending_bytes = len(rest)
 
     def _frame(self, data: bytes, pos: int, events: list[Event]) -> int:
         """Decode the frame at ``pos``: its size, or 0 when more bytes are needed.
@@ -320,6 +369,10 @@ class FrameDecoder:
         if available < size:
             self._need = size
             return 0
+        hook = self.frame_hook
+        if hook is not None and not hook():
+            self._refuse()
+            return 0
         start = pos + header
         payload = data[start : start + length]
         if length:
@@ -346,7 +399,11 @@ class FrameDecoder:
                     self._fail(events, CLOSE_INVALID_DATA, _utf8_problem(exc))
                 return
             self._opcode = opcode
-            self._utf8.reset()
+            self._begun += 1
+            if self._utf8 is None:
+                self._utf8 = codecs.getincrementaldecoder("utf-8")()
+            else:
+                self._utf8.reset()
         self._size += len(payload)
         if self._opcode == _BINARY:
             self._parts.append(payload)
@@ -354,6 +411,7 @@ class FrameDecoder:
                 return
             message: str | bytes = b"".join(self._parts)  # type: ignore[arg-type]
         else:
+            assert self._utf8 is not None  # made with the message's first fragment
             try:
                 # Checked fragment by fragment, so bad UTF-8 fails as soon as it arrives.
                 self._parts.append(self._utf8.decode(payload, fin))
@@ -367,6 +425,14 @@ class FrameDecoder:
         self._parts = []
         self._size = 0
         events.append(message)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        self._done = True
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._parts = []
+        self._size = 0
 
     def _fail(self, events: list[Event], code: int, reason: str) -> int:
         events.append(Violation(code, reason))

@@ -28,7 +28,8 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 import trio
 import trio_websocket
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 from kazoo.client import KazooClient
 from support.cluster import Cluster, ClusterNames, http_get, merge_sections, start_cluster
 from support.leasekit import events
@@ -501,6 +502,18 @@ async def test_offline_recipient_finds_the_message_in_kafka_and_by_resume(
             async with connect(cluster[2].http_url, erin, resume=0) as behind:
                 assert behind.welcome.value is not None
                 assert behind.welcome.value.resumed is False
+
+
+async def committed_offset(bootstrap: str, group: str, topic: str) -> int:
+    """The offset ``group`` committed for ``topic`` (-1 when none)."""
+
+    def ask() -> int:
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        request = [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])]
+        [future] = admin.list_consumer_group_offsets(request).values()
+        return int(future.result(timeout=10).topic_partitions[0].offset)
+
+    return await trio.to_thread.run_sync(ask)
 
 
 def produce_burst(
@@ -977,6 +990,14 @@ async def test_a_session_stuck_in_its_replay_does_not_hold_its_partition(
             offsets = await trio.to_thread.run_sync(
                 lambda: produce_burst(kafka_bootstrap, topic, uma, total=3000, every=1)
             )
+            # The live tail past the burst before the device connects, so the
+            # whole burst is the replay's (on a busy machine, or with a long
+            # fetch wait, the tail may still be reading it otherwise). The
+            # owner commits where its tail is once a second.
+            group = f"{cluster_names.group_prefix}{k}"
+            with trio.fail_after(30):
+                while await committed_offset(kafka_bootstrap, group, topic) <= offsets[-1]:  # noqa: ASYNC110 - the broker's state
+                    await trio.sleep(0.1)
             gateway_ws = ws_url_of(cluster, "gw-0")
             stalled = await open_stalled_websocket(gateway_ws, uma, resume=offsets[0] - 1)
             async with stalled:

@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "kafka.topic_retention_s": None,
     "kafka.produce_timeout_s": 5.0,
     "kafka.linger_ms": 1,
-    "kafka.fetch_wait_max_ms": 10,
+    "kafka.fetch_wait_max_ms": 50,
     "kafka.unhealthy_release_s": 15.0,
     "auth.mode": "none",
     "auth.jwt_secret_file": None,
@@ -778,7 +778,7 @@ def test_restart_required_changes_lists_each_changed_key() -> None:
         "kafka.topic_retention_s": 86400.0,
         "kafka.produce_timeout_s": 7.0,
         "kafka.linger_ms": 5,
-        "kafka.fetch_wait_max_ms": 50,
+        "kafka.fetch_wait_max_ms": 200,
         "limits.max_frame_bytes": 1024,
         "limits.partial_message_timeout_s": 3.0,
     }

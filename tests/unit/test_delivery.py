@@ -150,6 +150,17 @@ def test_a_send_becomes_a_record_for_the_recipients_partition() -> None:
     assert record.ts == WALL_MS
 
 
+def test_sends_to_many_recipients_name_each_recipients_partition() -> None:
+    # More distinct recipients than the core remembers partitions for, twice over.
+    core = new_core(rate=1000.0, burst=1000)
+    uids = [f"u{n}" for n in range(150)] * 2
+    for n, uid in enumerate(uids):
+        request = core.on_frame(send(f"m{n}", to=uid), 0.0, WALL_MS)
+        assert request is not None
+        [record] = request.records
+        assert record.partition == partition_for(uid, PARTITIONS), uid
+
+
 def test_acks_go_out_in_send_order_whatever_order_reports_arrive_in() -> None:
     core = new_core()
     core.go_live()

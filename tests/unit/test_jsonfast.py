@@ -1,7 +1,8 @@
-"""jsonfast against the strict decoder and the encoder of linechatd.protocol.
+"""jsonfast's orjson path against its standard-library path (protocol's rules).
 
-Differential: every text is decoded by ``protocol._loads_strict`` (the
-reference) and by ``jsonfast.loads_strict_fast``; both must accept it with
+Differential: every text is decoded by ``jsonfast.loads_strict`` (the
+standard library's strict decoder, which linechatd.protocol used before it
+delegated to jsonfast: the reference) and by ``jsonfast.loads_strict_fast``; both must accept it with
 equal values (types and the sign of zero included) or both reject it with the
 same message. Hypothesis prints the failing example; rerun one with
 ``pytest --hypothesis-seed=N``.
@@ -42,17 +43,16 @@ def outcome(decode: Any, data: str | bytes) -> tuple[str, Any]:
     try:
         return ("ok", decode(data))
     except ValueError as exc:
-        # The reason linechatd would send back (protocol._json_reason, with
-        # either module's "rejected" class).
+        # The reason linechatd would send back (protocol._json_reason).
         if isinstance(exc, json.JSONDecodeError):
             return ("error", f"invalid JSON: {exc.msg} at position {exc.pos}")
-        if isinstance(exc, jsonfast.JSONRejected | protocol._JSONRejected):
+        if isinstance(exc, jsonfast.JSONRejected | jsonfast.JSONRejected):
             return ("error", str(exc))
         return ("error", f"{type(exc).__name__}: {exc}")
 
 
 def assert_same_decoding(text: str) -> None:
-    want = outcome(protocol._loads_strict, text)
+    want = outcome(jsonfast.loads_strict, text)
     got = outcome(jsonfast.loads_strict_fast, text)
     assert got[0] == want[0], (got, want)
     if want[0] == "ok":
@@ -248,7 +248,7 @@ def test_bytes_with_invalid_utf8_are_refused_like_a_decode_would(
     except UnicodeDecodeError:
         assert got == ("error", "JSON is not valid UTF-8")
         return
-    want = outcome(protocol._loads_strict, text)
+    want = outcome(jsonfast.loads_strict, text)
     assert got[0] == want[0]
     if want[0] == "ok":
         assert same(got[1], want[1])
@@ -308,7 +308,9 @@ def has_float(value: Any) -> bool:
 def test_encodes_like_the_standard_library(value: Any) -> None:
     fast = jsonfast.dumps_compact_fast(value)
     slow = jsonfast.dumps_compact(value)
-    assert slow == protocol._dumps(value).encode()
+    assert slow == json.dumps(
+        value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
     if not has_float(value):
         assert fast == slow
     # Floats may be spelled differently, never read back differently.
@@ -359,3 +361,26 @@ def test_message_frame_bytes() -> None:
         "ts": record.ts,
     }
     assert jsonfast.dumps_compact_fast(fields) == protocol.encode_message(record, 3, 42).encode()
+
+
+@pytest.mark.parametrize("kind", [str, bytes])
+def test_member_limit_is_exact_on_both_paths(kind: type) -> None:
+    limit = jsonfast.MAX_JSON_MEMBERS
+    # n commas: n + 1 elements, n members counted (as protocol always counted).
+    at_limit = "[" + ",".join(["1"] * (limit + 1)) + "]"
+    over = "[" + ",".join(["1"] * (limit + 2)) + "]"
+    # Commas inside strings are not members.
+    in_strings = '["' + "," * (limit * 2) + '"]'
+    nested_over = '{"a":' + over + "}"
+    decode = jsonfast.loads_strict_fast
+    for text in (at_limit, over, in_strings, nested_over):
+        data = text if kind is str else text.encode()
+        want = outcome(jsonfast.loads_strict, data)
+        got = outcome(decode, data)
+        assert got[0] == want[0]
+        assert same(got[1], want[1]) if want[0] == "ok" else got == want
+    too_many = ("error", f"JSON with more than {limit} members or elements")
+    assert outcome(decode, kind(at_limit, "utf-8") if kind is bytes else at_limit)[0] == "ok"
+    assert outcome(decode, kind(over, "utf-8") if kind is bytes else over) == too_many
+    assert outcome(decode, kind(nested_over, "utf-8") if kind is bytes else nested_over) == too_many
+    assert outcome(decode, kind(in_strings, "utf-8") if kind is bytes else in_strings)[0] == "ok"
