@@ -203,6 +203,8 @@ async def test_status_and_drain_commands(
         return {
             "http": {"advertise": "https://chat.invalid"},
             "admin": {"token_file": str(token_file), "listen": f"127.0.0.1:{admin_port}"},
+            # auth "none" behind a public advertise url counts as exposed.
+            "auth": {"allow_insecure_none": True},
         }
 
     async with start_cluster(
