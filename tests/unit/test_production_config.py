@@ -17,8 +17,10 @@ PRODUCTION = Path(__file__).resolve().parents[2] / "config" / "production.toml"
 
 
 def place_key_files(directory: Path) -> None:
-    """The secrets production.toml names, as placeholders: an admin token and an RS256 public key."""
+    """The secrets production.toml names, as placeholders: the admin token, the server
+    API key and an RS256 public key."""
     (directory / "admin.token").write_text("0123456789abcdef" * 4 + "\n")
+    (directory / "server-api.key").write_text("fedcba9876543210" * 4 + "\n")
     public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
     (directory / "jwt-public.pem").write_bytes(
         public.public_bytes(
@@ -46,6 +48,7 @@ def test_production_config_passes_check_config(tmp_path: Path) -> None:
     assert config.kafka.topic_prefix == f"{config.cluster.name}-topic-"
     assert not config.http.listen.host.startswith("127.")
     assert config.admin.token_file == tmp_path / "admin.token"
+    assert config.server_api.key_file == tmp_path / "server-api.key"
 
 
 def test_production_config_without_its_key_files_names_them(tmp_path: Path) -> None:
@@ -60,4 +63,4 @@ def test_production_config_without_its_key_files_names_them(tmp_path: Path) -> N
     )
     assert result.returncode == 2
     keys = sorted(line.split(":")[0] for line in result.stderr.splitlines())
-    assert keys == ["admin.token_file", "auth.jwt_secret_file"]
+    assert keys == ["admin.token_file", "auth.jwt_secret_file", "server_api.key_file"]
