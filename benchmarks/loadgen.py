@@ -274,14 +274,22 @@ class Worker:
                     failures["deadline"] += 1
                     return
                 t = time.monotonic_ns()
-                try:
-                    async with asyncio.timeout(connect_timeout_s):
-                        conn = await self._connect(uid, url, source, read_buffer)
-                        assert conn.ready is not None
-                        await conn.ready
-                except Exception as exc:
-                    failures[_describe(exc)] += 1
-                    return
+                for attempt in range(OPEN_ATTEMPTS):
+                    try:
+                        async with asyncio.timeout(connect_timeout_s):
+                            conn = await self._connect(uid, url, source, read_buffer)
+                            assert conn.ready is not None
+                            await conn.ready
+                        break
+                    except Exception as exc:
+                        why = _describe(exc)
+                        # A partition between owners (a subtree restarting on a
+                        # fresh broker): try again, as a client would.
+                        if why in _RETRIED and attempt + 1 < OPEN_ATTEMPTS:
+                            await asyncio.sleep(OPEN_RETRY_S)
+                            continue
+                        failures[why] += 1
+                        return
                 conn.ready = None
                 latencies.append((time.monotonic_ns() - t) // 1000)
                 self.conns[uid] = conn
@@ -517,6 +525,12 @@ class Worker:
             "back_after_s": {u: (v - t0_ns) / 1e9 for u, v in back.items()},
             "outage_s": {u: (back[u] - lost[u]) / 1e9 for u in back if u in lost},
         }
+
+
+# Handshake answers that mean "not now" (421 wrong instance, 503 unavailable).
+_RETRIED = frozenset({"http_421", "http_503"})
+OPEN_ATTEMPTS = 10
+OPEN_RETRY_S = 0.5
 
 
 def _describe(exc: BaseException) -> str:
