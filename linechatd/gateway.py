@@ -51,7 +51,7 @@ from .sdnotify import Notifier
 from .session import Session
 from .startup import StartupError, auth_exposure_problems, log_auth_warnings, startup_error
 from .tls import ListenerTLS, TLSFilesError
-from .zk import NodeExistsError, ZooKeeper, ZooKeeperError, ZooKeeperUnavailable
+from .zk import NodeExistsError, ZooKeeper, ZooKeeperClient, ZooKeeperError, ZooKeeperUnavailable
 
 __all__ = ["Gateway", "Instance", "StartupError", "run_from_config", "startup_error"]
 
@@ -153,7 +153,7 @@ async def _start_infrastructure(
         raise StartupError(f"zookeeper.hosts: {exc}") from None
     metrics.zk_connected.set(1)
     try:
-        await _ensure_cluster(zk, paths, config)
+        await ensure_cluster(zk, paths, config)
     except ZooKeeperError as exc:
         raise StartupError(f"zookeeper.hosts: {exc}") from None
     admin = KafkaAdmin(config.kafka.bootstrap_servers)
@@ -191,7 +191,7 @@ async def _start_infrastructure(
     )
 
 
-async def _ensure_cluster(zk: ZooKeeper, paths: ZkPaths, config: Config) -> None:
+async def ensure_cluster(zk: ZooKeeperClient, paths: ZkPaths, config: Config) -> None:
     """Record the partition count on first start; refuse a different one later."""
     partitions = config.cluster.partitions
     doc = {
