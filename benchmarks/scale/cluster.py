@@ -22,7 +22,7 @@ from trio_util import AsyncValue
 
 from linechatd.auth import Authenticator
 from linechatd.balancer import Balancer, Member, drain_stagger
-from linechatd.config import Config, PartitionsConfig, parse_config
+from linechatd.config import Config, parse_config
 from linechatd.context import Context
 from linechatd.gateway import ensure_cluster
 from linechatd.metrics import Metrics
@@ -156,11 +156,7 @@ class SimInstance:
     def reload(self, *, weight: float, cap: int) -> None:
         """SIGHUP with new share settings (what ``Instance.reload`` does for them)."""
         old = self.ctx.config.value
-        partitions = PartitionsConfig(
-            max_per_instance=cap,
-            weight=weight,
-            rebalance_pause_s=old.partitions.rebalance_pause_s,
-        )
+        partitions = dataclasses.replace(old.partitions, max_per_instance=cap, weight=weight)
         self.ctx.config.value = dataclasses.replace(old, partitions=partitions)
         self.member = Member(weight=weight, max_partitions=cap)
         self.balancer.reconfigure()

@@ -14,6 +14,9 @@ is followed by an unmeasured step that brings the count back):
 ``reload``          10 % reload new share settings: half weight 2, half a cap of 2
 ``rolling-restart`` every instance, one by one: drain, restart, wait for balance
 ``isolate``         5 % lose ZooKeeper for 1.5 T (a network partition), then heal
+``chaos``           a minute of random starts, drains, kills, network partitions,
+                    connection resets, ZooKeeper pauses and reloads, without
+                    waiting in between; then everything heals (for the tests)
 ==================  ===========================================================
 """
 
@@ -42,6 +45,7 @@ SCENARIOS = (
     "reload",
     "isolate",
     "rolling-restart",
+    "chaos",
 )
 
 
@@ -168,7 +172,7 @@ class Simulation:
         )
 
     async def grow(self) -> None:
-        ids = [self.new_id() for _ in range(round(self.options.instances * 0.1))]
+        ids = [self.new_id() for _ in range(max(1, round(self.options.instances * 0.1)))]
         members = self.members() | {i: Member() for i in ids}
         await self.phase("grow", members, lambda: self.start_spread(ids, 5.0))
         await self.restore()
@@ -249,14 +253,67 @@ class Simulation:
             result.extra["per_restart_max_s"] = max(steps)
             result.extra["all_instances_extrapolated_s"] = sum(steps) / len(steps) * len(members)
 
+    async def chaos(self, duration_s: float = 60.0) -> None:
+        """Random faults at random moments (seeded), never fewer than two instances."""
+        t = self.settings.session_timeout_s
+        rng = self.rng
+        isolated: set[str] = set()
+
+        async def heal(instance: str, after_s: float) -> None:
+            await trio.sleep(after_s)
+            isolated.discard(instance)
+            if instance in self.instances:
+                self.instances[instance].zk.set_blackholed(False)
+
+        async def act(nursery: trio.Nursery) -> None:
+            end = trio.current_time() + duration_s
+            while trio.current_time() < end:
+                await trio.sleep(rng.uniform(0, 3.0))
+                live = sorted(self.members())
+                action = rng.choice(
+                    ["start", "drain", "crash", "isolate", "reset", "pause", "reload"]
+                )
+                if action == "start" or len(live) <= 2:
+                    if len(self.instances) < 2 * self.options.instances:
+                        self.start(self.new_id())
+                    continue
+                victim = rng.choice(live)
+                if action == "drain":
+                    self._leaving.add(victim)
+                    self.instances[victim].drain()
+                elif action == "crash":
+                    self.crash([victim])
+                elif action == "isolate" and victim not in isolated:
+                    isolated.add(victim)
+                    self.instances[victim].zk.set_blackholed(True)
+                    nursery.start_soon(heal, victim, rng.uniform(0.2, 1.6) * t)
+                elif action == "reset":
+                    self.instances[victim].zk.reset_connection()
+                elif action == "pause" and not self.ensemble.paused.value:
+                    nursery.start_soon(self.ensemble.pause, rng.uniform(0.1, 0.9) * t)
+                elif action == "reload":
+                    weight = rng.choice([0.5, 1.0, 2.0])
+                    cap = rng.choice([0, 0, 1, 3])
+                    self.instances[victim].reload(weight=weight, cap=cap)
+
+        async def run() -> None:
+            async with trio.open_nursery() as nursery:
+                await act(nursery)
+            # Healed, paused no more: the cluster must settle on its own.
+            self.observer.set_members(self.members())
+
+        await self.phase("chaos", self.members(), run)
+
     async def restore(self) -> None:
         """Unmeasured: back to N balanced instances (at-most-one is still checked)."""
         missing = self.options.instances - len(self.members())
         for _ in range(max(0, missing)):
             self.start(self.new_id())
         surplus = len(self.members()) - self.options.instances
-        if surplus > 0:
-            await self.drain(self.sample(surplus / len(self.members()))[:surplus])
+        leaving = self.sample(surplus / len(self.members()))[:surplus] if surplus > 0 else []
+        self.observer.set_members({i: m for i, m in self.members().items() if i not in leaving})
+        if leaving:
+            await self.drain(leaving)
         await self.wait_balanced()
         self.check()
 
@@ -271,6 +328,7 @@ async def simulate(options: RunOptions) -> Simulation:
         "reload": Simulation.reload,
         "isolate": Simulation.isolate,
         "rolling-restart": Simulation.rolling_restart,
+        "chaos": Simulation.chaos,
     }
     async with trio.open_nursery() as nursery:
         sim = Simulation(options, nursery)

@@ -586,6 +586,11 @@ class SimZooKeeper:
         self._crashed = True
         self._drop("process crashed", tell_server=True)
 
+    def reset_connection(self) -> None:
+        """The TCP connection is reset (both ends notice at once); kazoo reconnects."""
+        if self._link.value.up:
+            self._drop("connection reset", tell_server=True)
+
     def set_blackholed(self, on: bool) -> None:
         """Messages are lost both ways (a network partition), without any reset."""
         self.blackholed.value = on
