@@ -60,6 +60,7 @@ __all__ = [
     "Plan",
     "View",
     "drain_stagger",
+    "equal_quotas",
     "fair_shares",
     "member_from_json",
     "pick_release",
@@ -149,6 +150,15 @@ def quotas(partitions: int, members: Mapping[str, Member]) -> dict[str, int]:
             result[m] = cap
             remaining -= cap
     return result
+
+
+def equal_quotas(partitions: int, order: Sequence[str]) -> dict[str, int]:
+    """``quotas`` of members with equal settings, already in rank order, without sorting:
+    the floor for each and one more for the first ``partitions % n``."""
+    if not order:
+        return {}
+    floor, extra = divmod(partitions, len(order))
+    return {m: floor + (1 if i < extra else 0) for i, m in enumerate(order)}
 
 
 def pick_release(candidates: Mapping[int, int]) -> int:
@@ -269,11 +279,8 @@ class Balancer:
             and ctx.info.instance in cached
             and all(m == Member() for m in cached.values())
         ):
-            # The common case, without sorting: ``quotas`` of equal members is the
-            # floor for each and one more for the first ones in rank order.
             order = [m for _key, m in ctx.cache.ranked()]
-            floor, extra = divmod(ctx.partitions, len(order))
-            table = {m: floor + (1 if i < extra else 0) for i, m in enumerate(order)}
+            table = equal_quotas(ctx.partitions, order)
         else:
             table = quotas(ctx.partitions, self._eligible())
             order = sorted(table, key=lambda m: (rank_key(m), m))

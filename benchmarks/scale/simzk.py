@@ -592,7 +592,12 @@ class SimZooKeeper:
             self._drop("connection reset", tell_server=True)
 
     def set_blackholed(self, on: bool) -> None:
-        """Messages are lost both ways (a network partition), without any reset."""
+        """Nothing gets through either way (a network partition), without any reset.
+
+        As over TCP, what was sent meanwhile arrives once the partition heals,
+        in order, unless the connection was given up first (kazoo's read
+        timeout, see ``_kazoo_detector``): then it is lost with the connection.
+        """
         self.blackholed.value = on
 
     # -- lifecycle ----------------------------------------------------------------
@@ -815,13 +820,17 @@ class SimZooKeeper:
             await trio.sleep_until(due)
             if not self._up or self._up[0][1] is not pending:
                 continue  # the connection dropped meanwhile
+            if self.blackholed.value:
+                await self.blackholed.wait_value(False)
+                if not self._up or self._up[0][1] is not pending:
+                    continue  # the connection was given up meanwhile
             if pending.op in _WRITES:
                 await trio.sleep_until(ensemble.commit_at(trio.current_time()))
                 if not self._up or self._up[0][1] is not pending:
                     continue
             self._up.popleft()
-            if self.blackholed.value or pending.conn != self._conn:
-                continue  # lost on the way: the server never hears it
+            if pending.conn != self._conn:
+                continue
             sid = self._link.value.session_id
             assert sid is not None
             try:
@@ -851,8 +860,12 @@ class SimZooKeeper:
             await trio.sleep_until(due)
             if not self._down or self._down[0][2] is not message:
                 continue
+            if self.blackholed.value:
+                await self.blackholed.wait_value(False)
+                if not self._down or self._down[0][2] is not message:
+                    continue
             self._down.popleft()
-            if conn != self._conn or self.blackholed.value:
+            if conn != self._conn:
                 continue
             self._last_received = trio.current_time()
             message()
