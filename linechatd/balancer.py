@@ -401,9 +401,9 @@ class Balancer:
         if leftovers:
             room = self.target() - len(sup.held())
             resumed = await sup.resume(dict(sorted(leftovers.items())[: max(0, room)]))
-            for k, lease in sorted(leftovers.items())[max(0, room) :]:
-                if await self._registrar.remove_lease(k, lease.epoch):
-                    log.info("lease_released", extra={"partition": k, "epoch": lease.epoch})
+            surplus = {k: lease.epoch for k, lease in sorted(leftovers.items())[max(0, room) :]}
+            for k in await self._registrar.remove_leases(surplus):
+                log.info("lease_released", extra={"partition": k, "epoch": surplus[k]})
             return ACQUIRED if resumed else RELEASED
         if self._settling() and len(sup.held()) <= self.target():
             return None  # rule 4: nothing to take yet, and nothing to give back
@@ -417,7 +417,7 @@ class Balancer:
                     "target": self.target(),
                 },
             )
-            await sup.release_many(decided.release, EndReason.RELEASED)
+            await sup.release(decided.release, EndReason.RELEASED)
             return RELEASED
         if decided.take:
             taken = await sup.acquire(decided.take)
@@ -450,7 +450,7 @@ class Balancer:
                 with trio.move_on_after(IDLE_RECHECK_S):
                     await ctx.cache.members_changed.wait_transition()
             log.info("partition_drain_release", extra={"partition": k})
-            await sup.release(k, EndReason.DRAIN)
+            await sup.release([k], EndReason.DRAIN)
             await trio.sleep(stagger_s)
 
 

@@ -94,6 +94,7 @@ class PartitionRuntime:
         self._registrar = registrar
         self.state = AsyncValue(PartitionState.STARTING)
         self.end_reason: EndReason | None = None
+        self.gives_back = True  # a graceful end deletes the lease node (see stop())
         self.serving_since: float | None = None  # wall clock, once SERVING
         self._ctx = ctx
         self.topic = ctx.topic(partition)
@@ -120,8 +121,14 @@ class PartitionRuntime:
     def session_count(self) -> int:
         return sum(len(s) for s in self.sessions.values())
 
-    def stop(self, reason: EndReason) -> None:
-        """End this subtree (the first reason given wins); returns at once."""
+    def stop(self, reason: EndReason, *, give_back: bool = True) -> None:
+        """End this subtree (the first reason given wins); returns at once.
+
+        ``give_back=False``: a graceful end leaves the lease node to the caller,
+        which gives several back in one transaction once they all stopped.
+        """
+        if self.end_reason is None:
+            self.gives_back = give_back
         self._stopping(reason)
         self._scope.cancel(reason=f"partition {self.partition}: {reason.value}")
 
@@ -238,9 +245,9 @@ class PartitionRuntime:
         if not ctx.zk.connected:
             return
         try:
-            if graceful:
+            if graceful and self.gives_back:
                 # The lease node and its line in our registration go in one transaction.
-                if await self._registrar.remove_lease(k, self.epoch):
+                if await self._registrar.remove_leases({k: self.epoch}):
                     log.info("lease_released", extra={"partition": k, "epoch": self.epoch})
             elif reason is EndReason.LEASE_LOST:
                 # The node is gone or another's: only our registration still lists it.
@@ -536,19 +543,32 @@ class PartitionSupervisor:
                 del self._runtimes[runtime.partition]
             self._count()
 
-    async def release(self, k: int, reason: EndReason = EndReason.RELEASED) -> None:
-        """End partition ``k``'s subtree and give its lease back; wait until done."""
-        runtime = self._runtimes.get(k)
-        if runtime is None:
+    async def release(self, partitions: Sequence[int], reason: EndReason) -> None:
+        """End these partitions' subtrees side by side and give their leases back in one
+        transaction (the others see them all free at once); wait until done."""
+        ctx = self._ctx
+        runtimes = [r for k in partitions if (r := self._runtimes.get(k)) is not None]
+        for runtime in runtimes:
+            runtime.stop(reason, give_back=False)
+        for runtime in runtimes:
+            await runtime.state.wait_value(PartitionState.STOPPED)
+        # Those that ended for this reason (not, say, a lost lease meanwhile).
+        leases = {
+            r.partition: r.epoch for r in runtimes if r.end_reason is reason and not r.gives_back
+        }
+        if not leases or not ctx.zk.connected:
             return
-        runtime.stop(reason)
-        await runtime.state.wait_value(PartitionState.STOPPED)
-
-    async def release_many(self, partitions: Sequence[int], reason: EndReason) -> None:
-        """``release`` of several side by side."""
-        async with trio.open_nursery() as nursery:
-            for k in partitions:
-                nursery.start_soon(self.release, k, reason)
+        try:
+            released = await self.registrar.remove_leases(leases)
+        except (ZooKeeperError, NoNodeError) as exc:
+            # The nodes die with the session at the latest; until then the
+            # balancer finds them (ours, not running) and deletes or re-takes them.
+            log.warning(
+                "lease_delete_failed", extra={"partitions": sorted(leases), "error": str(exc)}
+            )
+            return
+        for k in released:
+            log.info("lease_released", extra={"partition": k, "epoch": leases[k]})
 
     def stop_all(self, reason: EndReason) -> None:
         for runtime in list(self._runtimes.values()):

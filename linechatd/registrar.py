@@ -203,31 +203,44 @@ class Registrar:
             raise
         self._written = data
 
-    async def remove_lease(self, k: int, epoch: int) -> bool:
-        """Delete our lease node of partition ``k`` and its line in one transaction.
-
-        False when the node is not ours under ``epoch`` any more (it is then
-        only taken off the list) or the session cannot be trusted."""
+    async def remove_leases(self, leases: Mapping[int, int]) -> list[int]:
+        """Delete our lease nodes of ``leases`` (partition -> epoch) and their lines in
+        our registration, all in one transaction; returns the partitions whose
+        node was deleted. One that is not ours under that epoch any more is only
+        taken off the list. Nothing is written unless the session is trusted."""
         ctx = self._ctx
         async with self._lock:
-            info = ctx.zk.session.value
-            if not self.registered or k not in self._leases:
-                return False
-            stat = await ctx.zk.exists(ctx.paths.owner(k))
-            leases = {j: lease for j, lease in self._leases.items() if j != k}
-            ops: list[Create | Delete | SetData] = []
-            ours = stat is not None and stat.ephemeral_owner == info.session_id
-            if ours and stat is not None and stat.czxid == epoch:
-                ops.append(Delete(ctx.paths.owner(k), version=stat.version))
-            ops.append(SetData(self.path, self._document(leases)))
-            try:
-                await ctx.zk.multi(ops)
-            except ZooKeeperError:
-                self._uncertain = True
-                raise
-            self._leases = leases
-            self._written = self._document(leases)
-            return len(ops) == 2
+            for attempt in range(2):
+                info = ctx.zk.session.value
+                wanted = {k: e for k, e in leases.items() if k in self._leases}
+                if not self.registered or not wanted:
+                    return []
+                deleted: list[int] = []
+                ops: list[Create | Delete | SetData] = []
+                for k, epoch in sorted(wanted.items()):
+                    stat = await ctx.zk.exists(ctx.paths.owner(k))
+                    if (
+                        stat is not None
+                        and stat.ephemeral_owner == info.session_id
+                        and stat.czxid == epoch
+                    ):
+                        deleted.append(k)
+                        ops.append(Delete(ctx.paths.owner(k), version=stat.version))
+                kept = {j: lease for j, lease in self._leases.items() if j not in wanted}
+                ops.append(SetData(self.path, self._document(kept)))
+                try:
+                    await ctx.zk.multi(ops)
+                except NoNodeError:
+                    if attempt:
+                        raise
+                    continue  # a node went away between the look and the transaction
+                except ZooKeeperError:
+                    self._uncertain = True
+                    raise
+                self._leases = kept
+                self._written = self._document(kept)
+                return deleted
+            raise AssertionError("unreachable")
 
     async def forget_lease(self, k: int) -> None:
         """Partition ``k``'s lease node is gone or another's: take it off our list."""

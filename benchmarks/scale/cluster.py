@@ -28,10 +28,11 @@ from linechatd.gateway import ensure_cluster
 from linechatd.metrics import Metrics
 from linechatd.ownership import InstanceInfo, OwnershipCache, ZkPaths
 from linechatd.partitions import PartitionSupervisor
+from linechatd.zk import ZooKeeperClient
 
 from .fakes import FakeAdmin, FakeFetcher, KafkaTiming
 from .observer import Observer, current_instance
-from .simzk import SimEnsemble, SimZooKeeper
+from .simzk import SimZooKeeper
 
 CLUSTER = "sim"
 TOPIC_PREFIX = "topic-"
@@ -44,14 +45,16 @@ class Settings:
     partitions: int
     session_timeout_s: float = 10.0
     rebalance_pause_s: float = 0.2
+    settle_s: float = 2.0
     drain_stagger_s: float = 0.5
     grace_period_s: float = 30.0
     kafka: KafkaTiming = KafkaTiming()
+    cluster: str = CLUSTER  # another name to share a real ZooKeeper with others
 
     def config(self, instance: str, *, weight: float = 1.0, cap: int = 0) -> Config:
         return parse_config(
             {
-                "cluster": {"name": CLUSTER, "partitions": self.partitions},
+                "cluster": {"name": self.cluster, "partitions": self.partitions},
                 "instance": {"id": instance},
                 "http": {"advertise": f"http://{instance}.sim:8080"},
                 "websocket": {"advertise": f"ws://{instance}.sim:8765/ws"},
@@ -59,6 +62,7 @@ class Settings:
                 "kafka": {"bootstrap_servers": "kafka.sim:9092", "topic_prefix": TOPIC_PREFIX},
                 "partitions": {
                     "rebalance_pause_s": self.rebalance_pause_s,
+                    "settle_s": self.settle_s,
                     "weight": weight,
                     "max_per_instance": cap,
                 },
@@ -77,7 +81,7 @@ class SimInstance:
         self,
         instance: str,
         settings: Settings,
-        ensemble: SimEnsemble,
+        zk: ZooKeeperClient,
         observer: Observer,
         *,
         weight: float = 1.0,
@@ -87,10 +91,8 @@ class SimInstance:
         self.member = Member(weight=weight, max_partitions=cap)
         self._settings = settings
         config = settings.config(instance, weight=weight, cap=cap)
-        self.zk = SimZooKeeper(
-            ensemble, session_timeout_s=settings.session_timeout_s, name=instance
-        )
-        paths = ZkPaths(CLUSTER)
+        self.zk = zk
+        paths = ZkPaths(settings.cluster)
         info = InstanceInfo(instance, config.websocket.advertise, config.http.advertise)
         self.ctx = Context(
             config=AsyncValue(config),
@@ -150,8 +152,18 @@ class SimInstance:
 
     def crash(self) -> None:
         """SIGKILL: the process is gone this instant; its session is left to expire."""
+        assert isinstance(self.zk, SimZooKeeper), "only a simulated session can be left behind"
         self.zk.crash()
         self._scope.cancel()
+
+    def stop(self) -> None:
+        """Stopped without a drain: its session is closed, its leases freed at once."""
+        self._scope.cancel()
+
+    @property
+    def sim_zk(self) -> SimZooKeeper:
+        assert isinstance(self.zk, SimZooKeeper)
+        return self.zk
 
     def reload(self, *, weight: float, cap: int) -> None:
         """SIGHUP with new share settings (what ``Instance.reload`` does for them)."""

@@ -118,6 +118,7 @@ class Observer(logging.Handler):
         self._ownerless_since: list[float | None] = [0.0] * partitions
         self.balanced_since: float | None = None
         self.balanced_changed = AsyncValue(0)  # bumps whenever ``balanced`` flips
+        self.changed = AsyncValue(0)  # bumps whenever a partition starts or stops serving
         self.changes: list[tuple[float, int, str | None, str | None]] = []
         self.violations: list[str] = []
         self.warnings: Counter[str] = Counter()
@@ -208,6 +209,7 @@ class Observer(logging.Handler):
         self.unowned -= 1
         self._count(instance, +1)
         self.changes.append((now, k, None, instance))
+        self.changed.value += 1
         self._check_balanced()
 
     def _serve_stop(self, instance: str, k: int) -> None:
@@ -219,6 +221,7 @@ class Observer(logging.Handler):
         self.unowned += 1
         self._count(instance, -1)
         self.changes.append((now, k, instance, None))
+        self.changed.value += 1
         self._check_balanced()
 
     def _in_band(self, instance: str) -> bool:

@@ -34,7 +34,7 @@ from linechatd.balancer import Member
 from .cluster import TOPIC_PREFIX, Settings, SimInstance
 from .observer import Observer, PhaseResult, Violation
 from .report import row
-from .simzk import Latency, SimEnsemble
+from .simzk import Latency, SimEnsemble, SimZooKeeper
 
 SCENARIOS = (
     "cold-start",
@@ -89,9 +89,10 @@ class Simulation:
         return f"gw-{self._serial:05d}"
 
     def start(self, instance: str, *, weight: float = 1.0, cap: int = 0) -> SimInstance:
-        sim = SimInstance(
-            instance, self.settings, self.ensemble, self.observer, weight=weight, cap=cap
+        zk = SimZooKeeper(
+            self.ensemble, session_timeout_s=self.settings.session_timeout_s, name=instance
         )
+        sim = SimInstance(instance, self.settings, zk, self.observer, weight=weight, cap=cap)
         self.instances[instance] = sim
         self._leaving.discard(instance)
         self._nursery.start_soon(self._run, sim)
@@ -220,11 +221,11 @@ class Simulation:
 
         async def isolate() -> None:
             for i in victims:
-                self.instances[i].zk.set_blackholed(True)
+                self.instances[i].sim_zk.set_blackholed(True)
             await trio.sleep(cut_s)
             for i in victims:
                 if i in self.instances:
-                    self.instances[i].zk.set_blackholed(False)
+                    self.instances[i].sim_zk.set_blackholed(False)
 
         await self.phase("isolate", self.members(), isolate)
 
@@ -263,7 +264,7 @@ class Simulation:
             await trio.sleep(after_s)
             isolated.discard(instance)
             if instance in self.instances:
-                self.instances[instance].zk.set_blackholed(False)
+                self.instances[instance].sim_zk.set_blackholed(False)
 
         async def act(nursery: trio.Nursery) -> None:
             end = trio.current_time() + duration_s
@@ -285,10 +286,10 @@ class Simulation:
                     self.crash([victim])
                 elif action == "isolate" and victim not in isolated:
                     isolated.add(victim)
-                    self.instances[victim].zk.set_blackholed(True)
+                    self.instances[victim].sim_zk.set_blackholed(True)
                     nursery.start_soon(heal, victim, rng.uniform(0.2, 1.6) * t)
                 elif action == "reset":
-                    self.instances[victim].zk.reset_connection()
+                    self.instances[victim].sim_zk.reset_connection()
                 elif action == "pause" and not self.ensemble.paused.value:
                     nursery.start_soon(self.ensemble.pause, rng.uniform(0.1, 0.9) * t)
                 elif action == "reload":
