@@ -28,7 +28,7 @@ from linechatd.gateway import ensure_cluster
 from linechatd.metrics import Metrics
 from linechatd.ownership import InstanceInfo, OwnershipCache, ZkPaths
 from linechatd.partitions import PartitionSupervisor
-from linechatd.zk import ZooKeeperClient
+from linechatd.zk import ZooKeeperClient, ZooKeeperError
 
 from .fakes import FakeAdmin, FakeFetcher, KafkaTiming
 from .observer import Observer, current_instance
@@ -113,6 +113,7 @@ class SimInstance:
         self.balancer = Balancer(self.ctx, self.supervisor)
         self.ready = trio.Event()
         self.stopped = trio.Event()
+        self.startup_failed: str | None = None
         self._drain = trio.Event()
         self._scope = trio.CancelScope()
 
@@ -126,7 +127,14 @@ class SimInstance:
             with self._scope:
                 async with trio.open_nursery() as infra:
                     await infra.start(self.zk.run)
-                    await ensure_cluster(self.zk, ctx.paths, ctx.config.value)
+                    try:
+                        await ensure_cluster(self.zk, ctx.paths, ctx.config.value)
+                    except ZooKeeperError as exc:
+                        # gateway.py: a StartupError, the process exits (systemd may
+                        # start it again; here it stays gone).
+                        self.startup_failed = str(exc)
+                        infra.cancel_scope.cancel()
+                        return
                     await infra.start(ctx.cache.run)
                     async with trio.open_nursery() as serving:
                         await serving.start(self.supervisor.run)

@@ -114,6 +114,7 @@ class Observer(logging.Handler):
         self.counts: Counter[str] = Counter()
         self._bands: dict[str, tuple[int, int]] = {}
         self._out_of_band = 0
+        self._unservable = 0
         self.unowned = partitions
         self._ownerless_since: list[float | None] = [0.0] * partitions
         self.balanced_since: float | None = None
@@ -235,7 +236,7 @@ class Observer(logging.Handler):
         self._out_of_band += int(before) - int(after)
 
     def _check_balanced(self) -> None:
-        balanced = self.unowned == 0 and self._out_of_band == 0
+        balanced = self.unowned <= self._unservable and self._out_of_band == 0
         if balanced and self.balanced_since is None:
             self.balanced_since = trio.current_time()
             self.balanced_changed.value += 1
@@ -251,6 +252,11 @@ class Observer(logging.Handler):
         """The instances that should share the partitions from now on (the others: none)."""
         fair = fair_values(self.partitions, members)
         self._bands = {m: _band(f) for m, f in fair.items()}
+        # Partitions the caps leave without an owner, whatever anyone does.
+        capacity = sum(
+            m.max_partitions or self.partitions for m in members.values() if m.weight > 0
+        )
+        self._unservable = max(0, self.partitions - capacity)
         known = set(self.counts) | set(self._bands)
         self._out_of_band = sum(1 for m in known if not self._in_band(m))
         self._check_balanced()
