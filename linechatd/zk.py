@@ -107,6 +107,8 @@ _ROLLED_BACK = (RolledBackError, RuntimeInconsistency)
 _RETRY_MIN_S = 0.05
 # Reads in flight at once when a watch of many nodes (re-)reads them.
 _READ_BATCH = 64
+# A watched directory is listed again at most this often (see watch_children_data).
+_LIST_EVERY_S = 0.25
 # kazoo's level below DEBUG, and the start of the record it logs at that level
 # when a session is created (see _KazooLogger).
 _KAZOO_BLATHER = 5
@@ -916,6 +918,9 @@ class ZooKeeper:
         watcher when a connection drops (none survives it), so everything is
         read again after a reconnection; reads of many children are pipelined,
         ``_READ_BATCH`` at a time, so a thousand children cost a few round trips.
+        A new child is seen within ``_LIST_EVERY_S``: the listing, the whole
+        directory each time, is read again at most that often; a child's data
+        or its deletion is seen at once.
         """
         token = self._token
         assert token is not None
@@ -964,13 +969,19 @@ class ZooKeeper:
             watchers.pop(child, None)
 
         started = False
+        listed_at = -math.inf
         delay = _RETRY_MIN_S
         while True:
             wake = trio.Event()
             link = self._link.value
             try:
                 if listing:
+                    if started:
+                        # Each listing is the whole directory: in a storm of joins,
+                        # one every _LIST_EVERY_S covers them all.
+                        await trio.sleep_until(listed_at + _LIST_EVERY_S)
                     listing = False
+                    listed_at = trio.current_time()
                     try:
                         children = set(
                             await self._call("get_children_async", path, watch=watcher(None))

@@ -90,6 +90,8 @@ class PhaseResult:
     notifications_mean: float
     reads_peak: int
     reads_mean: float
+    read_mb_peak: float  # MB/s of read answers (data and listings), the peak second
+    read_mb_mean: float
     watches_peak: int
     watches_end: int
     transactions: int
@@ -356,6 +358,8 @@ class Observer(logging.Handler):
             notifications_mean=(stats.notifications - start["notifications"]) / duration,
             reads_peak=peak("reads"),
             reads_mean=(stats.reads - start["reads"]) / duration,
+            read_mb_peak=peak("read_bytes") / 1e6,
+            read_mb_mean=(stats.read_bytes - start["read_bytes"]) / duration / 1e6,
             watches_peak=max([s[3] for s in window] + [stats.watches_held]),
             watches_end=stats.watches_held,
             transactions=stats.transactions - start["transactions"],
@@ -390,5 +394,6 @@ def _snapshot(stats: ServerStats) -> dict[str, int]:
         "failed_writes": stats.failed_writes,
         "notifications": stats.notifications,
         "reads": stats.reads,
+        "read_bytes": stats.read_bytes,
         "transactions": stats.transactions,
     }

@@ -59,6 +59,7 @@ __all__ = ["Latency", "ServerStats", "SimEnsemble", "SimZooKeeper"]
 _RETRY_MIN_S = 0.05
 _RETRY_MAX_S = 1.0
 _READ_BATCH = 64  # zk.py's pipelined reads of a watched directory
+_LIST_EVERY_S = 0.25  # and how often it lists the directory at most
 # kazoo's reconnection backoff (zk.py: delay 0.1 s, doubling, at most 1 s).
 _RECONNECT_MIN_S = 0.1
 _RECONNECT_MAX_S = 1.0
@@ -131,6 +132,12 @@ class _Node:
     version: int = 0
     ephemeral_owner: int = 0
     children: set[str] = field(default_factory=set)
+    _listing: list[str] | None = None  # the children sorted, until they change
+
+    def listing(self) -> list[str]:
+        if self._listing is None:
+            self._listing = sorted(self.children)
+        return list(self._listing)
 
     def stat(self) -> NodeStat:
         return NodeStat(
@@ -153,6 +160,7 @@ class ServerStats:
     """Counters of the whole ensemble, plus per-second series for the peaks."""
 
     reads: int = 0
+    read_bytes: int = 0  # payload of the answers to reads: node data and child names
     write_requests: int = 0  # writes asked for, failed ones included (they cost the leader too)
     failed_writes: int = 0
     transactions: int = 0  # committed: writes, session closes and expiries
@@ -163,6 +171,7 @@ class ServerStats:
     per_second: dict[str, dict[int, int]] = field(
         default_factory=lambda: {
             "reads": defaultdict(int),
+            "read_bytes": defaultdict(int),
             "writes": defaultdict(int),
             "notifications": defaultdict(int),
         }
@@ -366,12 +375,18 @@ class SimEnsemble:
             owner = self._sessions.get(node.ephemeral_owner)
             if owner is not None:
                 owner.ephemerals.discard(path)
-        self._nodes[self._parent(path)].children.discard(self._name(path))
+        parent = self._nodes[self._parent(path)]
+        parent.children.discard(self._name(path))
+        parent._listing = None
         self._fire_after += [
             (_Kind.DATA, path),
             (_Kind.CHILD, path),
             (_Kind.CHILD, self._parent(path)),
         ]
+
+    def _read_bytes(self, now: float, n: int) -> None:
+        self.stats.read_bytes += n
+        self.stats.count("read_bytes", now, n)
 
     def _node(self, path: str) -> _Node:
         node = self._nodes.get(path)
@@ -408,11 +423,14 @@ class SimEnsemble:
         if op is _Op.GET:
             if watch:
                 self._watch(session, _Kind.DATA, path)
+            self._read_bytes(now, len(node.data))
             return node.data, node.stat()
         if op is _Op.CHILDREN:
             if watch:
                 self._watch(session, _Kind.CHILD, path)
-            return sorted(node.children)
+            children = node.listing()
+            self._read_bytes(now, sum(len(c) + 4 for c in children))
+            return children
         raise AssertionError(op)
 
     def _write(self, session: _Session, op: _Op, path: str, args: dict[str, Any]) -> Any:
@@ -469,7 +487,9 @@ class SimEnsemble:
             owner = session.sid if o.ephemeral else 0
             node = _Node(o.data, zxid, zxid, now_ms, now_ms, ephemeral_owner=owner)
             self._nodes[o.path] = node
-            self._nodes[self._parent(o.path)].children.add(self._name(o.path))
+            parent = self._nodes[self._parent(o.path)]
+            parent.children.add(self._name(o.path))
+            parent._listing = None
             if o.ephemeral:
                 session.ephemerals.add(o.path)
             self._fire_after += [(_Kind.DATA, o.path), (_Kind.CHILD, self._parent(o.path))]
@@ -1075,13 +1095,17 @@ class SimZooKeeper:
                 callback(child, None, None)
 
         started = False
+        listed_at = -math.inf
         delay = _RETRY_MIN_S
         while True:
             wake = trio.Event()
             connects = self._link.value.connects
             try:
                 if state["listing"]:
+                    if started:
+                        await trio.sleep_until(listed_at + _LIST_EVERY_S)
                     state["listing"] = False
+                    listed_at = trio.current_time()
                     relist = functools.partial(mark, None)
                     try:
                         children = set(await self._request(_Op.CHILDREN, path, watch=relist))
