@@ -334,7 +334,8 @@ class Balancer:
             settle_s = self._ctx.config.value.partitions.settle_s
             wait = min(wait, self._last_join + settle_s - now)
         elif cache.free_count:
-            oldest = min(cache.free_since(k) for k in cache.free())
+            settle_s = self._ctx.config.value.partitions.settle_s
+            oldest = max(min(cache.free_since(k) for k in cache.free()), self._last_join + settle_s)
             # The next fallback moment not yet passed (undesignated, then stuck).
             for factor in (1, STUCK_FACTOR):
                 due = oldest + self._fallback_s * factor - now
@@ -368,7 +369,10 @@ class Balancer:
         room = 0
         if cache.free_count:
             free = sorted(k for k in cache.free() if k not in self._busy)
-            free_for = [now - cache.free_since(k) for k in free]
+            # Counted from when a partition could be taken at all: not while a
+            # cold cluster was settling (rule 4).
+            eligible_since = self._last_join + ctx.config.value.partitions.settle_s
+            free_for = [now - max(cache.free_since(k), eligible_since) for k in free]
             if free_for and max(free_for) >= self._fallback_s:
                 room = fair_shares(ctx.partitions, self._eligible()).get(ctx.info.instance, 0)
         counts = {r.partition: r.session_count for r in sup.runtimes()}

@@ -51,7 +51,15 @@ from .sdnotify import Notifier
 from .session import Session
 from .startup import StartupError, auth_exposure_problems, log_auth_warnings, startup_error
 from .tls import ListenerTLS, TLSFilesError
-from .zk import NodeExistsError, ZooKeeper, ZooKeeperClient, ZooKeeperError, ZooKeeperUnavailable
+from .zk import (
+    Create,
+    NodeExistsError,
+    NoNodeError,
+    ZooKeeper,
+    ZooKeeperClient,
+    ZooKeeperError,
+    ZooKeeperUnavailable,
+)
 
 __all__ = ["Gateway", "Instance", "StartupError", "run_from_config", "startup_error"]
 
@@ -192,7 +200,13 @@ async def _start_infrastructure(
 
 
 async def ensure_cluster(zk: ZooKeeperClient, paths: ZkPaths, config: Config) -> None:
-    """Record the partition count on first start; refuse a different one later."""
+    """Record the partition count on first start; refuse a different one later.
+
+    Read first: a fleet restarting together then costs the ensemble reads, not
+    a failed create per instance. The instance that creates the cluster also
+    creates the partitions' parent nodes, so that no lease transaction fails
+    for want of one.
+    """
     partitions = config.cluster.partitions
     doc = {
         "partitions": partitions,
@@ -200,25 +214,47 @@ async def ensure_cluster(zk: ZooKeeperClient, paths: ZkPaths, config: Config) ->
         "created_at_ms": int(time.time() * 1000),
     }
     try:
-        await zk.create(paths.meta, json.dumps(doc).encode(), makepath=True)
-        log.info(
-            "cluster_created", extra={"cluster": config.cluster.name, "partitions": partitions}
-        )
-    except NodeExistsError:
         data, _stat = await zk.get(paths.meta)
+    except NoNodeError:
         try:
-            recorded = int(json.loads(data)["partitions"])
-        except (ValueError, KeyError, TypeError):
-            raise StartupError(
-                f"{paths.meta} in ZooKeeper holds no partition count: {data[:100]!r}"
-            ) from None
-        if recorded != partitions:
-            raise StartupError(
-                f"cluster.partitions: this instance is configured with {partitions} partitions, "
-                f"but cluster {config.cluster.name!r} was created with {recorded}; "
-                f"set cluster.partitions = {recorded} (the count is fixed for a cluster's lifetime)"
-            ) from None
+            await zk.create(paths.meta, json.dumps(doc).encode(), makepath=True)
+        except NodeExistsError:
+            data, _stat = await zk.get(paths.meta)
+        else:
+            log.info(
+                "cluster_created", extra={"cluster": config.cluster.name, "partitions": partitions}
+            )
+            await zk.ensure_path(paths.partitions)
+            await _create_partition_nodes(zk, paths, partitions)
+            return
+    try:
+        recorded = int(json.loads(data)["partitions"])
+    except (ValueError, KeyError, TypeError):
+        raise StartupError(
+            f"{paths.meta} in ZooKeeper holds no partition count: {data[:100]!r}"
+        ) from None
+    if recorded != partitions:
+        raise StartupError(
+            f"cluster.partitions: this instance is configured with {partitions} partitions, "
+            f"but cluster {config.cluster.name!r} was created with {recorded}; "
+            f"set cluster.partitions = {recorded} (the count is fixed for a cluster's lifetime)"
+        ) from None
     await zk.ensure_path(paths.partitions)
+
+
+# Parent nodes created per transaction when a cluster is created.
+_PARENTS_PER_TRANSACTION = 512
+
+
+async def _create_partition_nodes(zk: ZooKeeperClient, paths: ZkPaths, partitions: int) -> None:
+    for start in range(0, partitions, _PARENTS_PER_TRANSACTION):
+        batch = range(start, min(partitions, start + _PARENTS_PER_TRANSACTION))
+        try:
+            await zk.multi([Create(paths.partition(k)) for k in batch])
+        except NodeExistsError:
+            # Some exist already (an earlier attempt got this far): one by one.
+            for k in batch:
+                await zk.ensure_path(paths.partition(k))
 
 
 async def _ensure_topics(admin: KafkaAdmin, config: Config) -> None:
