@@ -78,9 +78,10 @@ TAKE_PER_STEP = 64
 # A free partition nobody designated took: anyone with room tries after this
 # (plus up to as much again, a jitter of each instance's own).
 FALLBACK_AFTER_S = 1.0
-# A free partition dealt to an instance that does not take it: after this
-# many fallback delays, anyone with room may.
-STUCK_FACTOR = 4
+# A free partition dealt to an instance that does not take it (it crashed
+# and its registration lives until its session expires): after this many
+# fallback delays, anyone with room may.
+STUCK_FACTOR = 2
 # A partition whose create failed (its owner is not in our view yet) is left
 # alone for this long.
 BUSY_S = 2.0

@@ -300,7 +300,9 @@ class Simulation:
         async def run() -> None:
             async with trio.open_nursery() as nursery:
                 await act(nursery)
-            # Healed, paused no more: the cluster must settle on its own.
+            # Healed, paused no more; the sessions of the last ones killed expire
+            # within T. From here the cluster must settle on its own.
+            await trio.sleep(t)
             self.observer.set_members(self.members())
 
         await self.phase("chaos", self.members(), run)
