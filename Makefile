@@ -9,7 +9,7 @@ DEV_ARGS ?=
 # A hung test must not hang CI forever: the whole run gets this many seconds.
 TEST_TIMEOUT_S ?= 1800
 
-.PHONY: install dev test lint clean simulate
+.PHONY: install dev test lint clean dist lock simulate
 
 install:
 	VENV=$(VENV) bash scripts/install.sh
@@ -26,6 +26,16 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy linechatd tests/support benchmarks/scale
 
+# A release: the wheel and the sdist (which carries requirements.lock, the
+# production install script, the units, the example configs and the docs).
+dist: install
+	rm -rf dist
+	$(VENV)/bin/python -m build --outdir dist .
+
+# requirements.lock from the test virtualenv (see scripts/lock-requirements.sh).
+lock: install
+	VENV=$(VENV) bash scripts/lock-requirements.sh
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info clients/js/node_modules clients/js/dist .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
@@ -40,7 +50,7 @@ BENCH_OUT ?= bench-results
 # Hard stop for a wedged run (every phase is bounded on its own as well).
 BENCH_TIMEOUT_S ?= 3600
 
-.PHONY: bench bench-smoke bench-transport
+.PHONY: bench bench-smoke bench-transport bench-fanout bench-codec bench-abuse bench-faults bench-kafka bench-handshakes
 
 bench: install
 	timeout --foreground -k 30 $(BENCH_TIMEOUT_S) $(VENV)/bin/python -m benchmarks.run --out $(BENCH_OUT) $(BENCH_ARGS)
@@ -62,3 +72,25 @@ SIM_TIMEOUT_S ?= 21600
 
 simulate: install
 	timeout --foreground -k 30 $(SIM_TIMEOUT_S) $(VENV)/bin/python -m benchmarks.scale --out $(SIM_OUT) $(SIM_ARGS)
+# Group sends, server publishes and presence: records, CPU per recipient, latencies.
+bench-fanout: install
+	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.fanout $(BENCH_ARGS)
+# The WebSocket frame codecs and the JSON paths alone, in-process: CPU-µs per message.
+bench-codec: install
+	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.codec --out $(BENCH_OUT)/codec.json
+# One attacker per scenario against 50 honest pairs at 500 msg/s (docs/security.md):
+# prints a table and writes $(BENCH_OUT)/abuse.json; about 5 minutes.
+#   make bench-abuse BENCH_ARGS='--scenarios ping_flood,half_open --duration 5'
+bench-abuse: install
+	timeout --foreground -k 30 1800 $(VENV)/bin/python -m benchmarks.abuse --out $(BENCH_OUT) $(BENCH_ARGS)
+# Broker and ZooKeeper faults under traffic, one cluster each (docs/operations.md):
+# prints a table (stopped, resumed, unavailable, acked, lost); about 5 minutes.
+#   make bench-faults BENCH_ARGS='--scenarios blackhole-5,leader-kill'
+bench-faults: install
+	timeout --foreground -k 30 1800 $(VENV)/bin/python -m benchmarks.faults --out $(BENCH_OUT) $(BENCH_ARGS)
+# Broker and gateway CPU per message against linger_ms and fetch_wait_max_ms (a fresh broker each).
+bench-kafka: install
+	timeout --foreground -k 30 3000 $(VENV)/bin/python -m benchmarks.kafka_settings --out $(BENCH_OUT)/kafka-settings.json $(BENCH_ARGS)
+# connection-url + upgrade per second, RSS per idle connection, and where each goes (py-spy, tracemalloc).
+bench-handshakes: install
+	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.handshakes --profile --out $(BENCH_OUT)/handshakes.json $(BENCH_ARGS)

@@ -6,9 +6,12 @@ that fails outright records ``{"error": ...}`` and the run goes on.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import time
+import urllib.request
 from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -74,6 +77,64 @@ def cdf(samples_us: Sequence[int]) -> list[tuple[float, float]]:
     ordered = sorted(samples_us)
     n = len(ordered)
     return [(p, ordered[min(n - 1, int(p * n))] / 1000) for p in CDF_POINTS]
+
+
+_RESIDENCE_BUCKET = re.compile(
+    r'^linechatd_gateway_residence_seconds_bucket\{(?=[^}]*le="([^"]+)")(?=[^}]*stage="([^"]+)")'
+    r"[^}]*\} ([0-9.e+]+)$",
+    re.MULTILINE,
+)
+
+
+def scrape_residence(http_urls: Sequence[str]) -> dict[str, dict[float, float]]:
+    """Every gateway's residence histogram, summed: stage -> upper bound -> cumulative count."""
+    total: dict[str, dict[float, float]] = {}
+    for url in http_urls:
+        try:
+            with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            continue
+        for le, stage, value in _RESIDENCE_BUCKET.findall(text):
+            bound = math.inf if le == "+Inf" else float(le)
+            buckets = total.setdefault(stage, {})
+            buckets[bound] = buckets.get(bound, 0.0) + float(value)
+    return total
+
+
+def residence_between(
+    before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]
+) -> dict[str, dict[str, float | None]]:
+    """p50/p99 (ms) of each stage over what was observed between two scrapes.
+
+    Interpolated linearly inside a bucket; a quantile past the last finite
+    bound is reported as that bound (a lower bound).
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    for stage, buckets in after.items():
+        bounds = sorted(buckets)
+        cum = [buckets[b] - before.get(stage, {}).get(b, 0.0) for b in bounds]
+        count = cum[-1] if cum else 0.0
+        result: dict[str, float | None] = {"count": count}
+        for name, q in (("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99)):
+            if count <= 0:
+                result[name] = None
+                continue
+            target = q * count
+            lower, below = 0.0, 0.0
+            value = None
+            for bound, c in zip(bounds, cum, strict=True):
+                if c >= target:
+                    if bound == math.inf:
+                        value = lower
+                    else:
+                        share = (target - below) / (c - below) if c > below else 1.0
+                        value = lower + (bound - lower) * share
+                    break
+                lower, below = bound, c
+            result[name] = round(value * 1000, 3) if value is not None else None
+        out[stage] = result
+    return out
 
 
 def _merge(replies: Sequence[dict[str, Any]], key: str) -> array[int]:
@@ -199,6 +260,12 @@ class Bench:
         s = self.settings
         workers = len(self.loadgen)
         start_at = time.monotonic() + 0.3
+        gateways = [
+            srv.http_url
+            for srv in self.system.servers
+            if isinstance(self.system, Linechatd) and srv.http_url and srv.running()
+        ]
+        residence_before = scrape_residence(gateways)
         begun = self.cpu.start()
         replies = self.loadgen.call(
             [
@@ -215,6 +282,7 @@ class Bench:
             timeout=duration_s + s.drain_s + 60,
         )
         cpu = self.cpu.stop(begun)
+        residence = residence_between(residence_before, scrape_residence(gateways))
         sent = sum(r["sent"] for r in replies)
         received = sum(r["received"] for r in replies)
         acked = sum(r["acked"] for r in replies)
@@ -267,6 +335,7 @@ class Bench:
             },
             "latency": lat,
             "ack_latency": acks,
+            "residence": residence,
             "pacer_lag": lags,
             "cpu": cpu,
             "cdf": cdf(latencies),
@@ -280,6 +349,10 @@ class Bench:
             + "".join(f"{k} {v:.2f}, " for k, v in cpu["helper_cores"].items())
             + f"loadgen {cpu['loadgen_cores']:.2f}, others {cpu['other_cores']:.2f} "
             f"-> {'pass' if result['passed'] else 'FAIL'}"
+            + "".join(
+                f"; {stage} p50/p99 {r['p50_ms']}/{r['p99_ms']} ms"
+                for stage, r in residence.items()
+            )
         )
         if not result["passed"]:
             # Overload may have closed sessions (1013) and left backlogs: start clean.
@@ -366,6 +439,8 @@ class Bench:
             "cpu_us_per_msg": result["cpu_us_per_msg"],
             "cpu_us_per_msg_marginal": result["cpu_us_per_msg_marginal"],
             "helper_cpu_us_per_msg": result["helper_cpu_us_per_msg"],
+            "residence": result["residence"],
+            "loadgen_cores": result["cpu"]["loadgen_cores"],
             "server_cores": result["cpu"]["server_cores"],
             "other_cores": result["cpu"]["other_cores"],
             "pacer_lag": result["pacer_lag"],

@@ -128,9 +128,52 @@ def rss(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def decomposition(results: dict[str, Any], path: Path) -> None:
+    """linechatd's latency beside the broker-only probe and the gateway's residence."""
+    doc = results["systems"].get("linechatd") or {}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
+    labels = [
+        "send→receive\n(end to end)",
+        "broker only\nproduce→fetched",
+        "gateway\nread→produce",
+        "gateway\nreport→ack",
+        "gateway\nfetched→written",
+    ]
+    for ax, key, title in zip(
+        axes, ("at_1000", "at_half_max"), ("fixed rate", "50% of max"), strict=True
+    ):
+        lat = (doc.get("latency") or {}).get(key) or {}
+        probe = ((doc.get("broker_only") or {}).get(key) or {}).get("latency") or {}
+        residence = lat.get("residence") or {}
+        rows = [
+            lat,
+            probe,
+            residence.get("read_to_produce") or {},
+            residence.get("report_to_ack") or {},
+            residence.get("fetch_to_write") or {},
+        ]
+        x = range(len(labels))
+        p50 = [r.get("p50_ms") or 0 for r in rows]
+        p99 = [r.get("p99_ms") or 0 for r in rows]
+        ax.bar([i - 0.2 for i in x], p50, width=0.4, label="p50", color="tab:blue")
+        ax.bar([i + 0.2 for i in x], p99, width=0.4, label="p99", color="tab:red")
+        ax.set_xticks(list(x), labels, fontsize=8)
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylabel("ms (symlog)")
+        rate = lat.get("rate_per_s")
+        ax.set_title(f"{title} ({rate:,.0f} msg/s)" if rate else title)
+        _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(results: dict[str, Any], out: Path) -> list[str]:
     written = []
-    for name, fn in (("throughput", throughput), ("latency", latency), ("rss", rss)):
+    plots = [("throughput", throughput), ("latency", latency), ("rss", rss)]
+    if "linechatd" in results["systems"]:
+        plots.append(("decomposition", decomposition))
+    for name, fn in plots:
         path = out / f"{name}.png"
         fn(results, path)
         written.append(path.name)

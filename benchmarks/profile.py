@@ -24,12 +24,18 @@ from typing import Any
 
 # Ordered: the first match wins for a frame's component.
 COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("websocket transport", ("linechatd/websocket.py", "trio_websocket/", "wsproto/")),
+    (
+        "websocket transport",
+        ("linechatd/websocket.py", "linechatd/wsframe.py", "trio_websocket/", "wsproto/", "h11/"),
+    ),
     ("session (reader, writer, acks)", ("linechatd/session.py",)),
     ("partition delivery", ("linechatd/partitions.py",)),
-    ("protocol (json frames/records)", ("linechatd/protocol.py",)),
+    ("protocol (json frames/records)", ("linechatd/protocol.py", "linechatd/jsonfast.py")),
     ("kafka adapter", ("linechatd/kafka.py",)),
-    ("handshake / gateway", ("linechatd/gateway.py",)),
+    (
+        "handshake / gateway",
+        ("linechatd/gateway.py", "linechatd/admission.py", "linechatd/auth.py"),
+    ),
     ("metrics", ("prometheus_client/", "linechatd/metrics.py")),
     ("http api", ("hypercorn/", "linechatd/http.py")),
     ("zookeeper", ("kazoo/", "linechatd/zk.py", "linechatd/ownership.py")),
@@ -41,6 +47,7 @@ LEAF_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("trio channels / sync / timeouts", ("trio/_channel.py", "trio/_sync.py", "trio/_timeouts.py")),
     ("trio other", ("trio/",)),
     ("wsproto", ("wsproto/",)),
+    ("h11", ("h11/",)),
     ("trio-websocket", ("trio_websocket/",)),
     ("json", ("json/",)),
     ("linechatd", ("linechatd/",)),

@@ -149,7 +149,14 @@ def run(workdir: Path, zookeeper: str, kafka: str, users: int, per_user: int) ->
         cluster=cluster,
         partitions=1,
         services=shim,
-        overrides={"limits": {"max_connections_per_address": users + 100}},
+        # Every user from 127.0.0.1 at the same moment: room for all of them.
+        overrides={
+            "limits": {
+                "max_connections_per_address": users + 100,
+                "handshake_burst_per_address": users + 100,
+            },
+            "websocket": {"max_unfinished_handshakes_per_address": users + 100},
+        },
     )
     start_all(servers, 60)
     gateway = servers[0]

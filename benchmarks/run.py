@@ -26,15 +26,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from linechatd.config import parse_config
 from linechatd.localservices import LocalBroker, LocalZooKeeper, MissingDependency, ServiceError
 
-from . import stack
+from . import brokerprobe, stack
 from .loadgen import BODY_BYTES, LoadGen
 from .phases import Bench, Settings
 from .systems import AsyncioPeer, Linechatd, SocketioPeer, System
 
 SYSTEMS = ("linechatd", "asyncio", "socketio")
-PHASES = ("saturation", "latency", "profile", "connections", "failover")
+PHASES = ("saturation", "latency", "broker_only", "profile", "connections", "failover")
 TARGETS = {
     "delivered_per_s_per_process": 10_000,
     "p99_ms_at_1000": 10.0,
@@ -133,9 +134,16 @@ def _given(zookeeper: str, kafka: str, workdir: Path) -> stack.Services:
 def linechatd_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Defaults everywhere except what would make the benchmark measure a limit instead."""
     overrides: dict[str, dict[str, Any]] = {
-        # The per-connection send budget (default 100/s, burst 200) is a policy, not a
-        # cost: a few hundred senders at saturation would only measure rate_limited errors.
-        "limits": {"sends_per_second": 100_000.0, "send_burst": 100_000},
+        # The per-uid send budget (default 100/s, burst 200) and the frame budget are
+        # policies, not costs: a few hundred senders at saturation would only measure
+        # rate_limited errors and 1008 closes. The idle connections of the
+        # connections phase send nothing, and must not be closed as idle meanwhile.
+        "limits": {
+            "sends_per_second": 100_000.0,
+            "send_burst": 100_000,
+            "max_frames_per_s": 100_000.0,
+            "idle_timeout_s": 0.0,
+        },
     }
     if args.session_timeout is not None:
         overrides["zookeeper"] = {"session_timeout": args.session_timeout}
@@ -317,6 +325,14 @@ def run_system(
             if half:
                 latency["at_half_max"] = phase("latency", lambda: bench.latency(half))
             record["latency"] = latency
+            if name == "linechatd" and services is not None and "broker_only" in phases:
+                # Right after the gateway's own steps: the broker holds the same data.
+                record["broker_only"] = phase(
+                    "broker_only",
+                    lambda: _broker_only(
+                        services, args, settings, [settings.latency_rate, half], say
+                    ),
+                )
         if name == "linechatd" and "profile" in phases:
             results["profile"] = phase(
                 "profile", lambda: profile_under_load(bench, half or settings.latency_rate, out)
@@ -336,6 +352,35 @@ def run_system(
         say(f"== {name}: stopping")
         system.stop()
     return record
+
+
+def _broker_only(
+    services: stack.Services,
+    args: argparse.Namespace,
+    settings: Settings,
+    rates: list[float],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """The broker-only probe at the latency phase's rates, with the gateways' Kafka settings."""
+    kafka = linechatd_overrides(args).get("kafka", {})
+    defaults = parse_config(
+        {"zookeeper": {"hosts": "127.0.0.1:1"}, "kafka": {"bootstrap_servers": "127.0.0.1:1"}}
+    ).kafka
+    out: dict[str, Any] = {}
+    for key, rate in zip(("at_1000", "at_half_max"), rates, strict=True):
+        if not rate:
+            continue
+        out[key] = brokerprobe.run(
+            services.broker.address,
+            rate=rate,
+            duration_s=settings.latency_s,
+            linger_ms=int(kafka.get("linger_ms", defaults.linger_ms)),
+            fetch_wait_max_ms=int(kafka.get("fetch_wait_max_ms", defaults.fetch_wait_max_ms)),
+            broker_pid=services.pids().get("broker"),
+            drain_s=settings.drain_s,
+            say=say,
+        )
+    return out
 
 
 def _idle(bench: Bench) -> dict[str, Any]:
@@ -732,6 +777,51 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def decomposition(results: dict[str, Any]) -> str:
+    """linechatd's latency split into the gateway's share and the broker's, at each fixed rate."""
+    doc = results["systems"].get("linechatd", {})
+
+    def pair(d: Any, *path: str) -> str:
+        p50, p99 = _get(d, *path, "p50_ms"), _get(d, *path, "p99_ms")
+        if p50 is None and p99 is None:
+            return "-"
+        return f"{p50 if p50 is not None else '-'} / {p99 if p99 is not None else '-'}"
+
+    def num(value: Any, fmt: str = "{:,.1f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    header = ["", "at 1,000 msg/s", "at 50% of max"]
+    keys = ("at_1000", "at_half_max")
+    lat = [_get(doc, "latency", k) or {} for k in keys]
+    probe = [_get(doc, "broker_only", k) or {} for k in keys]
+    rows = [
+        ("rate (msg/s)", [num(d.get("rate_per_s"), "{:,.0f}") for d in lat]),
+        ("end to end send->receive p50 / p99 (ms)", [pair(d) for d in lat]),
+        ("end to end send->ack p50 / p99 (ms)", [pair(d, "ack") for d in lat]),
+        ("broker-only produce->fetched p50 / p99 (ms)", [pair(d, "latency") for d in probe]),
+        ("broker-only produce->ack p50 / p99 (ms)", [pair(d, "ack") for d in probe]),
+        ("gateway: frame read->produce p50 / p99 (ms)", [pair(d, "residence", "read_to_produce") for d in lat]),
+        ("gateway: report->ack written p50 / p99 (ms)", [pair(d, "residence", "report_to_ack") for d in lat]),
+        ("gateway: fetched->written p50 / p99 (ms)", [pair(d, "residence", "fetch_to_write") for d in lat]),
+        ("gateway CPU-us per delivered msg (both processes)", [num(d.get("cpu_us_per_msg")) for d in lat]),
+        ("broker CPU-us per msg, gateway's traffic", [num(_get(d, "helper_cpu_us_per_msg", "broker")) for d in lat]),
+        ("broker CPU-us per msg, broker-only probe", [num(d.get("broker_cpu_us_per_msg")) for d in probe]),
+        ("loadgen / other cores during the step", [f"{num(d.get('loadgen_cores'), '{:.2f}')} / {num(d.get('other_cores'), '{:.2f}')}" for d in lat]),
+        ("probe / other cores during the probe", [f"{num(d.get('probe_cores'), '{:.2f}')} / {num(d.get('other_cores'), '{:.2f}')}" for d in probe]),
+    ]  # fmt: skip
+    width = max(len(r[0]) for r in rows)
+    col = [max(len(header[i + 1]), *(len(r[1][i]) for r in rows)) for i in range(2)]
+    lines = [
+        "linechatd, the gateway apart from the broker:",
+        f"{''.ljust(width)}  " + "  ".join(h.rjust(col[i]) for i, h in enumerate(header[1:])),
+    ]
+    for label, values in rows:
+        lines.append(
+            f"{label.ljust(width)}  " + "  ".join(v.rjust(col[i]) for i, v in enumerate(values))
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -745,6 +835,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     say("")
     say(table(results))
+    if "linechatd" in results["systems"]:
+        say("")
+        say(decomposition(results))
     say(f"\nresults: {args.out / 'results.json'}")
     return 0
 

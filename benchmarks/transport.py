@@ -8,12 +8,17 @@ per-connection outbox). Measured from outside like the main harness: server
 CPU-µs per echoed message (one frame in, one frame out) at fixed open-loop
 rates, and the highest rate echoed without loss with p99 under 200 ms.
 
-* ``linechatd``: linechatd.websocket (trio-websocket + wsproto), as the
-  gateway uses it, with a trio memory channel as the outbox;
+* ``linechatd``: linechatd.websocket (wsproto driven on trio streams), as
+  the gateway uses it, with a trio memory channel as the outbox;
 * ``wsproto``: a prototype of a leaner trio transport: wsproto driven
   directly on a trio SocketStream, no per-connection reader task inside the
   library, a plain list as outbox and one ``send_all`` for everything pending
   (write coalescing);
+* ``wsframe``: the same server as ``wsproto`` with linechatd.wsframe as the
+  frame codec (the upgrade request read with h11): the difference between
+  the two is what the codec costs in a real server;
+* ``websockets-trio``: the websockets library's own trio server
+  (``websockets.trio.server.serve``), same reader/outbox/writer shape;
 * ``websockets``: the websockets library's asyncio server (standard loop);
 * ``picows``: picows on uvloop: the floor for a Python process.
 """
@@ -30,7 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-IMPLS = ("linechatd", "wsproto", "websockets", "picows")
+IMPLS = ("linechatd", "wsproto", "wsframe", "websockets-trio", "websockets", "picows")
 
 
 # --- servers (run in their own process: python -m benchmarks.transport serve ...) ----
@@ -131,6 +136,136 @@ def serve_wsproto(port: int) -> None:
     trio.run(partial(trio.serve_tcp, handler, port, host="127.0.0.1"))
 
 
+async def _h11_upgrade(stream: Any) -> bytes | None:
+    """Answer a WebSocket upgrade request with h11's public API; the bytes read past it."""
+    import base64
+    import hashlib
+
+    import h11
+
+    conn = h11.Connection(h11.SERVER)
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            if not data:
+                return None
+            conn.receive_data(data)
+            continue
+        if not isinstance(event, h11.Request):
+            return None
+        key = dict(event.headers).get(b"sec-websocket-key", b"")
+        accept = base64.b64encode(
+            hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+        )
+        response = h11.InformationalResponse(
+            status_code=101,
+            headers=[
+                (b"upgrade", b"websocket"),
+                (b"connection", b"Upgrade"),
+                (b"sec-websocket-accept", accept),
+            ],
+        )
+        await stream.send_all(conn.send(response))
+        return bytes(conn.trailing_data[0])
+
+
+def serve_wsframe(port: int) -> None:
+    import trio
+
+    from linechatd import wsframe
+
+    async def handler(stream: trio.SocketStream) -> None:
+        decoder = wsframe.FrameDecoder(65536)
+        pending: list[bytes] = []
+        wake = trio.Event()
+        closed = False
+        flushed = trio.Event()
+
+        async def writer() -> None:
+            nonlocal wake
+            while not closed or pending:
+                if not pending:
+                    await wake.wait()
+                    wake = trio.Event()
+                    continue
+                # Everything queued meanwhile goes out in one system call.
+                data = b"".join(pending)
+                pending.clear()
+                await stream.send_all(data)
+            flushed.set()
+
+        def queue(data: bytes) -> None:
+            pending.append(data)
+            wake.set()
+
+        async with stream:
+            try:
+                data = await _h11_upgrade(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if data is None:
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                try:
+                    while not closed:
+                        for event in decoder.feed(data):
+                            if type(event) is str:
+                                queue(wsframe.encode_text(event))
+                            elif isinstance(event, wsframe.Ping):
+                                queue(wsframe.encode_pong(event.payload))
+                            elif isinstance(event, wsframe.Close):
+                                queue(wsframe.encode_close(event.code))
+                                closed = True
+                            elif isinstance(event, wsframe.Violation):
+                                queue(wsframe.encode_close(event.code, event.reason))
+                                closed = True
+                        if closed:
+                            break
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            break
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                closed = True
+                wake.set()
+                with trio.move_on_after(1):
+                    await flushed.wait()
+                nursery.cancel_scope.cancel()
+
+    trio.run(partial(trio.serve_tcp, handler, port, host="127.0.0.1"))
+
+
+def serve_websockets_trio(port: int) -> None:
+    import trio
+    from websockets.exceptions import ConnectionClosed
+    from websockets.trio.server import ServerConnection, serve
+
+    async def handler(ws: ServerConnection) -> None:
+        send, receive = trio.open_memory_channel[str | bytes](1024)
+
+        async def writer() -> None:
+            async for data in receive:
+                await ws.send(data)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            try:
+                async for data in ws:
+                    send.send_nowait(data)
+            except (ConnectionClosed, trio.WouldBlock):
+                pass
+            nursery.cancel_scope.cancel()
+
+    async def main() -> None:
+        await serve(
+            handler, port, host="127.0.0.1", ping_interval=None, compression=None, max_size=65536
+        )
+
+    trio.run(main)
+
+
 def serve_websockets(port: int) -> None:
     from websockets.asyncio.server import ServerConnection, serve
     from websockets.exceptions import ConnectionClosed
@@ -180,6 +315,8 @@ def serve_picows(port: int) -> None:
 SERVERS = {
     "linechatd": serve_linechatd,
     "wsproto": serve_wsproto,
+    "wsframe": serve_wsframe,
+    "websockets-trio": serve_websockets_trio,
     "websockets": serve_websockets,
     "picows": serve_picows,
 }

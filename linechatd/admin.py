@@ -1,9 +1,16 @@
 """``linechatd status`` and ``linechatd drain``: the cluster seen from ZooKeeper and each instance.
 
 Both read the cluster's registrations in ZooKeeper (the same TOML file as the
-instances gives the hosts and cluster name), then talk to each instance's HTTP
-API: ``GET /api/status`` (public) and ``POST /admin/drain`` (loopback-only,
-or with the bearer token of ``[http] admin_token_file``).
+instances gives the hosts and cluster name), then talk to each instance at the
+admin url it registered (``[admin] advertise``; by default its admin listener,
+else its HTTP listener's own address, never ``http.advertise``, which may be a
+proxy that hides ``/admin``): ``GET /api/status`` and ``POST /admin/drain``
+with the bearer token of ``[admin] token_file``.
+
+Exit codes (also in each command's ``--help``): 0 all is well; 1 the cluster
+is degraded (a partition without owner, an instance that did not answer) or
+the drain did not happen; 2 bad arguments or configuration; 3 ZooKeeper could
+not be reached or holds no such cluster.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +26,34 @@ from typing import Any, TextIO
 
 import trio
 
+from .config import read_token_file
 from .ownership import InstanceInfo, ZkPaths, owner_from_node
 from .zk import NoNodeError, ZooKeeper, ZooKeeperUnavailable
 
 HTTP_TIMEOUT_S = 5.0
+DRAIN_POLL_S = 0.5
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
 
 
 class AdminError(Exception):
     """A problem the operator can act on; printed without a traceback."""
+
+    exit_code = EXIT_FAILED
+
+
+class ClusterUnreachable(AdminError):
+    """ZooKeeper cannot be reached, or holds no such cluster."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+def admin_url(info: InstanceInfo) -> str:
+    """Where an instance's admin endpoints are (an older instance registered none)."""
+    return (info.admin_url or info.http_url).rstrip("/")
 
 
 @dataclass
@@ -37,15 +65,35 @@ class ClusterView:
     status: dict[str, dict[str, Any]] = field(default_factory=dict)  # instance -> /api/status
     errors: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def unowned(self) -> list[int]:
+        return [k for k, owner in enumerate(self.owners) if owner is None]
+
+    @property
+    def healthy(self) -> bool:
+        """Every partition owned and every registered instance answered."""
+        return bool(self.instances) and not self.unowned and not self.errors
+
+    def problems(self) -> list[str]:
+        found = [f"{member}: {error}" for member, error in self.errors.items()]
+        if not self.instances:
+            found.append("no live instance")
+        if self.unowned:
+            found.append(f"{len(self.unowned)} partitions without owner: {self.unowned[:20]}")
+        return found
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "cluster": self.cluster,
             "partitions": self.partitions,
+            "healthy": self.healthy,
+            "problems": self.problems(),
             "instances": [
                 {
                     "instance": i.instance,
                     "ws_url": i.ws_url,
                     "http_url": i.http_url,
+                    "admin_url": admin_url(i),
                     "status": self.status.get(i.instance),
                     "error": self.errors.get(i.instance),
                 }
@@ -78,7 +126,7 @@ async def _read_zookeeper(zk: ZooKeeper, hosts: str, cluster: str) -> ClusterVie
     try:
         data, _ = await zk.get(paths.meta)
     except NoNodeError:
-        raise AdminError(f"no cluster named {cluster!r} in ZooKeeper at {hosts}") from None
+        raise ClusterUnreachable(f"no cluster named {cluster!r} in ZooKeeper at {hosts}") from None
     view = ClusterView(cluster=cluster, partitions=int(json.loads(data)["partitions"]))
     try:
         members = await zk.get_children(paths.instances)
@@ -102,7 +150,10 @@ async def _read_zookeeper(zk: ZooKeeper, hosts: str, cluster: str) -> ClusterVie
     return view
 
 
-async def read_cluster(hosts: str, cluster: str, *, timeout_s: float = 10.0) -> ClusterView:
+async def read_cluster(
+    hosts: str, cluster: str, *, timeout_s: float = 10.0, probe_instances: bool = True
+) -> ClusterView:
+    """The cluster from ZooKeeper, and (``probe_instances``) each instance's /api/status."""
     zk = ZooKeeper(hosts, session_timeout_s=10.0, connect_timeout_s=timeout_s)
     outcome: ClusterView | AdminError | None = None
     async with trio.open_nursery() as nursery:
@@ -110,7 +161,7 @@ async def read_cluster(hosts: str, cluster: str, *, timeout_s: float = 10.0) -> 
             await nursery.start(zk.run)
             outcome = await _read_zookeeper(zk, hosts, cluster)
         except ZooKeeperUnavailable as exc:
-            outcome = AdminError(str(exc))
+            outcome = ClusterUnreachable(str(exc))
         except AdminError as exc:
             # Raised after the nursery closes, so the operator sees the
             # message rather than an exception group.
@@ -120,15 +171,26 @@ async def read_cluster(hosts: str, cluster: str, *, timeout_s: float = 10.0) -> 
         raise outcome
     assert outcome is not None
     view = outcome
+    if not probe_instances:
+        return view
     for member, info in view.instances.items():
+        url = admin_url(info)
         try:
-            code, doc = await trio.to_thread.run_sync(_http, "GET", f"{info.http_url}/api/status")
-            if code == 200 and isinstance(doc, dict):
-                view.status[member] = doc
-            else:
-                view.errors[member] = f"HTTP {code}"
+            code, doc = await trio.to_thread.run_sync(_http, "GET", f"{url}/api/status")
         except OSError as exc:
-            view.errors[member] = str(exc)
+            view.errors[member] = f"{url}: {exc}"
+            continue
+        if code != 200 or not isinstance(doc, dict):
+            view.errors[member] = f"{url}: HTTP {code}"
+        elif doc.get("instance") != member:
+            # A loopback admin url registered by an instance on another host
+            # reaches whatever listens here: never take its answer for theirs.
+            view.errors[member] = (
+                f"{url} answers as {doc.get('instance')!r}: set [admin] advertise to an "
+                "address reachable from here"
+            )
+        else:
+            view.status[member] = doc
     return view
 
 
@@ -161,7 +223,7 @@ def print_status(view: ClusterView, out: TextIO = sys.stdout) -> None:
                     info.ws_url,
                     "?",
                     "?",
-                    view.errors.get(member, "unreachable"),
+                    "unreachable",
                 ]
             )
             continue
@@ -195,19 +257,52 @@ def _token(token_file: Path | None) -> str | None:
     if token_file is None:
         return None
     try:
-        return token_file.read_text().strip() or None
+        return read_token_file(token_file)
     except OSError as exc:
         raise AdminError(f"cannot read admin token file {token_file}: {exc}") from None
+    except ValueError as exc:
+        raise AdminError(f"admin token file {token_file}: {exc}") from None
 
 
 def status_command(hosts: str, cluster: str, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """Print the cluster; EXIT_OK when healthy, EXIT_FAILED when degraded."""
     view = trio.run(read_cluster, hosts, cluster)
     if as_json:
         json.dump(view.as_dict(), out, indent=2)
         print(file=out)
     else:
         print_status(view, out)
-    return 0
+        for problem in view.problems():
+            print(f"problem: {problem}", file=out)
+    return EXIT_OK if view.healthy else EXIT_FAILED
+
+
+def _drain_refusal(instance: str, url: str, code: int, doc: Any) -> AdminError:
+    if code == 404:
+        return AdminError(
+            f"{instance} has no admin endpoint at {url}: it has no [admin] token_file "
+            "configured (admin endpoints are off), or that url does not reach them"
+        )
+    if code == 401:
+        return AdminError(
+            f"{instance} refused the admin token: pass --admin-token-file, or --config with "
+            "the [admin] token_file that instance uses"
+        )
+    if code == 409:
+        return AdminError(f"{url} is instance {doc.get('instance')!r}, not {instance!r}")
+    return AdminError(f"{instance} answered HTTP {code}: {doc}")
+
+
+async def wait_drained(hosts: str, cluster: str, instance: str, timeout_s: float) -> bool:
+    """Until ``instance`` is neither registered nor owns a partition; False on timeout."""
+    with trio.move_on_after(timeout_s):
+        while True:
+            view = await read_cluster(hosts, cluster, probe_instances=False)
+            owned = [o for o in view.owners if o and o.get("instance") == instance]
+            if instance not in view.instances and not owned:
+                return True
+            await trio.sleep(DRAIN_POLL_S)
+    return False
 
 
 def drain_command(
@@ -217,6 +312,8 @@ def drain_command(
     *,
     token_file: Path | None,
     as_json: bool,
+    wait: bool = False,
+    timeout_s: float = 120.0,
     out: TextIO = sys.stdout,
 ) -> int:
     view = trio.run(read_cluster, hosts, cluster)
@@ -224,20 +321,27 @@ def drain_command(
     if info is None:
         known = ", ".join(view.instances) or "none"
         raise AdminError(f"no live instance {instance!r} in cluster {cluster!r} (live: {known})")
+    url = admin_url(info)
+    query = urllib.parse.urlencode({"instance": instance})
     try:
-        code, doc = _http("POST", f"{info.http_url}/admin/drain", _token(token_file))
+        code, doc = _http("POST", f"{url}/admin/drain?{query}", _token(token_file))
     except OSError as exc:
-        raise AdminError(f"{info.http_url}: {exc}") from None
-    if as_json:
-        json.dump({"instance": instance, "status": code, "response": doc}, out)
-        print(file=out)
-    elif code == 202:
-        print(f"{instance}: draining (its partitions move to the other instances)", file=out)
-    if code == 403:
-        raise AdminError(
-            f"{instance} refused the drain: run this on the instance's host (loopback), "
-            "or pass --admin-token-file with the token of its [http] admin_token_file"
-        )
+        raise AdminError(f"{url}: {exc}") from None
     if code != 202:
-        raise AdminError(f"{instance} answered HTTP {code}: {doc}")
-    return 0
+        raise _drain_refusal(instance, url, code, doc)
+    finished: bool | None = None
+    if wait:
+        finished = trio.run(wait_drained, hosts, cluster, instance, timeout_s)
+    if as_json:
+        result = {"instance": instance, "status": code, "response": doc}
+        if wait:
+            result["drained"] = finished
+        json.dump(result, out)
+        print(file=out)
+    elif finished is None:
+        print(f"{instance}: draining (its partitions move to the other instances)", file=out)
+    elif finished:
+        print(f"{instance}: drained (it owns no partition and has left the cluster)", file=out)
+    if finished is False:
+        raise AdminError(f"{instance} still owns partitions or is registered after {timeout_s:g} s")
+    return EXIT_OK

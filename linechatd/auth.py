@@ -13,6 +13,7 @@ raises :class:`AuthError` and nothing else, whatever the token holds.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,9 +164,31 @@ class Authenticator:
             # RFC 7519 NumericDate: a JSON number (the library also takes "123").
             if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise AuthError(401, "unauthorized", f"invalid token: {name} is not a number")
+        if _lifetime_exceeded(claims, cfg.max_token_lifetime_s, cfg.jwt_leeway_s, time.time()):
+            # A token that lives longer than the cap is as good as one that
+            # never expires: expiry is the only revocation there is.
+            raise AuthError(401, "unauthorized", "token lifetime exceeds auth.max_token_lifetime_s")
         if claims.get("sub") != uid:
             raise AuthError(403, "forbidden", "token subject does not match uid")
         return Identity(uid=uid, expires_at=_expires_at(claims.get("exp"), cfg.jwt_leeway_s))
+
+
+def _lifetime_exceeded(claims: dict[str, Any], max_s: float, leeway_s: float, now: float) -> bool:
+    """Does the token live longer than ``max_s``: exp - iat, or exp - now without iat?
+
+    The claims are JSON numbers here (checked above), possibly huge integers:
+    Python compares those exactly, so ``exp = 10**400`` is simply too long.
+    Without ``iat`` the remaining lifetime is measured against our clock, so
+    the clock skew tolerated elsewhere is tolerated here too.
+    """
+    exp = claims["exp"]
+    iat = claims.get("iat")
+    try:
+        if iat is not None:
+            return bool(exp - iat > max_s)
+        return bool(exp - now > max_s + leeway_s)
+    except (OverflowError, TypeError, ValueError):
+        return True
 
 
 def _expires_at(exp: object, leeway_s: float) -> float:

@@ -28,10 +28,17 @@ so they agree on who should do what without talking to each other:
    so a fleet starting at once deals the partitions out once, instead of the
    first instances taking everything and handing most of it on.
 
+5. **The zombie owner**: an instance that cannot reach the broker says so in
+   its registration (``kafka_ok``). While any instance can, those that cannot
+   count with weight 0 (``effective_members``): they take nothing, and give
+   their partitions back once they have been cut off for
+   ``kafka.unhealthy_release_s`` while another could (a short blip must not
+   move every partition). When none can, nothing moves on that account.
+
 ``plan`` is a pure function of a ``View`` (a snapshot of what this instance
-knows). A further rule (say, an instance whose broker is unhealthy takes
-nothing) is a change to who is eligible (``Registration.eligible``) or to
-``plan``, tested without ZooKeeper.
+knows). A further rule is a change to who is eligible
+(``Registration.eligible``), to ``effective_members`` or to ``plan``, tested
+without ZooKeeper.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import logging
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import trio
@@ -56,10 +63,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Balancer",
+    "DuplicateInstanceError",
     "Member",
     "Plan",
     "View",
     "drain_stagger",
+    "effective_members",
     "equal_quotas",
     "fair_shares",
     "member_from_json",
@@ -85,8 +94,23 @@ STUCK_FACTOR = 2
 # A partition whose create failed (its owner is not in our view yet) is left
 # alone for this long.
 BUSY_S = 2.0
+# How often a start retries registering while its id is taken.
+CLAIM_RETRY_S = 0.5
 ACQUIRED = "acquired"
 RELEASED = "released"
+
+
+class DuplicateInstanceError(Exception):
+    """Another live instance of the cluster uses this instance's id."""
+
+
+def effective_members(members: Mapping[str, Member]) -> dict[str, Member]:
+    """The members as the quotas count them: while any of them can reach
+    Kafka, those that cannot get no share (an owner that cannot fetch nor
+    produce serves nobody); when none can, nothing moves on that account."""
+    if not any(m.kafka_ok for m in members.values()):
+        return dict(members)
+    return {k: m if m.kafka_ok else replace(m, weight=0.0) for k, m in members.items()}
 
 
 def fair_shares(partitions: int, members: Mapping[str, Member]) -> dict[str, int]:
@@ -247,6 +271,9 @@ class Balancer:
         self._quotas: tuple[tuple[int, object], dict[str, int], list[str]] | None = None
         self._last_join = -math.inf  # trio clock: the last time an instance joined
         self._members_seen = 0
+        # Trio clock: since when this instance cannot reach the broker while another
+        # can (None otherwise). An outage of the broker for everyone never starts it.
+        self._stranded_since: float | None = None
 
     def reconfigure(self) -> None:
         """The partition share settings changed (SIGHUP): re-register and re-balance."""
@@ -254,6 +281,26 @@ class Balancer:
 
     def _me(self) -> Member:
         return self._registrar.member()
+
+    def _zombie(self, healthy: bool) -> bool:
+        """Unable to reach Kafka, for ``kafka.unhealthy_release_s``, while another member can.
+
+        Counted only while another can: when the broker comes back after an
+        outage for everyone, the instances see it a moment apart, and the
+        last to see it must not take itself for a zombie.
+        """
+        me = self._ctx.info.instance
+        stranded = not healthy and any(
+            m.kafka_ok for name, m in self._ctx.cache.eligible().items() if name != me
+        )
+        now = trio.current_time()
+        if not stranded:
+            self._stranded_since = None
+            return False
+        if self._stranded_since is None:
+            self._stranded_since = now
+        release_after = self._ctx.config.value.kafka.unhealthy_release_s
+        return now - self._stranded_since >= release_after
 
     def _eligible(self) -> dict[str, Member]:
         """The eligible members as this instance should count them: itself with its own
@@ -283,7 +330,7 @@ class Balancer:
             order = [m for _key, m in ctx.cache.ranked()]
             table = equal_quotas(ctx.partitions, order)
         else:
-            table = quotas(ctx.partitions, self._eligible())
+            table = quotas(ctx.partitions, effective_members(self._eligible()))
             order = sorted(table, key=lambda m: (rank_key(m), m))
         self._quotas = (version, table, order)
         return table, order
@@ -322,6 +369,7 @@ class Balancer:
                     ctx.cache.members_changed.wait_transition,
                     ctx.zk.session.wait_transition,
                     self._reconfigured.wait_transition,
+                    self._registrar.kafka_healthy.wait_transition,
                     ctx.draining.wait,
                 )
         # Draining: drain() gives the partitions back.
@@ -375,7 +423,9 @@ class Balancer:
             eligible_since = self._last_join + ctx.config.value.partitions.settle_s
             free_for = [now - max(cache.free_since(k), eligible_since) for k in free]
             if free_for and max(free_for) >= self._fallback_s:
-                room = fair_shares(ctx.partitions, self._eligible()).get(ctx.info.instance, 0)
+                room = fair_shares(ctx.partitions, effective_members(self._eligible())).get(
+                    ctx.info.instance, 0
+                )
         counts = {r.partition: r.session_count for r in sup.runtimes()}
         mine = {k: counts.get(k, 0) for k in self._registrar.leases} | counts
         return View(
@@ -397,14 +447,21 @@ class Balancer:
         info = ctx.zk.session.value
         if info.state is not SessionState.CONNECTED:
             return None
+        healthy = self._registrar.kafka_healthy.value
+        zombie = self._zombie(healthy)
         if not await self._registrar.ensure(info):
             return None
+        # An instance that cannot reach Kafka takes no partition; it gives its
+        # own up only once that has lasted unhealthy_release_s and another can
+        # (rule 5).
+        may_take = healthy
+        may_give = healthy or zombie
         # Leases this session still holds but does not run (they survived a
         # SUSPENDED connection, or a transaction whose answer came too late):
         # re-take them while under quota, else free them.
         leftovers = sup.leftovers()
         if leftovers:
-            room = self.target() - len(sup.held())
+            room = self.target() - len(sup.held()) if may_take else 0
             resumed = await sup.resume(dict(sorted(leftovers.items())[: max(0, room)]))
             surplus = {k: lease.epoch for k, lease in sorted(leftovers.items())[max(0, room) :]}
             for k in await self._registrar.remove_leases(surplus):
@@ -413,18 +470,19 @@ class Balancer:
         if self._settling() and len(sup.held()) <= self.target():
             return None  # rule 4: nothing to take yet, and nothing to give back
         decided = plan(self.view())
-        if decided.release:
+        if decided.release and may_give:
             log.info(
-                "partition_rebalance_release",
+                "partition_rebalance_release" if healthy else "partition_unhealthy_release",
                 extra={
                     "partitions": list(decided.release),
                     "held": len(sup.held()),
                     "target": self.target(),
                 },
             )
-            await sup.release(decided.release, EndReason.RELEASED)
+            reason = EndReason.RELEASED if healthy else EndReason.KAFKA_UNREACHABLE
+            await sup.release(decided.release, reason)
             return RELEASED
-        if decided.take:
+        if decided.take and may_take:
             taken = await sup.acquire(decided.take)
             until = trio.current_time() + BUSY_S
             for k in set(decided.take) - set(taken):
@@ -434,8 +492,39 @@ class Balancer:
 
     # -- drain ----------------------------------------------------------------
 
+    async def claim_registration(self, *, wait_s: float) -> None:
+        """Register before serving; DuplicateInstanceError if the id stays taken ``wait_s``.
+
+        A node left by this instance's previous run (a crash) disappears once
+        its session expires, within the session timeout; one that outlives
+        that belongs to a live instance with the same id, and two instances
+        with one id would each believe the other's registration is its own.
+        """
+        ctx = self._ctx
+        deadline = trio.current_time() + wait_s
+        while True:
+            info = ctx.zk.session.value
+            if info.state is SessionState.CONNECTED:
+                try:
+                    if await self._registrar.ensure(info):
+                        return
+                except (ZooKeeperError, NodeError) as exc:
+                    log.warning("instance_registration_failed", extra={"error": str(exc)})
+            if trio.current_time() >= deadline:
+                raise DuplicateInstanceError(
+                    f"instance.id: {ctx.info.instance!r} is registered by another live instance "
+                    f"of cluster {ctx.paths.cluster!r} ({ctx.paths.instance(ctx.info.instance)} "
+                    f"still held after {wait_s:g} s); give every instance its own instance.id"
+                )
+            with trio.move_on_after(CLAIM_RETRY_S):
+                await ctx.zk.session.wait_transition()
+
     async def drain(self, *, stagger_s: float) -> None:
-        """Give every partition back, one at a time, once someone can take it."""
+        """Give every partition back, one at a time while another instance can take them.
+
+        With nobody left to take over (every instance is stopping, or this is
+        the last one) waiting helps no one: the rest is released at once.
+        """
         ctx, sup = self._ctx, self._supervisor
         ctx.draining.set()
         me = ctx.info.instance
@@ -448,12 +537,11 @@ class Balancer:
         # held() re-read each time: a lease still being acquired when the
         # drain began is given back too.
         while held := sup.held():
+            if ctx.zk.connected and not any(m != me for m in ctx.cache.eligible()):
+                log.info("drain_nobody_left", extra={"partitions": len(held)})
+                await sup.release(list(held), EndReason.DRAIN)
+                continue
             k = held[0]
-            # Close a partition's sockets only when its users can reconnect
-            # somewhere: wait (bounded by the caller) for another live instance.
-            while ctx.zk.connected and not any(m != me for m in ctx.cache.eligible()):
-                with trio.move_on_after(IDLE_RECHECK_S):
-                    await ctx.cache.members_changed.wait_transition()
             log.info("partition_drain_release", extra={"partition": k})
             await sup.release([k], EndReason.DRAIN)
             await trio.sleep(stagger_s)

@@ -12,6 +12,7 @@ with ``*``. End of input or Ctrl-C ends the chat.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import sys
@@ -20,7 +21,7 @@ from typing import TextIO
 
 import trio
 
-from .client import ChatClient, ClientError, Message, SendFailed, State
+from .client import ChatClient, ClientError, GroupAck, Message, SendFailed, State
 from .protocol import is_valid_uid
 
 # The first instance of `linechatd dev` (its default --base-port).
@@ -28,13 +29,16 @@ DEFAULT_HTTP_URL = "http://127.0.0.1:7110"
 SEND_TIMEOUT_S = 30.0
 
 
-def run(http_url: str, uid: str, to: str) -> int:
+def run(http_url: str, uid: str, to: str, *, token: str | None = None) -> int:
     """Chat as ``uid`` with ``to`` through the instance at ``http_url``; the exit code.
+
+    ``token`` is the JWT (``sub`` = uid) when the cluster's auth mode is jwt.
 
     0 after end of input or Ctrl-C, 1 when the gateway refuses us for good
     (bad uid, bad token, closed for abuse), 2 for an invalid uid argument.
     """
-    for name, value in (("uid", uid), ("to", to)):
+    recipients = [r for r in to.replace(",", " ").split() if r]
+    for name, value in (("uid", uid), *(("to", r) for r in recipients or [to])):
         if not is_valid_uid(value):
             print(
                 f"linechatd chat: --{name} must be 1-128 characters of [A-Za-z0-9_.:@-], "
@@ -43,20 +47,33 @@ def run(http_url: str, uid: str, to: str) -> int:
             )
             return 2
     try:
-        return trio.run(chat, http_url, uid, to, sys.stdin, sys.stdout, sys.stderr)
+        target: str | list[str] = recipients[0] if len(recipients) == 1 else recipients
+        return trio.run(
+            functools.partial(
+                chat, http_url, uid, target, sys.stdin, sys.stdout, sys.stderr, token=token
+            )
+        )
     except KeyboardInterrupt:
         print("\n* bye", file=sys.stderr, flush=True)
         return 0
 
 
 async def chat(
-    http_url: str, uid: str, to: str, stdin: TextIO, stdout: TextIO, stderr: TextIO
+    http_url: str,
+    uid: str,
+    to: str | list[str],
+    stdin: TextIO,
+    stdout: TextIO,
+    stderr: TextIO,
+    *,
+    token: str | None = None,
 ) -> int:
     def status(text: str) -> None:
         print(f"* {text}", file=stderr, flush=True)
 
-    client = ChatClient(http_url, uid)
-    status(f"{uid} chatting with {to} via {http_url} (end of input or Ctrl-C to quit)")
+    client = ChatClient(http_url, uid, token=token)
+    peers = to if isinstance(to, str) else ", ".join(to)
+    status(f"{uid} chatting with {peers} via {http_url} (end of input or Ctrl-C to quit)")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_quit_on_interrupt, nursery.cancel_scope)
         nursery.start_soon(_show_connection, client, status)
@@ -90,7 +107,7 @@ async def _run_client(client: ChatClient, scope: trio.CancelScope) -> None:
 
 
 async def _send_lines(
-    client: ChatClient, to: str, stdin: TextIO, status: Callable[[str], None]
+    client: ChatClient, to: str | list[str], stdin: TextIO, status: Callable[[str], None]
 ) -> None:
     while True:
         # A thread, because terminal input is not reliably pollable; it is
@@ -109,12 +126,17 @@ async def _send_lines(
         except trio.TooSlowError:
             status(f"not confirmed within {timeout:g}s: {text!r}")
         else:
-            status(f"sent (offset {ack.offset})")
+            if isinstance(ack, GroupAck):
+                where = ", ".join(f"{a.partition}/{a.offset}" for a in ack.acks)
+                status(f"sent to {len(to)} (partition/offset {where})")
+            else:
+                status(f"sent (offset {ack.offset})")
 
 
 async def _show_messages(client: ChatClient, stdout: TextIO) -> None:
     async for message in client.messages():
-        print(f"[offset {message.offset}] {message.from_uid}: {_text(message)}", file=stdout)
+        group = f" (to {', '.join(message.recipients)})" if message.recipients else ""
+        print(f"[offset {message.offset}] {message.from_uid}{group}: {_text(message)}", file=stdout)
         stdout.flush()
 
 
@@ -155,14 +177,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m linechatd.chat``: the same as ``linechatd chat``."""
     parser = argparse.ArgumentParser(prog="linechatd chat", description=__doc__.splitlines()[0])
     parser.add_argument("--uid", required=True, help="who you are")
-    parser.add_argument("--to", required=True, help="who you write to")
+    parser.add_argument(
+        "--to", required=True, help="who you write to (several: a comma-separated list)"
+    )
     parser.add_argument(
         "--http",
         default=DEFAULT_HTTP_URL,
         help=f"any instance's HTTP url (default {DEFAULT_HTTP_URL})",
     )
+    add_token_arguments(parser)
     args = parser.parse_args(argv)
-    return run(args.http, args.uid, args.to)
+    try:
+        token = token_from_arguments(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run(args.http, args.uid, args.to, token=token)
+
+
+def add_token_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--token", metavar="JWT", help="the JWT to connect with (auth mode jwt; visible in ps)"
+    )
+    group.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="a file holding the JWT (surrounding whitespace stripped)",
+    )
+
+
+def token_from_arguments(args: argparse.Namespace) -> str | None:
+    """The JWT of --token or --token-file; ValueError naming the flag when unusable."""
+    if args.token is not None:
+        token = args.token.strip()
+    elif args.token_file is None:
+        return None
+    else:
+        try:
+            with open(args.token_file, encoding="utf-8") as file:
+                token = file.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--token-file: cannot read {args.token_file}: {exc}") from None
+    if not token or any(c.isspace() for c in token):
+        raise ValueError("the token must be one non-empty line without spaces")
+    return token
 
 
 if __name__ == "__main__":

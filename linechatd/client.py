@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 from urllib.parse import urlencode, urlsplit
 
 import h11
@@ -34,18 +34,23 @@ import trio_websocket
 from trio_util import AsyncValue
 
 from .protocol import (
+    DEFAULT_MAX_RECIPIENTS,
     Ack,
     CloseCode,
     ErrorFrame,
+    GroupAck,
     Message,
     RemoteProtocolError,
     Welcome,
     decode_server_frame,
+    encode_ping,
     encode_send,
+    recipients_problem,
 )
 
 __all__ = [
     "Ack",
+    "GroupAck",
     "ChatClient",
     "ClientError",
     "Message",
@@ -94,10 +99,10 @@ class State(enum.Enum):
 class _Pending:
     """A send waiting for its ack; transmitted once per connection."""
 
-    to: str
+    to: str | tuple[str, ...]
     body: Any
     done: trio.Event = field(default_factory=trio.Event)
-    outcome: Ack | SendFailed | ClientError | None = None
+    outcome: Ack | GroupAck | SendFailed | ClientError | None = None
     sent_on: int = -1  # the connection number it was last transmitted on
 
 
@@ -257,6 +262,8 @@ class ChatClient:
         max_backoff_s: float = 5.0,
         message_buffer: int = 10_000,
         discover: bool = True,
+        ping_interval_s: float = 30.0,
+        max_recipients: int = DEFAULT_MAX_RECIPIENTS,
     ) -> None:
         urls = [http_url] if isinstance(http_url, str) else list(http_url)
         if not urls:
@@ -275,9 +282,20 @@ class ChatClient:
         self.state: AsyncValue[State] = AsyncValue(State.CONNECTING)
         self.welcome: AsyncValue[Welcome | None] = AsyncValue(None)
         self.connections = 0  # successful connects, for tests and benchmarks
+        # Messages dropped as copies of one already received (a resend, a
+        # retried publish: same sender, device and id, another offset).
         self.duplicates_dropped = 0
+        # Offsets at or below the cursor that the server sent anyway: always 0
+        # with a server that keeps the contract.
+        self.offsets_repeated = 0
+        # Sends answered "unavailable" (each resent with the same id).
+        self.unavailable_answers = 0
         self.last_close: tuple[int | None, str | None] | None = None  # (code, reason)
         self.fatal: Exception | None = None
+        # A group send's list is checked against this before it goes out.
+        self.max_recipients = max_recipients
+        # Well inside the gateway's default idle timeout (120 s); 0: no pings.
+        self._ping_interval_s = ping_interval_s
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
         self._ws: trio_websocket.WebSocketConnection | None = None
@@ -302,17 +320,34 @@ class ChatClient:
 
     # -- public API -------------------------------------------------------------
 
+    @overload
     async def send(
         self, to: str, body: Any, *, id: str | None = None, timeout_s: float = 30.0
-    ) -> Ack:
-        """Send and wait for the ack.
+    ) -> Ack: ...
 
-        Resent with the same id after a reconnect or an ``unavailable`` error,
-        until ``timeout_s`` (trio.TooSlowError). Raises SendFailed when the
-        gateway refuses the message, ClientError when the client has stopped.
+    @overload
+    async def send(
+        self, to: Sequence[str], body: Any, *, id: str | None = None, timeout_s: float = 30.0
+    ) -> GroupAck: ...
+
+    async def send(
+        self, to: str | Sequence[str], body: Any, *, id: str | None = None, timeout_s: float = 30.0
+    ) -> Ack | GroupAck:
+        """Send to one uid (an :class:`Ack`) or to a list of them (a :class:`GroupAck`).
+
+        Waits for the ack. Resent with the same id (and list) after a reconnect
+        or an ``unavailable`` error, until ``timeout_s`` (trio.TooSlowError).
+        Raises SendFailed when the gateway refuses the message (a bad
+        recipient list is refused here first, with code ``bad_recipient``),
+        ClientError when the client has stopped.
         """
         if self.state.value is State.CLOSED:
             raise ClientError(f"client is closed: {self.fatal or 'stopped'}")
+        if not isinstance(to, str):
+            to = tuple(to)
+            problem = recipients_problem(to, self.max_recipients)
+            if problem is not None:
+                raise SendFailed("bad_recipient", problem)
         msg_id = id or f"{self.device}-{next(self._ids)}"
         if msg_id in self._pending:
             raise ValueError(f"a send with id {msg_id!r} is already waiting for its ack")
@@ -325,6 +360,7 @@ class ChatClient:
                     await entry.done.wait()
                     result = entry.outcome
                     if isinstance(result, SendFailed) and result.code == "unavailable":
+                        self.unavailable_answers += 1
                         # Not acked, so not stored: the same id may go again.
                         entry.done, entry.outcome, entry.sent_on = trio.Event(), None, -1
                         await trio.sleep(random.uniform(retry_s / 2, retry_s))
@@ -333,7 +369,7 @@ class ChatClient:
                     break
         finally:
             self._pending.pop(msg_id, None)
-        if isinstance(result, Ack):
+        if isinstance(result, Ack | GroupAck):
             return result
         assert result is not None
         raise result
@@ -447,6 +483,10 @@ class ChatClient:
             self._discovered = True
             await self._learn_instances(base)
         body = doc if isinstance(doc, dict) else {}
+        if status == 503:
+            # Nobody owns the partition right now, or this instance lost
+            # ZooKeeper: the next attempt asks another instance.
+            self._url_index = (self._url_index + 1) % len(self._http_urls)
         if status != 200:
             retry = response_headers.get("retry-after")
             try:
@@ -511,8 +551,17 @@ class ChatClient:
                 # Sends that never got their ack go out again, same ids, in send order.
                 for msg_id in list(self._pending):
                     await self._transmit(msg_id)
-                while True:
-                    await self._on_frame(await ws.get_message())
+                try:
+                    async with trio.open_nursery() as nursery:
+                        if self._ping_interval_s > 0:
+                            nursery.start_soon(self._keepalive, ws)
+                        try:
+                            while True:
+                                await self._on_frame(await ws.get_message())
+                        finally:
+                            nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    raise _first_error(group) from None
         except trio_websocket.HandshakeError as exc:
             rejection = getattr(exc, "status_code", None)
             if rejection is not None:
@@ -523,6 +572,16 @@ class ChatClient:
                     pass
                 raise _Refused(rejection, body if isinstance(body, dict) else {}) from None
             raise
+
+    async def _keepalive(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """A ping every ``ping_interval_s``: the gateway closes silent connections."""
+        while True:
+            await trio.sleep(self._ping_interval_s)
+            async with self._send_lock:
+                try:
+                    await ws.send_message(encode_ping())
+                except trio_websocket.ConnectionClosed:
+                    return  # the reader sees it too
 
     async def _transmit(self, msg_id: str) -> None:
         ws = self._ws
@@ -547,13 +606,13 @@ class ChatClient:
             return
         if isinstance(frame, Message):
             await self._on_message(frame)
-        elif isinstance(frame, Ack):
+        elif isinstance(frame, Ack | GroupAck):
             self._resolve(frame.id, frame)
         elif isinstance(frame, ErrorFrame) and frame.id is not None:
             self._resolve(frame.id, SendFailed(frame.code, frame.message))
         # pong and unknown future frame types are ignored
 
-    def _resolve(self, msg_id: str, result: Ack | SendFailed) -> None:
+    def _resolve(self, msg_id: str, result: Ack | GroupAck | SendFailed) -> None:
         entry = self._pending.get(msg_id)
         if entry is not None and not entry.done.is_set():
             entry.outcome = result
@@ -562,7 +621,9 @@ class ChatClient:
     async def _on_message(self, message: Message) -> None:
         offset = message.offset
         if self.cursor is not None and offset <= self.cursor:
-            self.duplicates_dropped += 1
+            # An offset this device already has: the server must never send
+            # one (CONTRACT §5); counted apart from resent duplicates.
+            self.offsets_repeated += 1
             return
         key = (message.from_uid, message.from_device, message.id)
         if key in self._seen:

@@ -10,7 +10,10 @@ as ``"<dotted.key>: <reason>"``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import difflib
+import enum
 import ipaddress
 import math
 import os
@@ -24,7 +27,9 @@ from typing import Any, Final, Literal
 from urllib.parse import SplitResult, urlsplit
 
 __all__ = [
+    "RELOAD",
     "RESTART_REQUIRED_KEYS",
+    "AdminConfig",
     "AuthConfig",
     "ClusterConfig",
     "Config",
@@ -36,13 +41,17 @@ __all__ = [
     "LimitsConfig",
     "LogConfig",
     "PartitionsConfig",
+    "Reload",
     "ReplayConfig",
+    "ServerApiConfig",
     "ShutdownConfig",
     "WebSocketConfig",
     "ZooKeeperConfig",
     "check_config_file",
+    "dotted_keys",
     "load_config",
     "parse_config",
+    "read_token_file",
 ]
 
 
@@ -308,6 +317,52 @@ def _readable_file(value: object, base_dir: Path) -> Path:
     return path
 
 
+# A shared secret that clients send as a bearer token (the admin token; docs/protocol.md §2).
+MIN_TOKEN_CHARS: Final = 32
+_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
+
+
+def read_token_file(path: Path) -> str:
+    """The one line of a token file, surrounding whitespace stripped; raises ValueError."""
+    try:
+        text = path.read_bytes().decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError("must hold printable ASCII only") from None
+    token = text.strip()
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(
+            f"must hold one line of at least {MIN_TOKEN_CHARS} printable ASCII characters, "
+            f"got {len(token)}"
+        )
+    if not _PRINTABLE_ASCII.fullmatch(token):
+        raise ValueError("must hold one line of printable ASCII characters, without spaces")
+    return token
+
+
+def _token_file(value: object, base_dir: Path) -> Path:
+    path = _readable_file(value, base_dir)
+    try:
+        read_token_file(path)
+    except OSError as e:
+        raise _Invalid(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise _Invalid(f"{str(path)!r} {e}") from None
+    return path
+
+
+def _kafka_prefix(value: object, base_dir: Path) -> str:
+    """A topic or group prefix; ``{cluster}`` stands for the cluster's name."""
+    text = _expect_str(value)
+    if not _KAFKA_PREFIX.fullmatch(text.replace(CLUSTER_PLACEHOLDER, "x")):
+        # ({cluster} is allowed too: see the example file.)
+        raise _Invalid(f"must be 1-100 characters of [A-Za-z0-9._-], got {text!r}")
+    return text
+
+
+CLUSTER_PLACEHOLDER: Final = "{cluster}"
+_KAFKA_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
 # --- declaring keys -----------------------------------------------------------
 
 
@@ -345,6 +400,11 @@ def _default_instance_id() -> str:
 class ClusterConfig:
     name: str = _setting("default", _name("[A-Za-z0-9_-]", 64))
     partitions: int = _setting(64, _integer(1, 4096))
+    # "production" turns the durability and exposure warnings into what an
+    # operator of a production cluster must hear (see startup.config_findings).
+    environment: Literal["development", "production"] = _setting(
+        "development", _choice("development", "production")
+    )
 
 
 @dataclass(frozen=True)
@@ -359,7 +419,6 @@ class HttpConfig:
     # "" means "derive from listen" (see __post_init__).
     advertise: str = _setting("", _url("http", "https"))
     demo_page: bool = _setting(False, _boolean)
-    admin_token_file: Path | None = _setting(None, _readable_file)
     # PEM files; both or neither (see _tls_pair). Set: the listener speaks HTTPS.
     tls_cert_file: Path | None = _setting(None, _readable_file)
     tls_key_file: Path | None = _setting(None, _readable_file)
@@ -376,6 +435,16 @@ class WebSocketConfig:
     # "" means "derive from listen" (see __post_init__).
     advertise: str = _setting("", _url("ws", "wss", suffix="/ws"))
     handshake_timeout_s: float = _setting(10.0, _number(0, 300, above=True))
+    # Sockets whose upgrade request is not complete yet; past either cap a new
+    # socket is closed at once (restart: the listener keeps its start values).
+    max_unfinished_handshakes: int = _setting(4096, _integer(1))
+    max_unfinished_handshakes_per_address: int = _setting(256, _integer(1))
+    # TCP keepalive on accepted sockets, so that a vanished client's socket
+    # dies in bounded time; tcp_user_timeout_s bounds unacknowledged sends.
+    tcp_keepalive_idle_s: int = _setting(45, _integer(1, 32767))
+    tcp_keepalive_interval_s: int = _setting(15, _integer(1, 32767))
+    tcp_keepalive_count: int = _setting(3, _integer(1, 127))
+    tcp_user_timeout_s: float = _setting(90.0, _number(1, 3600))
     # Empty: no Origin check.
     allowed_origins: tuple[str, ...] = _setting((), _origins)
     # PEM files; both or neither (see _tls_pair). Set: the listener speaks wss://.
@@ -389,25 +458,45 @@ class WebSocketConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    # The bearer token every admin endpoint requires (docs/protocol.md §2). Unset: the
+    # admin endpoints answer 404 on every address, loopback included.
+    token_file: Path | None = _setting(None, _token_file)
+    # A listener of its own for /admin/*, /api/status, /metrics, /healthz and
+    # /readyz (never TLS: keep it on loopback or a private network). Unset: the
+    # admin endpoints are served by the HTTP listener.
+    listen: HostPort | None = _setting(None, _host_port)
+    # Where `linechatd status`/`drain` reach this instance's admin endpoints;
+    # registered in ZooKeeper. "" means derive: "http://" + admin.listen, else
+    # the HTTP listener's own address (not http.advertise, which may be a proxy
+    # that hides /admin).
+    advertise: str = _setting("", _url("http", "https"))
+
+
+@dataclass(frozen=True)
 class ZooKeeperConfig:
     hosts: str = _required(_host_list(chroot=True))
     session_timeout_s: float = _setting(10.0, _number(1.0, 600.0), key="session_timeout")
     connect_timeout_s: float = _setting(30.0, _number(0, 600, above=True))
 
 
-_KAFKA_NAME = _name("[A-Za-z0-9._-]", 100)
-
-
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap_servers: str = _required(_host_list(chroot=False))
-    topic_prefix: str = _setting("topic-", _KAFKA_NAME)
-    group_prefix: str = _setting("consumer-group-", _KAFKA_NAME)
+    # "{cluster}" in a prefix is replaced by cluster.name (see parse_config).
+    topic_prefix: str = _setting("topic-", _kafka_prefix)
+    group_prefix: str = _setting("consumer-group-", _kafka_prefix)
     create_topics: bool = _setting(True, _boolean)
     replication_factor: int = _setting(1, _integer(1, 32))
+    # Topic settings for the topics this instance creates; unset: the broker's default.
+    min_insync_replicas: int | None = _setting(None, _integer(1, 32))
+    topic_retention_s: float | None = _setting(None, _number(0, above=True))
     produce_timeout_s: float = _setting(5.0, _number(0, 120, above=True))
     linger_ms: int = _setting(1, _integer(0, 1000))
-    fetch_wait_max_ms: int = _setting(10, _integer(1, 1000))
+    fetch_wait_max_ms: int = _setting(50, _integer(1, 1000))
+    # Unable to reach the broker this long while another instance can: give
+    # every partition up (CONTRACT.md §7, the zombie owner).
+    unhealthy_release_s: float = _setting(15.0, _number(1, 3600))
 
 
 @dataclass(frozen=True)
@@ -420,7 +509,12 @@ class AuthConfig:
     jwt_issuer: str | None = _setting(None, _optional_text)
     jwt_audience: str | None = _setting(None, _optional_text)
     jwt_leeway_s: float = _setting(30.0, _number(0, 600))
+    # Longest lifetime (exp - iat, or exp - now without iat) a token may claim.
+    max_token_lifetime_s: float = _setting(86400.0, _number(60, 31536000))
     allow_insecure_none: bool = _setting(False, _boolean)
+    # Explicit opt-outs of the jwt_audience / jwt_issuer requirement (logged at every start).
+    allow_any_audience: bool = _setting(False, _boolean)
+    allow_any_issuer: bool = _setting(False, _boolean)
 
 
 @dataclass(frozen=True)
@@ -432,8 +526,20 @@ class LimitsConfig:
     sends_per_second: float = _setting(100.0, _number(0, above=True))
     send_burst: int = _setting(200, _integer(1))
     max_connections: int = _setting(100000, _integer(1))
-    max_connections_per_address: int = _setting(10000, _integer(1))
+    max_connections_per_address: int = _setting(1000, _integer(1))
+    # Handshakes per address key (IPv4 address, IPv6 /64), whatever their outcome.
+    handshakes_per_second_per_address: float = _setting(20.0, _number(0, above=True))
+    handshake_burst_per_address: int = _setting(200, _integer(1))
     max_devices_per_uid: int = _setting(16, _integer(1, 1024))
+    # Frames of any kind per second per connection, counted before decoding;
+    # bursts of twice as many. Above it: 1008 (CONTRACT.md §5).
+    max_frames_per_s: float = _setting(200.0, _number(1, 100000))
+    # A connection that sends nothing (not even a ping) this long is closed; 0: never.
+    idle_timeout_s: float = _setting(120.0, _number(0, 86400))
+    # Distinct recipients of one group send (CONTRACT.md §5).
+    max_recipients: int = _setting(100, _integer(1, 1000))
+    # A fragmented message must be complete within this many seconds of its first part.
+    partial_message_timeout_s: float = _setting(10.0, _number(0, 300, above=True))
 
 
 @dataclass(frozen=True)
@@ -450,12 +556,22 @@ class PartitionsConfig:
 class ReplayConfig:
     max_records: int = _setting(100000, _integer(0))
     max_age_s: float = _setting(604800.0, _number(0, above=True))
+    # Handshakes with a resume parameter per uid (each may cost a read of the window).
+    resumes_per_minute_per_uid: float = _setting(20.0, _number(0, above=True))
+    resume_burst_per_uid: int = _setting(20, _integer(1))
 
 
 @dataclass(frozen=True)
 class ShutdownConfig:
     grace_period_s: float = _setting(30.0, _number(0, 3600))
     drain_stagger_s: float = _setting(0.5, _number(0, 60))
+
+
+@dataclass(frozen=True)
+class ServerApiConfig:
+    # The server API's key: one line of at least 32 printable ASCII characters.
+    # Not set: every server API path answers 404.
+    key_file: Path | None = _setting(None, _readable_file)
 
 
 @dataclass(frozen=True)
@@ -467,9 +583,26 @@ class LogConfig:
 
 
 def _auth_problems(raw: Mapping[str, Any]) -> list[str]:
-    if raw.get("mode") == "jwt" and "jwt_secret_file" not in raw:
-        return ['jwt_secret_file: required when auth.mode is "jwt"']
-    return []
+    if raw.get("mode") != "jwt":
+        return []
+    problems = []
+    if "jwt_secret_file" not in raw:
+        problems.append('jwt_secret_file: required when auth.mode is "jwt"')
+    # Without them a token your identity provider minted for another
+    # application (same key, other audience) would be accepted here.
+    if "jwt_audience" not in raw and raw.get("allow_any_audience") is not True:
+        problems.append(
+            'jwt_audience: required when auth.mode is "jwt" (the "aud" your identity provider '
+            "puts in tokens for this service), or set auth.allow_any_audience = true to accept "
+            "tokens issued for any application"
+        )
+    if "jwt_issuer" not in raw and raw.get("allow_any_issuer") is not True:
+        problems.append(
+            'jwt_issuer: required when auth.mode is "jwt" (the "iss" of your identity '
+            "provider), or set auth.allow_any_issuer = true to accept tokens of any issuer "
+            "that holds the key"
+        )
+    return problems
 
 
 def _tls_pair(table: str, secure_scheme: str) -> Callable[[Mapping[str, Any]], list[str]]:
@@ -510,29 +643,140 @@ def _section(cls: type[Any]) -> Any:
     return field(metadata={_SECTION: cls})
 
 
-# Keys that a running instance cannot pick up from a reload (SIGHUP): they name
-# the instance, its listeners or where the cluster's state lives.
-RESTART_REQUIRED_KEYS: Final[tuple[str, ...]] = (
-    "cluster.name",
-    "cluster.partitions",
-    "instance.id",
-    "http.listen",
-    "websocket.listen",
-    "zookeeper.hosts",
-    "kafka.bootstrap_servers",
-    "kafka.topic_prefix",
-    "kafka.group_prefix",
+class Reload(enum.Enum):
+    """What a reload (SIGHUP) does with a changed key."""
+
+    LIVE = "live"  # applied to the running instance
+    RESTART = "restart"  # logged as needing a restart; the running value stays
+
+
+_LIVE, _RESTART = Reload.LIVE, Reload.RESTART
+
+# Every key, and what a reload does when it changed. The one table: the
+# reload, the docs' table and the annotated example file follow it (a test
+# checks them). A key missing here counts as RESTART, so it is reported,
+# never silently ignored.
+RELOAD: Final[Mapping[str, Reload]] = {
+    # Where the cluster's state lives and who this instance is.
+    "cluster.name": _RESTART,
+    "cluster.partitions": _RESTART,
+    "cluster.environment": _LIVE,
+    "instance.id": _RESTART,
+    # Listeners and what they advertise (registered in ZooKeeper at start).
+    "http.listen": _RESTART,
+    "http.advertise": _RESTART,
+    "http.demo_page": _LIVE,
+    # Certificates are reloaded in place; turning TLS on or off needs a restart.
+    "http.tls_cert_file": _LIVE,
+    "http.tls_key_file": _LIVE,
+    "websocket.listen": _RESTART,
+    "websocket.advertise": _RESTART,
+    "websocket.handshake_timeout_s": _RESTART,
+    "websocket.max_unfinished_handshakes": _RESTART,
+    "websocket.max_unfinished_handshakes_per_address": _RESTART,
+    "websocket.tcp_keepalive_idle_s": _RESTART,
+    "websocket.tcp_keepalive_interval_s": _RESTART,
+    "websocket.tcp_keepalive_count": _RESTART,
+    "websocket.tcp_user_timeout_s": _RESTART,
+    "websocket.allowed_origins": _LIVE,
+    "websocket.tls_cert_file": _LIVE,
+    "websocket.tls_key_file": _LIVE,
+    "admin.token_file": _LIVE,
+    "admin.listen": _RESTART,
+    "admin.advertise": _RESTART,
+    "zookeeper.hosts": _RESTART,
+    "zookeeper.session_timeout": _RESTART,
+    "zookeeper.connect_timeout_s": _RESTART,
+    "kafka.bootstrap_servers": _RESTART,
+    "kafka.topic_prefix": _RESTART,
+    "kafka.group_prefix": _RESTART,
+    # Read when topics are created, at start.
+    "kafka.create_topics": _RESTART,
+    "kafka.replication_factor": _RESTART,
+    "kafka.min_insync_replicas": _RESTART,
+    "kafka.topic_retention_s": _RESTART,
+    # The clients' settings are fixed when they are created.
+    "kafka.produce_timeout_s": _RESTART,
+    "kafka.linger_ms": _RESTART,
+    "kafka.fetch_wait_max_ms": _RESTART,
+    # Read by the balancer at every step.
+    "kafka.unhealthy_release_s": _LIVE,
+    "auth.mode": _LIVE,
+    "auth.jwt_secret_file": _LIVE,
+    "auth.jwt_algorithm": _LIVE,
+    "auth.jwt_issuer": _LIVE,
+    "auth.jwt_audience": _LIVE,
+    "auth.jwt_leeway_s": _LIVE,
+    "auth.max_token_lifetime_s": _LIVE,
+    "auth.allow_insecure_none": _LIVE,
+    "auth.allow_any_audience": _LIVE,
+    "auth.allow_any_issuer": _LIVE,
+    # The WebSocket listener's frame parser is built at start.
+    "limits.max_frame_bytes": _RESTART,
+    # Read when a session starts: new sessions get the new value.
+    "limits.bad_frames_per_minute": _LIVE,
+    "limits.outbound_queue_messages": _LIVE,
+    "limits.send_timeout_s": _LIVE,
+    "limits.sends_per_second": _LIVE,
+    "limits.send_burst": _LIVE,
+    # Read at every handshake.
+    "limits.max_connections": _LIVE,
+    "limits.max_connections_per_address": _LIVE,
+    "limits.handshakes_per_second_per_address": _LIVE,
+    "limits.handshake_burst_per_address": _LIVE,
+    "limits.max_devices_per_uid": _LIVE,
+    "limits.max_frames_per_s": _LIVE,
+    "limits.idle_timeout_s": _LIVE,
+    "limits.max_recipients": _LIVE,
+    # The WebSocket listener's frame reader is built at start.
+    "limits.partial_message_timeout_s": _RESTART,
+    "partitions.max_per_instance": _LIVE,
+    "partitions.weight": _LIVE,
+    "partitions.rebalance_pause_s": _LIVE,
+    "partitions.settle_s": _LIVE,
+    "replay.max_records": _LIVE,
+    "replay.max_age_s": _LIVE,
+    "replay.resumes_per_minute_per_uid": _LIVE,
+    "replay.resume_burst_per_uid": _LIVE,
+    "shutdown.grace_period_s": _LIVE,
+    "shutdown.drain_stagger_s": _LIVE,
+    # The key file is read again at every reload (rotated in place).
+    "server_api.key_file": _LIVE,
+    "log.level": _LIVE,
+    "log.format": _LIVE,
+}
+
+
+def reload_of(dotted_key: str) -> Reload:
+    return RELOAD.get(dotted_key, Reload.RESTART)
+
+
+# Keys that a running instance cannot pick up from a reload (SIGHUP).
+RESTART_REQUIRED_KEYS: Final[tuple[str, ...]] = tuple(
+    key for key, reload in RELOAD.items() if reload is Reload.RESTART
 )
+
+# Keys that moved: old dotted name -> new dotted name. The old name is still
+# read, with a warning, until it is removed in a later version.
+DEPRECATED_KEYS: Final[Mapping[str, str]] = {
+    "http.admin_token_file": "admin.token_file",
+}
+
+
+def _unspecified_host(host: str) -> str:
+    """A connectable address for a listener bound to every address."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """The whole configuration; each field is one TOML table of the same name."""
+    """The whole configuration; each section field is one TOML table of the same name."""
 
     cluster: ClusterConfig = _section(ClusterConfig)
     instance: InstanceConfig = _section(InstanceConfig)
     http: HttpConfig = _section(HttpConfig)
     websocket: WebSocketConfig = _section(WebSocketConfig)
+    admin: AdminConfig = _section(AdminConfig)
     zookeeper: ZooKeeperConfig = _section(ZooKeeperConfig)
     kafka: KafkaConfig = _section(KafkaConfig)
     auth: AuthConfig = _section(AuthConfig)
@@ -540,7 +784,10 @@ class Config:
     partitions: PartitionsConfig = _section(PartitionsConfig)
     replay: ReplayConfig = _section(ReplayConfig)
     shutdown: ShutdownConfig = _section(ShutdownConfig)
+    server_api: ServerApiConfig = _section(ServerApiConfig)
     log: LogConfig = _section(LogConfig)
+    # Deprecated key names the file used, as warnings ("<old>: renamed to <new>").
+    deprecations: tuple[str, ...] = ()
 
     def value(self, dotted_key: str) -> Any:
         """The value of a key by its TOML name, e.g. ``"zookeeper.session_timeout"``."""
@@ -551,12 +798,61 @@ class Config:
                 return getattr(section, f.name)
         raise KeyError(dotted_key)
 
+    def changed_keys(self, other: Config) -> list[str]:
+        """Every key whose value differs in ``other``, in declaration order."""
+        return [key for key in dotted_keys() if self.value(key) != other.value(key)]
+
     def restart_required_changes(self, other: Config) -> list[str]:
-        """The keys in RESTART_REQUIRED_KEYS whose values differ in ``other``."""
-        return [key for key in RESTART_REQUIRED_KEYS if self.value(key) != other.value(key)]
+        """The changed keys that a reload cannot apply."""
+        return [key for key in self.changed_keys(other) if reload_of(key) is Reload.RESTART]
+
+    def with_live_keys_of(self, other: Config) -> Config:
+        """This configuration with every live key taken from ``other``."""
+        sections: dict[str, Any] = {}
+        for table in _section_fields():
+            mine, theirs = getattr(self, table.name), getattr(other, table.name)
+            live = {
+                f.name: getattr(theirs, f.name)
+                for f in fields(mine)
+                if reload_of(f"{table.name}.{_toml_key(f)}") is Reload.LIVE
+            }
+            sections[table.name] = dataclasses.replace(mine, **live)
+        return dataclasses.replace(self, **sections)
+
+    @property
+    def admin_url(self) -> str:
+        """Where the admin endpoints of this instance are reached (registered in ZooKeeper)."""
+        if self.admin.advertise:
+            return self.admin.advertise
+        if self.admin.listen is not None:
+            listen = self.admin.listen
+            scheme = "http"
+        else:
+            listen = self.http.listen
+            scheme = "https" if self.http.tls_cert_file is not None else "http"
+        return f"{scheme}://{HostPort(_unspecified_host(listen.host), listen.port)}"
+
+
+def _section_fields() -> list[Field[Any]]:
+    return [f for f in fields(Config) if _SECTION in f.metadata]
+
+
+def dotted_keys() -> list[str]:
+    """Every key of the configuration, as ``table.key``, in declaration order."""
+    return [
+        f"{table.name}.{_toml_key(f)}"
+        for table in _section_fields()
+        for f in fields(table.metadata[_SECTION])
+    ]
 
 
 # --- parsing ------------------------------------------------------------------
+
+
+def _unknown(name: str, known: Iterable[str]) -> str:
+    """``<name>: unknown key``, with the likeliest meant key when one is close."""
+    close = difflib.get_close_matches(name.rpartition(".")[2], list(known), n=1, cutoff=0.6)
+    return f"{name}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def _parse_section(
@@ -564,7 +860,7 @@ def _parse_section(
 ) -> Any:
     """The table's dataclass, or None after adding its problems to ``problems``."""
     declared = {_toml_key(f): f for f in fields(cls)}
-    problems.extend(f"{table}.{key}: unknown key" for key in raw if key not in declared)
+    problems.extend(_unknown(f"{table}.{key}", declared) for key in raw if key not in declared)
     values: dict[str, Any] = {}
     failed = False
     for key, f in declared.items():
@@ -586,13 +882,48 @@ def _parse_section(
     return cls(**values)
 
 
+def _move_deprecated(
+    data: Mapping[str, Any], problems: list[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """``data`` with deprecated keys moved to their new names, and a warning for each."""
+    moved: dict[str, Any] = {
+        name: dict(raw) if isinstance(raw, Mapping) else raw for name, raw in data.items()
+    }
+    warnings = []
+    for old, new in DEPRECATED_KEYS.items():
+        old_table, _, old_key = old.partition(".")
+        new_table, _, new_key = new.partition(".")
+        source = moved.get(old_table)
+        if not isinstance(source, dict) or old_key not in source:
+            continue
+        target = moved.setdefault(new_table, {})
+        if not isinstance(target, dict):
+            continue  # reported as "expected a table" by the caller
+        if new_key in target:
+            problems.append(f"{old}: renamed to {new}; set only {new}")
+            source.pop(old_key)
+            continue
+        target[new_key] = source.pop(old_key)
+        warnings.append(f"{old}: renamed to {new}; the old name will stop working")
+    return moved, warnings
+
+
+def _expand_prefixes(kafka: KafkaConfig, cluster: ClusterConfig) -> KafkaConfig:
+    return dataclasses.replace(
+        kafka,
+        topic_prefix=kafka.topic_prefix.replace(CLUSTER_PLACEHOLDER, cluster.name),
+        group_prefix=kafka.group_prefix.replace(CLUSTER_PLACEHOLDER, cluster.name),
+    )
+
+
 def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
     """Build a Config from parsed TOML. Relative paths resolve against ``base_dir``
     (the working directory when None). Raises ConfigError listing every problem."""
     base = base_dir if base_dir is not None else Path.cwd()
     problems: list[str] = []
-    tables = {f.name: f for f in fields(Config)}
-    problems.extend(f"{name}: unknown key" for name in data if name not in tables)
+    data, deprecations = _move_deprecated(data, problems)
+    tables = {f.name: f for f in _section_fields()}
+    problems.extend(_unknown(name, tables) for name in data if name not in tables)
     sections: dict[str, Any] = {}
     for name, f in tables.items():
         raw = data.get(name, {})
@@ -604,7 +935,8 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Co
             sections[name] = section
     if problems:
         raise ConfigError(problems)
-    return Config(**sections)
+    config = Config(**sections, deprecations=tuple(deprecations))
+    return dataclasses.replace(config, kafka=_expand_prefixes(config.kafka, config.cluster))
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -9,7 +9,7 @@ from trio_util import AsyncValue
 
 from .auth import Authenticator
 from .config import Config
-from .kafka import KafkaAdmin, KafkaFetcher, KafkaProducer
+from .kafka import GroupOffsetsPool, KafkaAdmin, KafkaFetcher, KafkaProducer
 from .metrics import Metrics
 from .ownership import InstanceInfo, OwnershipCache, ZkPaths
 from .zk import ZooKeeperClient
@@ -27,8 +27,10 @@ class Context:
     producer: KafkaProducer
     # The one consumer fetching every held partition's topic.
     fetcher: KafkaFetcher
-    # Committed offsets, end offsets, topics.
+    # Topics, metadata, end offsets.
     admin: KafkaAdmin
+    # Each held partition's consumer group offsets (consumer-group-k).
+    offsets: GroupOffsetsPool
     metrics: Metrics
     # Bounds the threads that block in the replay consumers' librdkafka calls.
     consumer_limiter: trio.CapacityLimiter

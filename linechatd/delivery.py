@@ -31,9 +31,14 @@ The rules, all here:
 - **Acks in send order.** Sends wait in an in-flight queue; a delivery report
   answers every send at its head that is done, as ``ack`` or ``error``.
   At ``max_in_flight`` the shell stops reading (TCP pushes back).
-- **Budgets.** Sends over the send rate get ``rate_limited``; a minute with
-  more refused sends than a whole burst closes with 1008; more than
+- **Budgets.** Every frame the client sends, of any kind, is counted before
+  it is decoded (:meth:`~SessionCore.frame_arrived`, called by the transport
+  for pings and close frames too): past ``max_frames_per_s`` sustained (bursts
+  of twice that) the session closes with 1008 at once. Sends over the send
+  rate (a bucket shared by the uid's devices) get ``rate_limited``; a minute
+  with more refused sends than a whole burst closes with 1008; more than
   ``bad_frames_per_minute`` bad frames close with 1008.
+- **Idle.** A client that sends nothing for ``idle_timeout_s`` is closed (1000).
 - **Closing.** The first reason given wins; afterwards nothing more is queued.
 """
 
@@ -41,23 +46,29 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .hashing import partition_for
 from .protocol import (
     BAD_FRAME,
+    DEFAULT_MAX_RECIPIENTS,
+    GROUP_RECORD_KEY,
     MAX_RECORD_BYTES,
     ChatRecord,
     CloseCode,
+    GroupRecord,
+    GroupSend,
     Ping,
     RemoteProtocolError,
     Send,
+    ack_frame,
     decode_client_frame,
-    encode_ack,
     encode_error,
     encode_pong,
     encode_record,
+    group_ack_frame,
 )
 from .ratelimit import StrikeCounter, TokenBucket
 
@@ -68,9 +79,11 @@ __all__ = [
     "CoreCounts",
     "CoreLimits",
     "ProduceRequest",
+    "RecordOut",
     "Report",
     "SessionCore",
     "SessionPhase",
+    "records_for",
 ]
 
 # Sends waiting for their delivery report, per session: past this the shell
@@ -81,6 +94,9 @@ MAX_IN_FLIGHT = 256
 # mostly ASCII JSON), next to its bound in frames: a few large messages must
 # not hold as much memory as a thousand small ones.
 OUTBOX_MAX_BYTES = 4 << 20
+
+# Recipients whose partition a session remembers (see SessionCore._partition_of).
+_PARTITION_CACHE_SIZE = 64
 
 
 class SessionPhase(enum.Enum):
@@ -106,16 +122,69 @@ class CoreLimits:
     max_in_flight: int = MAX_IN_FLIGHT
     # What a stored record may weigh (the broker's own limit is about 1 MB).
     max_record_bytes: int = MAX_RECORD_BYTES
+    # Frames of any kind per second, bursts of twice as many (CONTRACT.md §5).
+    max_frames_per_s: float = 200.0
+    # Recipients of one group send.
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS
+    # Silence after which the session closes; 0: never.
+    idle_timeout_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOut:
+    """One record to produce: its partition, Kafka key and value, and whom it is for."""
+
+    partition: int
+    key: bytes
+    value: bytes
+    to: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class ProduceRequest:
-    """A record the shell must hand to the broker, then report back with :meth:`SessionCore.produced`."""
+    """What the shell must hand to the broker for one send, then report back with
+    :meth:`SessionCore.produced`: one record, or one per recipient partition of a
+    group send (answered with one ack naming each)."""
 
     msg_id: str
-    partition: int
-    key: bytes
-    value: bytes
+    records: tuple[RecordOut, ...]
+    group: bool
+
+
+def records_for(
+    *,
+    from_uid: str,
+    from_device: str,
+    msg_id: str,
+    to: Sequence[str],
+    body: Any,
+    ts: int,
+    partitions: int,
+    recipients: tuple[str, ...] | None,
+    max_bytes: int = MAX_RECORD_BYTES,
+) -> tuple[RecordOut, ...]:
+    """One version 2 record per partition of ``to``, in the order the partitions first appear.
+
+    Raises RemoteProtocolError (``bad_frame``) when a record would be too large.
+    """
+    by_partition: dict[int, list[str]] = {}
+    for uid in to:
+        by_partition.setdefault(partition_for(uid, partitions), []).append(uid)
+    out = []
+    for k, uids in by_partition.items():
+        record = GroupRecord(
+            from_uid=from_uid,
+            from_device=from_device,
+            to=tuple(uids),
+            id=msg_id,
+            body=body,
+            ts=ts,
+            recipients=recipients,
+        )
+        out.append(
+            RecordOut(k, GROUP_RECORD_KEY, encode_record(record, max_bytes=max_bytes), record.to)
+        )
+    return tuple(out)
 
 
 class Report(Protocol):
@@ -144,7 +213,8 @@ class _NoCounts:
         pass
 
 
-_Outgoing = tuple[int | None, str]  # (record offset or None, frame text)
+# (record offset or None, frame text: str, or bytes already UTF-8)
+_Outgoing = tuple[int | None, str | bytes]
 
 
 class SessionCore:
@@ -159,6 +229,8 @@ class SessionCore:
         "_limits",
         "_partitions",
         "_send_bucket",
+        "_frame_bucket",
+        "_heard_at",
         "_strikes",
         "_flood_strikes",
         "_counts",
@@ -168,6 +240,7 @@ class SessionCore:
         "_outbox",
         "_outbox_bytes",
         "_in_flight",
+        "_partitions_of",
     )
 
     def __init__(
@@ -179,6 +252,7 @@ class SessionCore:
         partitions: int,
         limits: CoreLimits,
         send_bucket: TokenBucket,
+        now: float,
         counts: CoreCounts | None = None,
     ) -> None:
         self.uid = uid
@@ -188,8 +262,11 @@ class SessionCore:
         self.closing: Close | None = None
         self._limits = limits
         self._partitions = partitions
-        # Shared by every session of the uid when the caller wants a per-uid rate.
+        # Shared by every session of the uid (ratelimit.UidBuckets).
         self._send_bucket = send_bucket
+        rate = limits.max_frames_per_s
+        self._frame_bucket = TokenBucket(rate, max(1, int(2 * rate)), now)
+        self._heard_at = now
         self._strikes = StrikeCounter(limits.bad_frames_per_minute)
         # Sustained flooding (not one burst) closes the session: a minute with
         # more refused sends than a whole burst allowance.
@@ -199,10 +276,13 @@ class SessionCore:
         # The device has every offset up to its resume cursor already.
         self._last_live = -1 if resume is None else resume
         self._last_replayed = -1 if resume is None else resume
-        self._outbox: deque[_Outgoing] = deque()
+        # Both made at first use: an empty deque weighs about 770 bytes, and an
+        # idle session needs neither.
+        self._outbox: deque[_Outgoing] | None = None
         self._outbox_bytes = 0
-        # Sends produced and not yet answered, in send order.
-        self._in_flight: deque[tuple[ProduceRequest, Report]] = deque()
+        # Sends produced and not yet answered, in send order (a report per record).
+        self._in_flight: deque[tuple[ProduceRequest, Sequence[Report]]] | None = None
+        self._partitions_of: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<SessionCore uid={self.uid} device={self.device} {self.phase.value}>"
@@ -228,7 +308,7 @@ class SessionCore:
 
     # -- frames out -------------------------------------------------------------
 
-    def offer(self, offset: int | None, frame: str) -> None:
+    def offer(self, offset: int | None, frame: str | bytes) -> None:
         """Queue a frame: a live record at ``offset``, or (None) any other frame.
 
         A record the device already has, or one the replay covers, is dropped.
@@ -240,6 +320,8 @@ class SessionCore:
                 return
             self._last_live = offset
         outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
         if len(outbox) >= self._limits.outbox_frames or (
             self._outbox_bytes + len(frame) > self._limits.outbox_bytes and self._outbox_bytes > 0
         ):
@@ -255,24 +337,48 @@ class SessionCore:
         self._last_replayed = offset
         return True
 
-    def next_frame(self) -> str | None:
+    def next_frame(self) -> str | bytes | None:
         """The next frame to write, or None (nothing queued, or not live)."""
-        if self.phase is not SessionPhase.LIVE or not self._outbox:
+        outbox = self._outbox
+        if self.phase is not SessionPhase.LIVE or not outbox:
             return None
-        _offset, frame = self._outbox.popleft()
+        _offset, frame = outbox.popleft()
         self._outbox_bytes -= len(frame)
         return frame
 
     @property
     def backlog(self) -> int:
         """Frames queued and not yet taken by :meth:`next_frame`."""
-        return len(self._outbox)
+        return len(self._outbox) if self._outbox is not None else 0
 
     @property
     def backlog_chars(self) -> int:
         return self._outbox_bytes
 
     # -- frames in -------------------------------------------------------------
+
+    def frame_arrived(self, now: float) -> bool:
+        """One frame of any kind arrived (before it is decoded); False: stop reading, closing."""
+        self._heard_at = now
+        if self.closing is not None:
+            return False
+        if self._frame_bucket.allow(now):
+            return True
+        self.close(CloseCode.POLICY, "too many frames")
+        return False
+
+    @property
+    def idle_deadline(self) -> float | None:
+        """When the session closes for silence, unless a frame arrives first."""
+        idle_s = self._limits.idle_timeout_s
+        return self._heard_at + idle_s if idle_s > 0 else None
+
+    def check_idle(self, now: float) -> None:
+        """Close with 1000 if nothing was heard for ``idle_timeout_s``."""
+        deadline = self.idle_deadline
+        if deadline is not None and now >= deadline:
+            idle_s = self._limits.idle_timeout_s
+            self.close(CloseCode.NORMAL, f"idle for {idle_s:g} s: send a ping more often")
 
     def on_frame(self, data: str | bytes, now: float, wall_ms: int) -> ProduceRequest | None:
         """A frame from the client; returns the record to produce for a valid, allowed send."""
@@ -282,46 +388,66 @@ class SessionCore:
             self._reject(None, BAD_FRAME, "binary frames are not accepted; send JSON text", now)
             return None
         try:
-            frame = decode_client_frame(data)
+            frame = decode_client_frame(data, max_recipients=self._limits.max_recipients)
         except RemoteProtocolError as exc:
             self._reject(exc.id, exc.code, exc.message, now)
             return None
         if isinstance(frame, Ping):
             self.offer(None, encode_pong())
             return None
-        assert isinstance(frame, Send)
         return self._send(frame, now, wall_ms)
 
-    def _send(self, frame: Send, now: float, wall_ms: int) -> ProduceRequest | None:
+    def _send(self, frame: Send | GroupSend, now: float, wall_ms: int) -> ProduceRequest | None:
         if not self._send_bucket.allow(now):
             self._error(frame.id, "rate_limited", "too many sends; slow down and send again")
             if self._flood_strikes.strike(now):
                 self.close(CloseCode.POLICY, "sustained flooding")
             return None
-        record = ChatRecord(
-            # The sender is who authenticated, never what the frame claims.
-            from_uid=self.uid,
-            from_device=self.device,
-            to=frame.to,
-            id=frame.id,
-            body=frame.body,
-            ts=wall_ms,
-        )
+        max_bytes = self._limits.max_record_bytes
         try:
-            value = encode_record(record, max_bytes=self._limits.max_record_bytes)
+            # The sender is who authenticated, never what the frame claims.
+            if isinstance(frame, GroupSend):
+                records = records_for(
+                    from_uid=self.uid,
+                    from_device=self.device,
+                    msg_id=frame.id,
+                    to=frame.to,
+                    body=frame.body,
+                    ts=wall_ms,
+                    partitions=self._partitions,
+                    recipients=frame.to,
+                    max_bytes=max_bytes,
+                )
+                return ProduceRequest(frame.id, records, group=True)
+            record = ChatRecord(self.uid, self.device, frame.to, frame.id, frame.body, wall_ms)
+            value = encode_record(record, max_bytes=max_bytes)
         except RemoteProtocolError as exc:
             # Too large once stored: the client's mistake, answered like a bad frame.
             self._reject(exc.id, exc.code, exc.message, now)
             return None
+        k = self._partition_of(frame.to)
         return ProduceRequest(
-            frame.id, partition_for(frame.to, self._partitions), frame.to.encode(), value
+            frame.id, (RecordOut(k, frame.to.encode(), value, (frame.to,)),), group=False
         )
+
+    def _partition_of(self, uid: str) -> int:
+        # A device mostly writes to the same few uids: SHA-256 once per uid
+        # (about 3 µs) rather than once per send; bounded by clearing.
+        cache = self._partitions_of
+        k = cache.get(uid)
+        if k is None:
+            if len(cache) >= _PARTITION_CACHE_SIZE:
+                cache.clear()
+            k = cache[uid] = partition_for(uid, self._partitions)
+        return k
 
     # -- sends and their reports ---------------------------------------------------
 
-    def produced(self, request: ProduceRequest, report: Report) -> None:
-        """The broker has ``request``; ``report`` resolves when it is durable (or not)."""
-        self._in_flight.append((request, report))
+    def produced(self, request: ProduceRequest, reports: Sequence[Report]) -> None:
+        """The broker has ``request``'s records; each report resolves when its record is durable."""
+        if self._in_flight is None:
+            self._in_flight = deque()
+        self._in_flight.append((request, reports))
 
     def refused(self, request: ProduceRequest, message: str) -> None:
         """The broker would not even take ``request``: answered at once, in its turn."""
@@ -330,23 +456,39 @@ class SessionCore:
     @property
     def reading_allowed(self) -> bool:
         """False while ``max_in_flight`` sends wait for their reports."""
-        return len(self._in_flight) < self._limits.max_in_flight
+        in_flight = self._in_flight
+        return in_flight is None or len(in_flight) < self._limits.max_in_flight
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return len(self._in_flight) if self._in_flight is not None else 0
 
-    def on_report(self) -> None:
-        """Answer every send at the head of the in-flight queue whose report is in."""
+    def on_report(self) -> int:
+        """Answer every send at the head of the in-flight queue whose reports are all in;
+        how many were answered."""
         in_flight = self._in_flight
-        while in_flight and in_flight[0][1].resolved:
-            request, report = in_flight.popleft()
-            if report.error is not None:
-                # The reason stays in the logs: broker internals are not the client's business.
+        answered = 0
+        if in_flight is None:
+            return answered
+        while in_flight and all(report.resolved for report in in_flight[0][1]):
+            answered += 1
+            request, reports = in_flight.popleft()
+            if any(report.error is not None for report in reports):
+                # Some records may be stored: the client sends again with the same
+                # id and recipients drop the copies. The reason stays in the logs.
                 self._error(request.msg_id, "unavailable", "not acknowledged in time; send again")
+                continue
+            self._counts.acked()
+            if request.group:
+                acks = [
+                    (r.partition, report.offset, r.to)
+                    for r, report in zip(request.records, reports, strict=True)
+                ]
+                self.offer(None, group_ack_frame(request.msg_id, acks))
             else:
-                self._counts.acked()
-                self.offer(None, encode_ack(request.msg_id, request.partition, report.offset))
+                [record], [report] = request.records, reports
+                self.offer(None, ack_frame(request.msg_id, record.partition, report.offset))
+        return answered
 
     # -- closing -------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -39,6 +40,8 @@ __all__ = ["run"]
 
 CLUSTER_NAME = "dev"
 DEMO_PATH = "/"
+# The admin token of the dev cluster's instances, in the working directory.
+ADMIN_TOKEN_FILE = "admin.token"
 READY_TIMEOUT_S = 60.0
 SERVICE_START_TIMEOUT_S = 60.0
 # Gateways drain within their shutdown.grace_period_s (set below); allow a little more.
@@ -115,6 +118,10 @@ hosts = {q(zookeeper)}
 [kafka]
 bootstrap_servers = {q(kafka)}
 
+[admin]
+# Written by `linechatd dev` next to this file: `linechatd drain --config` reads it.
+token_file = "{ADMIN_TOKEN_FILE}"
+
 [auth]
 mode = "none"
 
@@ -157,6 +164,7 @@ def run(
         workdir = Path(tempfile.mkdtemp(prefix="linechatd-dev-"))
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    _write_admin_token(workdir / ADMIN_TOKEN_FILE)
 
     zookeeper = LocalZooKeeper(workdir / "zookeeper", base_port)
     broker = LocalBroker(workdir / "broker", base_port + 1)
@@ -360,6 +368,14 @@ def _wait_ready(gateways: list[_Instance], timeout: float, say: Callable[[str], 
     return True
 
 
+def _write_admin_token(path: Path) -> None:
+    """A fresh admin token for this run, readable by us only."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(secrets.token_hex(32) + "\n")
+
+
 def _print_summary(
     say: Callable[[str], None],
     workdir: Path,
@@ -391,6 +407,11 @@ def _print_summary(
         say(f"  demo page:        {first.http_url}{DEMO_PATH}")
         say(f"  where alice goes: curl '{first.http_url}/api/connection-url?uid=alice'")
         say(f"  metrics:          curl {first.http_url}/metrics")
+        say(f"  cluster status:   linechatd status --config {first.config_path}")
+        if len(gateways) > 1:
+            say(
+                f"  drain one:        linechatd drain {gateways[-1].id} --config {first.config_path}"
+            )
         say("  fail-over:        kill a gateway's pid and watch its partitions move")
     else:
         say("no gateways; to run the test suite against these services:")

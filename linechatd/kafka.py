@@ -22,19 +22,19 @@ docs/performance.md for the measurements.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import trio
 from confluent_kafka import (
     Consumer,
-    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Message,
@@ -46,6 +46,25 @@ from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 log = logging.getLogger(__name__)
 
 
+class _LibrdkafkaLog:
+    """librdkafka's own log lines into ours (confluent-kafka's ``logger`` setting).
+
+    Without it librdkafka writes raw ``%3|…|FAIL|…`` lines to stderr, past the
+    log format. Called on the thread that polls the client; it only logs.
+    """
+
+    _log = logging.getLogger("linechatd.librdkafka")
+
+    def log(self, level: int, fmt: str, *args: object) -> None:
+        facility, client, detail = (*args, "", "", "")[:3]
+        self._log.log(
+            level, "librdkafka", extra={"facility": facility, "client": client, "detail": detail}
+        )
+
+
+LIBRDKAFKA_LOG: Final = _LibrdkafkaLog()
+
+
 # How often the fetch thread refreshes every feed's (low, high) watermarks.
 WATERMARKS_EVERY_S = 0.1
 # The metadata request made before assigning topics. It runs on the fetch
@@ -53,12 +72,26 @@ WATERMARKS_EVERY_S = 0.1
 # partition's delivery waits on it: a broker that does not answer this fast
 # is left to librdkafka's own metadata refresh instead.
 ASSIGN_METADATA_TIMEOUT_S = 0.2
+# After a failed commit every partition's commits pause this long, doubling.
+_COMMIT_BACKOFF_MIN_S = 1.0
+_COMMIT_BACKOFF_MAX_S = 30.0
+# The offsets client's broker-level request timeout, below every request
+# timeout it is given (5-10 s): a dead connection fails its requests first.
+_OFFSETS_SOCKET_TIMEOUT_MS = 3000
+# How long closing the group offsets' consumers may delay a stopping process.
+_POOL_CLOSE_S = 5.0
+# How much longer than a request's own timeout its future is awaited.
+_ADMIN_GRACE_S = 1.0
 # How long a hole in a topic's offsets is fetched again before it counts as real.
 GAP_REFETCH_S = 1.0
 
 
 class KafkaUnavailable(Exception):
     """The broker did not answer, or did not accept a record in time."""
+
+
+class CommitsPaused(KafkaUnavailable):
+    """A commit not attempted: commits pause for a while after one failed."""
 
 
 class Record(NamedTuple):
@@ -76,6 +109,7 @@ class Record(NamedTuple):
 def producer_settings(bootstrap: str, *, linger_ms: int, timeout_s: float) -> dict[str, Any]:
     return {
         "bootstrap.servers": bootstrap,
+        "logger": LIBRDKAFKA_LOG,
         # An ack means durable: every in-sync replica has the record.
         "acks": "all",
         # Retries never duplicate or reorder within a partition.
@@ -95,6 +129,7 @@ def producer_settings(bootstrap: str, *, linger_ms: int, timeout_s: float) -> di
 def consumer_settings(bootstrap: str, group: str, *, fetch_wait_max_ms: int) -> dict[str, Any]:
     return {
         "bootstrap.servers": bootstrap,
+        "logger": LIBRDKAFKA_LOG,
         "group.id": group,
         # Offsets are committed by the owner, only while it holds the lease.
         "enable.auto.commit": False,
@@ -123,9 +158,13 @@ class DeliveryReceipt:
 
     Resolved on the trio thread; ``on_resolved`` (if set) is called right
     then, so a session can answer its acks without a task or an event per send.
+    ``on_batch`` (if set) is called once per hand-over for all the receipts
+    that name it, after all of them are resolved, with the
+    ``time.perf_counter()`` at which librdkafka served their reports: a
+    session answers every ack of one poll in one write.
     """
 
-    __slots__ = ("error", "offset", "on_resolved", "resolved")
+    __slots__ = ("error", "offset", "on_batch", "on_resolved", "resolved")
 
     def __init__(self) -> None:
         self.resolved = False
@@ -133,6 +172,7 @@ class DeliveryReceipt:
         self.error: str | None = None
         self.offset = -1
         self.on_resolved: Callable[[], object] | None = None
+        self.on_batch: Callable[[float], object] | None = None
 
     def resolve(self, error: KafkaError | None, offset: int | None) -> None:
         self.error = None if error is None else error.str()
@@ -142,30 +182,93 @@ class DeliveryReceipt:
             self.on_resolved()
 
 
-def _resolve_all(reports: list[tuple[DeliveryReceipt, KafkaError | None, int | None]]) -> None:
+def _resolve_all(
+    reports: list[tuple[DeliveryReceipt, KafkaError | None, int | None]], reported_at: float
+) -> None:
     # Runs as a trio run_sync_soon callback, where an exception would end the
     # whole run: one receiver's bug is logged and the others still hear.
+    batches: dict[Callable[[float], object], None] = {}
     for receipt, error, offset in reports:
         try:
             receipt.resolve(error, offset)
         except Exception:
             log.exception("delivery_report_failed")
+        if receipt.on_batch is not None:
+            batches[receipt.on_batch] = None
+    for on_batch in batches:
+        try:
+            on_batch(reported_at)
+        except Exception:
+            log.exception("delivery_report_failed")
+
+
+# Delivery errors that leave an idempotent producer unable to store anything
+# more (fenced, or its sequence broken): the producer is replaced, whatever
+# librdkafka's own fatal flag says.
+_PRODUCER_BROKEN = {
+    KafkaError._FATAL,
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    KafkaError.PRODUCER_FENCED,
+}
+# Errors meaning the broker cannot be reached (for readiness).
+_UNREACHABLE = {
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._TRANSPORT,
+    KafkaError._MSG_TIMED_OUT,
+    KafkaError._TIMED_OUT,
+}
+
+
+class _Handle:
+    """One librdkafka producer, and whether it was found broken."""
+
+    __slots__ = ("producer", "broken")
+
+    def __init__(self) -> None:
+        self.producer: Producer | None = None
+        self.broken = False
 
 
 class KafkaProducer:
+    """The instance's producer; replaced by a new one when it breaks.
+
+    A fatal error of the idempotent producer (librdkafka's error callback
+    says so, or a delivery report carries a fenced or broken-sequence error)
+    is a state of this adapter, not of the process: the broken producer is
+    retired — what it still holds is purged, and every one of its sends is
+    answered with an error (``unavailable`` to the client, which sends again)
+    — and a new producer, with a new producer id and idempotence kept, takes
+    the following sends. Nothing that was acknowledged is affected.
+    """
+
     def __init__(self, bootstrap: str, *, linger_ms: int, timeout_s: float) -> None:
         self._settings = producer_settings(bootstrap, linger_ms=linger_ms, timeout_s=timeout_s)
-        self._producer: Producer | None = None
+        self._current: _Handle | None = None
+        # Broken producers for the poll thread to purge and flush, then drop.
+        self._retired: queue.SimpleQueue[_Handle] = queue.SimpleQueue()
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop = threading.Event()
-        # Filled by delivery callbacks, which run only inside poll() on the poll thread.
+        # Filled by delivery callbacks, which run only inside poll()/flush() on the poll thread.
         self._reports: list[tuple[DeliveryReceipt, KafkaError | None, int | None]] = []
+        # Trio thread: how many producers were replaced, and when a send last
+        # failed for want of the broker (trio clock), for readiness.
+        self.replacements = 0
+        self.last_unreachable = -math.inf
+
+    def _make(self) -> _Handle:
+        handle = _Handle()
+        settings = dict(self._settings)
+        settings["error_cb"] = lambda err: self._on_error(handle, err)
+        handle.producer = Producer(settings)
+        return handle
 
     async def run(
         self, *, task_status: trio.TaskStatus[KafkaProducer] = trio.TASK_STATUS_IGNORED
     ) -> None:
         self._token = trio.lowlevel.current_trio_token()
-        self._producer = Producer(self._settings)
+        self._current = self._make()
         poller = threading.Thread(target=self._poll_loop, name="kafka-producer-poll", daemon=True)
         poller.start()
         try:
@@ -177,22 +280,79 @@ class KafkaProducer:
                 await trio.to_thread.run_sync(poller.join)
                 # Give in-flight sends a bounded chance to be acknowledged
                 # (flush() serves their callbacks now that the poller is gone).
-                await trio.to_thread.run_sync(self._producer.flush, 5.0)
+                current = self._current.producer
+                assert current is not None
+                await trio.to_thread.run_sync(current.flush, 5.0)
+                await trio.to_thread.run_sync(self._drain_retired)
                 reports, self._reports = self._reports, []
-                _resolve_all(reports)
+                _resolve_all(reports, time.perf_counter())
 
     def _poll_loop(self) -> None:
         # The only thread that runs delivery callbacks. Every report served by
         # one poll() goes to trio in one hand-over, not one per message.
-        assert self._producer is not None and self._token is not None
+        assert self._token is not None
         while not self._stop.is_set():
-            self._producer.poll(0.05)
+            handle = self._current
+            assert handle is not None and handle.producer is not None
+            handle.producer.poll(0.05)
+            self._drain_retired()
             if self._reports:
                 reports, self._reports = self._reports, []
                 try:
-                    self._token.run_sync_soon(_resolve_all, reports)
+                    self._token.run_sync_soon(_resolve_all, reports, time.perf_counter())
                 except trio.RunFinishedError:
                     return
+
+    def _drain_retired(self) -> None:
+        """Purge and flush each retired producer: every send it held gets its (error) report."""
+        while True:
+            try:
+                handle = self._retired.get_nowait()
+            except queue.Empty:
+                return
+            producer = handle.producer
+            assert producer is not None
+            try:
+                producer.purge(in_queue=True, in_flight=True, blocking=False)
+            except KafkaException as exc:
+                log.warning("kafka_producer_purge_failed", extra={"error": str(exc)})
+            left = producer.flush(5.0)
+            if left:
+                log.error("kafka_producer_retired_with_unanswered_sends", extra={"sends": left})
+            handle.producer = None
+
+    def _on_error(self, handle: _Handle, err: KafkaError) -> None:
+        # The poll thread (librdkafka's error callback): hand over only.
+        if err.fatal():
+            self._call_trio(self._replace, handle, err.str())
+        elif err.code() in _UNREACHABLE:
+            self._call_trio(self._note_unreachable)
+
+    def _call_trio(self, fn: Callable[..., object], *args: object) -> None:
+        token = self._token
+        if token is not None:
+            try:
+                token.run_sync_soon(fn, *args)
+            except trio.RunFinishedError:
+                pass
+
+    def _note_unreachable(self) -> None:
+        self.last_unreachable = trio.current_time()
+
+    def _replace(self, handle: _Handle, reason: str) -> None:
+        """Trio thread: retire ``handle``'s producer (if still current) and start a new one."""
+        if handle is not self._current or handle.broken:
+            return
+        handle.broken = True
+        # New sends go to the new producer from here on: send() runs on this
+        # thread too, so none can reach the retired one after this line.
+        self._current = self._make()
+        self._retired.put(handle)
+        self.replacements += 1
+        log.warning(
+            "kafka_producer_replaced",
+            extra={"reason": reason, "replacements": self.replacements},
+        )
 
     def send(self, topic: str, key: bytes, value: bytes) -> DeliveryReceipt:
         """Enqueue one record now (so calls keep their order); the receipt resolves on the ack.
@@ -201,20 +361,31 @@ class KafkaProducer:
         record gets its report within ``message.timeout.ms`` (set just under
         ``produce_timeout_s``): librdkafka reports a timeout as an error.
         """
-        producer = self._producer
-        if producer is None:
+        handle = self._current
+        if handle is None or handle.producer is None:
             raise KafkaUnavailable("producer is not running")
         receipt = DeliveryReceipt()
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            # The poll thread, inside poll(): collect only.
+            # The poll thread, inside poll(): collect, and hand a broken
+            # producer over for replacement.
             self._reports.append((receipt, err, msg.offset() if err is None else -1))
+            if err is not None:
+                if err.fatal() or err.code() in _PRODUCER_BROKEN:
+                    self._call_trio(self._replace, handle, err.str())
+                elif err.code() in _UNREACHABLE:
+                    self._call_trio(self._note_unreachable)
 
         try:
-            producer.produce(topic, value=value, key=key, partition=0, on_delivery=on_delivery)
+            handle.producer.produce(
+                topic, value=value, key=key, partition=0, on_delivery=on_delivery
+            )
         except BufferError as exc:
             raise KafkaUnavailable("producer queue is full") from exc
         except KafkaException as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if error is not None and (error.fatal() or error.code() in _PRODUCER_BROKEN):
+                self._replace(handle, error.str())
             raise KafkaUnavailable(str(exc)) from exc
         return receipt
 
@@ -231,7 +402,10 @@ async def _result(future: Future[Any], timeout_s: float, what: str) -> Any:
             pass
 
     future.add_done_callback(wake)
-    with trio.move_on_after(timeout_s):
+    # A little past the request's own timeout: librdkafka then answers the
+    # future itself (an abandoned request still pending in librdkafka is
+    # what to avoid).
+    with trio.move_on_after(timeout_s + _ADMIN_GRACE_S):
         await done.wait()
     if not future.done():
         raise KafkaUnavailable(f"{what}: no answer from the broker in {timeout_s:g} s")
@@ -242,31 +416,18 @@ async def _result(future: Future[Any], timeout_s: float, what: str) -> Any:
 
 
 class KafkaAdmin:
-    """Topics, metadata, end offsets and each partition's committed offset."""
+    """Topics, metadata and end offsets.
+
+    Group offsets go through :class:`GroupOffsets` instead: librdkafka's admin
+    group operations (list/alter consumer group offsets) have aborted the
+    whole process when their requests time out while the broker's connection
+    keeps failing (librdkafka issues 4605 and 3663; seen here in the zombie
+    owner test), and the consumer's own commit path has no such trouble.
+    """
 
     def __init__(self, bootstrap: str) -> None:
-        self._admin = AdminClient({"bootstrap.servers": bootstrap})
-
-    async def committed(self, group: str, topic: str, timeout_s: float = 10.0) -> int:
-        """The offset ``group`` committed for ``topic``, or -1 when none was."""
-        [future] = self._admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])],
-            request_timeout=timeout_s,
-        ).values()
-        answer = await _result(future, timeout_s, f"{topic}: committed offset of {group}")
-        offset = int(answer.topic_partitions[0].offset)
-        return offset if offset >= 0 else -1
-
-    async def commit(self, group: str, topic: str, offset: int, timeout_s: float = 5.0) -> None:
-        """Record ``offset`` as where ``group``'s next reader of ``topic`` starts."""
-        [future] = self._admin.alter_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0, offset)])],
-            request_timeout=timeout_s,
-        ).values()
-        answer = await _result(future, timeout_s, f"{topic}: commit for {group}")
-        error = answer.topic_partitions[0].error
-        if error is not None:
-            raise KafkaUnavailable(f"{topic}: commit for {group}: {error.str()}")
+        settings: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": LIBRDKAFKA_LOG}
+        self._admin = AdminClient(settings)
 
     async def end_offset(self, topic: str, timeout_s: float = 10.0) -> int:
         """The offset the next record of ``topic`` will get."""
@@ -281,6 +442,8 @@ class KafkaAdmin:
         """Raise KafkaUnavailable unless the cluster answers a metadata request."""
 
         def probe() -> None:
+            # Serves the admin client's queued log lines (see _LibrdkafkaLog).
+            self._admin.poll(0)
             try:
                 self._admin.list_topics(timeout=timeout_s)
             except KafkaException as exc:
@@ -289,11 +452,17 @@ class KafkaAdmin:
         await trio.to_thread.run_sync(probe)
 
     async def ensure_topics(
-        self, topics: Sequence[str], *, replication_factor: int, timeout_s: float = 30.0
+        self,
+        topics: Sequence[str],
+        *,
+        replication_factor: int,
+        topic_config: Mapping[str, str] | None = None,
+        timeout_s: float = 30.0,
     ) -> list[str]:
-        """Create the missing single-partition topics; return those created.
+        """Create the missing single-partition topics with ``topic_config``; return those created.
 
-        Safe when several instances race: "already exists" is success.
+        Safe when several instances race: "already exists" is success. Topics
+        that exist keep their settings (change those with Kafka's own tools).
         """
 
         def create() -> list[str]:
@@ -303,7 +472,12 @@ class KafkaAdmin:
                 return []
             futures = self._admin.create_topics(
                 [
-                    NewTopic(t, num_partitions=1, replication_factor=replication_factor)
+                    NewTopic(
+                        t,
+                        num_partitions=1,
+                        replication_factor=replication_factor,
+                        config=dict(topic_config or {}),
+                    )
                     for t in missing
                 ],
                 operation_timeout=timeout_s,
@@ -340,7 +514,9 @@ class TopicFeed:
         self.start = start
         self._fetcher = fetcher
         self._limit = limit
-        self._batches: deque[list[Record]] = deque()
+        self._batches: deque[tuple[float, list[Record]]] = deque()
+        # time.perf_counter() when the fetch thread took the batch receive() returned last.
+        self.fetched_at = 0.0
         self._buffered = 0
         self._next = start  # drops anything handed over twice
         # Fetch thread only: the next offset due, and a gap being refetched.
@@ -378,7 +554,7 @@ class TopicFeed:
             raise KafkaUnavailable(f"{self.topic}: no fetch answered yet")
         return watermarks
 
-    def _push(self, records: list[Record]) -> None:
+    def _push(self, records: list[Record], fetched_at: float) -> None:
         # Trio thread (the fetcher's hand-over).
         if self.closed:
             return
@@ -387,7 +563,7 @@ class TopicFeed:
             if not records:
                 return
         self._next = records[-1].offset + 1
-        self._batches.append(records)
+        self._batches.append((fetched_at, records))
         self._buffered += len(records)
         self._arrived.set()
 
@@ -396,7 +572,7 @@ class TopicFeed:
         while not self._batches:
             self._arrived = trio.Event()
             await self._arrived.wait()
-        batch = self._batches.popleft()
+        self.fetched_at, batch = self._batches.popleft()
         self._buffered -= len(batch)
         self._taken += len(batch)
         pauses = self._pauses
@@ -447,6 +623,8 @@ class KafkaFetcher:
         self._pending = threading.BoundedSemaphore(4)
         # Set while the fetch thread runs (only that thread calls it).
         self._consumer: Consumer | None = None
+        # Fetch thread: time.perf_counter() when the batch being built arrived.
+        self._fetched_at = 0.0
 
     async def run(
         self, *, task_status: trio.TaskStatus[KafkaFetcher] = trio.TASK_STATUS_IGNORED
@@ -524,7 +702,7 @@ class KafkaFetcher:
                     if high >= 0:
                         feed._watermarks = (int(low), int(high))
                 if records:
-                    self._hand_over(records)
+                    self._hand_over(records, self._fetched_at)
         finally:
             consumer.close()
 
@@ -576,6 +754,8 @@ class KafkaFetcher:
         first = consumer.poll(self._poll_s)
         if first is None:
             return []
+        # Where the records' time inside the gateway starts (fetch_to_write).
+        self._fetched_at = time.perf_counter()
         by_topic: dict[str, list[Record]] = {}
         refetching: set[str] = set()
         for m in (first, *consumer.consume(self._batch_max - 1, 0)):
@@ -640,21 +820,21 @@ class KafkaFetcher:
         except trio.RunFinishedError:
             self._stop.set()
 
-    def _hand_over(self, records: list[tuple[TopicFeed, list[Record]]]) -> None:
+    def _hand_over(self, records: list[tuple[TopicFeed, list[Record]]], fetched_at: float) -> None:
         assert self._token is not None
         while not self._pending.acquire(timeout=self._poll_s):
             if self._stop.is_set():
                 return
         try:
-            self._token.run_sync_soon(self._deliver, records)
+            self._token.run_sync_soon(self._deliver, records, fetched_at)
         except trio.RunFinishedError:
             self._stop.set()
 
-    def _deliver(self, records: list[tuple[TopicFeed, list[Record]]]) -> None:
+    def _deliver(self, records: list[tuple[TopicFeed, list[Record]]], fetched_at: float) -> None:
         # Trio thread.
         self._pending.release()
         for feed, batch in records:
-            feed._push(batch)
+            feed._push(batch, fetched_at)
 
 
 # Out of range at the assigned offset: retention deleted it after the window check.
@@ -662,9 +842,14 @@ _GONE = {KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE}
 _REPLAY_POLL_S = 0.2
 
 
+REPLAY_PREFETCH_RECORDS = 2000
+REPLAY_PREFETCH_KIB = 4096
+
+
 def replay_settings(bootstrap: str, group: str, *, fetch_wait_max_ms: int) -> dict[str, Any]:
     return {
         "bootstrap.servers": bootstrap,
+        "logger": LIBRDKAFKA_LOG,
         # Required by librdkafka; never joined nor committed to.
         "group.id": group,
         "enable.auto.commit": False,
@@ -675,6 +860,12 @@ def replay_settings(bootstrap: str, group: str, *, fetch_wait_max_ms: int) -> di
         "fetch.wait.max.ms": fetch_wait_max_ms,
         "socket.nagle.disable": True,
         "fetch.queue.backoff.ms": 10,
+        # Prefetch a few batches ahead, not librdkafka's default of 100,000
+        # records or 64 MiB per reader: that read most of a replay window into
+        # memory (two readers per partition) for a resume whose client may be
+        # gone after the first batch.
+        "queued.min.messages": REPLAY_PREFETCH_RECORDS,
+        "queued.max.messages.kbytes": REPLAY_PREFETCH_KIB,
     }
 
 
@@ -775,3 +966,162 @@ class ReplayReader:
         """Close the consumer (in a thread: it may wait for librdkafka's own threads)."""
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._consumer.close, limiter=self._limiter)
+
+
+class GroupOffsets:
+    """One partition's consumer group offsets (``consumer-group-k``), held while it is owned.
+
+    Through a consumer of that group that never subscribes, is never
+    assigned and never fetches: it only reads and commits the group's offset
+    for the topic (librdkafka's group coordinator path). Every call runs in a
+    worker thread bounded by ``limiter``. Commits are hints (where the next
+    owner's live tail starts), so after a failed one the next attempts pause
+    (1 s, doubling to 30 s) instead of piling up requests while the broker
+    is unreachable.
+    """
+
+    def __init__(
+        self, bootstrap: str, group: str, topic: str, *, limiter: trio.CapacityLimiter
+    ) -> None:
+        self.group = group
+        self.topic = topic
+        self._limiter = limiter
+        # The outcome of the one commit in flight (commits of one partition
+        # are sequential), set by librdkafka's callback inside poll().
+        self._committed: KafkaError | None | bool = False
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "socket.nagle.disable": True,
+                "on_commit": self._on_commit,
+            }
+        )
+        self._paused_until = -math.inf
+        self._backoff_s = _COMMIT_BACKOFF_MIN_S
+
+    def _on_commit(self, err: KafkaError | None, _partitions: list[TopicPartition]) -> None:
+        # A worker thread, inside poll() in _commit_within().
+        self._committed = err if err is not None else True
+
+    def _commit_within(self, offset: int, timeout_s: float) -> None:
+        """Commit and wait at most ``timeout_s`` for the answer (a blocking
+        commit waits as long as librdkafka retries, minutes while the broker
+        is away). Raises KafkaException on a refusal or no answer."""
+        self._committed = False
+        self._consumer.commit(offsets=[TopicPartition(self.topic, 0, offset)], asynchronous=True)
+        deadline = time.monotonic() + timeout_s
+        while self._committed is False and time.monotonic() < deadline:
+            self._consumer.poll(0.05)  # serves the commit callback; nothing is assigned
+        outcome = self._committed
+        if outcome is False:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "no answer to the commit"))
+        if outcome is not True:
+            raise KafkaException(outcome)
+
+    def __repr__(self) -> str:
+        return f"<GroupOffsets {self.group} {self.topic}>"
+
+    async def _thread(self, fn: Callable[[], Any], what: str) -> Any:
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"{self.topic}: {what} of {self.group}: {exc}") from exc
+
+    async def committed(self, timeout_s: float = 10.0) -> int:
+        """The offset the group committed for the topic, or -1 when none was."""
+        tp = TopicPartition(self.topic, 0)
+        [answer] = await self._thread(
+            lambda: self._consumer.committed([tp], timeout=timeout_s), "committed offset"
+        )
+        if answer.error is not None:
+            raise KafkaUnavailable(
+                f"{self.topic}: committed offset of {self.group}: {answer.error}"
+            )
+        offset = int(answer.offset)
+        return offset if offset >= 0 else -1
+
+    async def end_offset(self, timeout_s: float = 10.0) -> int:
+        """The offset the topic's next record will get."""
+        tp = TopicPartition(self.topic, 0)
+        _low, high = await self._thread(
+            lambda: self._consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False),
+            "end offset",
+        )
+        return int(high)
+
+    async def commit(self, offset: int, timeout_s: float = 5.0) -> None:
+        """Record ``offset`` as where the group's next reader starts.
+
+        Raises CommitsPaused at once while commits pause after a failure.
+        """
+        if trio.current_time() < self._paused_until:
+            raise CommitsPaused(f"{self.topic}: commit for {self.group}: paused after a failure")
+        try:
+            await self._thread(lambda: self._commit_within(offset, timeout_s), "commit")
+        except KafkaUnavailable:
+            self._paused_until = trio.current_time() + self._backoff_s
+            self._backoff_s = min(_COMMIT_BACKOFF_MAX_S, 2 * self._backoff_s)
+            raise
+        self._backoff_s = _COMMIT_BACKOFF_MIN_S
+
+    async def aclose(self) -> None:
+        # Abandoned if its caller gives up (a stopping process): closing
+        # waits for broker connections that may never answer.
+        await trio.to_thread.run_sync(
+            self._consumer.close, limiter=self._limiter, abandon_on_cancel=True
+        )
+
+
+class GroupOffsetsPool:
+    """The instance's :class:`GroupOffsets`, one per partition it has held, kept until it stops.
+
+    Kept rather than closed when a partition is given back: closing a
+    consumer waits for its broker connections, up to tens of seconds while
+    the broker is unreachable, which would hold up the release (and the
+    move of the partition to an instance that can serve it). A partition
+    held again reuses its consumer. At most one per partition, each a few
+    hundred KiB.
+    """
+
+    def __init__(
+        self, bootstrap: str, group_prefix: str, topic_prefix: str, *, limiter: trio.CapacityLimiter
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._group_prefix = group_prefix
+        self._topic_prefix = topic_prefix
+        self._limiter = limiter
+        self._offsets: dict[int, GroupOffsets] = {}
+        self._running = False
+
+    def of(self, partition: int) -> GroupOffsets:
+        """Partition ``partition``'s group offsets (created on first use)."""
+        if not self._running:
+            raise KafkaUnavailable("group offsets are not available: the instance is stopping")
+        offsets = self._offsets.get(partition)
+        if offsets is None:
+            offsets = self._offsets[partition] = GroupOffsets(
+                self._bootstrap,
+                f"{self._group_prefix}{partition}",
+                f"{self._topic_prefix}{partition}",
+                limiter=self._limiter,
+            )
+        return offsets
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[GroupOffsetsPool] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Until cancelled; then close every consumer (bounded: the process is leaving)."""
+        self._running = True
+        try:
+            task_status.started(self)
+            await trio.sleep_forever()
+        finally:
+            self._running = False
+            offsets, self._offsets = list(self._offsets.values()), {}
+            with trio.CancelScope(shield=True), trio.move_on_after(_POOL_CLOSE_S):
+                async with trio.open_nursery() as nursery:
+                    for one in offsets:
+                        nursery.start_soon(one.aclose)

@@ -29,6 +29,7 @@ __all__ = [
     "LocalBroker",
     "LocalService",
     "LocalZooKeeper",
+    "LocalZooKeeperEnsemble",
     "MissingDependency",
     "ServiceError",
     "check_dependencies",
@@ -37,10 +38,13 @@ __all__ = [
     "four_letter_word",
     "free_port",
     "free_ports",
+    "kill_process",
     "log_tail",
     "port_is_free",
     "spawn",
     "stop_process",
+    "ZooKeeperPeer",
+    "zookeeper_mode",
     "zookeeper_classpath",
 ]
 
@@ -251,6 +255,13 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int
     return process.wait()
 
 
+def kill_process(process: subprocess.Popen[bytes]) -> int:
+    """SIGKILL the process group, with no SIGTERM first (a crash, not a shutdown); reaps."""
+    if process.poll() is None:
+        _signal_group(process, signal.SIGKILL)
+    return process.wait()
+
+
 def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     # Callers check poll() first: an unreaped child still owns its pid and group id,
     # while a reaped one's may already belong to someone else.
@@ -306,37 +317,61 @@ class LocalService(abc.ABC):
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the process and return once it serves; raises ServiceError (process reaped)."""
-        if self._process is not None:
+        self.launch()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to serve (see ``wait_ready``).
+
+        A service that was stopped (or died) may be launched again: a restart.
+        Call from a long-lived thread (see ``spawn``); waiting can happen anywhere.
+        """
+        if self.is_running():
             raise RuntimeError(f"{self!r} already started")
         argv = self._command()  # raises MissingDependency before anything runs
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not port_is_free(self.port, self.host):
             raise ServiceError(f"{self.name}: port {self.address} is already in use")
         self._process = spawn(argv, log_path=self.log_path, cwd=self.workdir)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Return once the launched process serves; ServiceError if it exits or time runs out.
+
+        The process is left running on a timeout: the caller decides whether to stop it.
+        """
+        process = self._process
+        if process is None:
+            raise RuntimeError(f"{self!r} was never launched")
         deadline = time.monotonic() + timeout
-        try:
-            while not self._ready(deadline):
-                code = self._process.poll()
-                if code is not None:
-                    raise ServiceError(
-                        f"{self.name} exited with code {code} while starting; "
-                        f"end of {self.log_path}:\n{self.log_tail()}"
-                    )
-                if time.monotonic() >= deadline:
-                    raise ServiceError(
-                        f"{self.name} did not become ready on {self.address} within {timeout:g}s; "
-                        f"end of {self.log_path}:\n{self.log_tail()}"
-                    )
-                time.sleep(0.05)
-        except BaseException:
-            self.stop()
-            raise
+        while not self._ready(deadline):
+            code = process.poll()
+            if code is not None:
+                raise ServiceError(
+                    f"{self.name} exited with code {code} while starting; "
+                    f"end of {self.log_path}:\n{self.log_tail()}"
+                )
+            if time.monotonic() >= deadline:
+                raise ServiceError(
+                    f"{self.name} did not become ready on {self.address} within {timeout:g}s; "
+                    f"end of {self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """Stop and reap the process (idempotent); returns its exit code, None if never started."""
         if self._process is None:
             return None
         return stop_process(self._process, timeout)
+
+    def kill(self) -> int | None:
+        """SIGKILL the process group at once, like a crash, and reap it (idempotent)."""
+        if self._process is None:
+            return None
+        return kill_process(self._process)
 
     def __enter__(self) -> Self:
         self.start()
@@ -367,9 +402,13 @@ class LocalService(abc.ABC):
 
 
 class LocalZooKeeper(LocalService):
-    """A standalone ZooKeeper; data under ``workdir/data``, wiped at start when ``fresh``."""
+    """A standalone ZooKeeper; data under ``workdir/data``, wiped at its first start when ``fresh``.
+
+    A restart (``stop`` then ``start``) keeps the data, as a real server's would.
+    """
 
     name = "zookeeper"
+    main_class = "org.apache.zookeeper.server.ZooKeeperServerMain"
 
     def __init__(
         self,
@@ -385,6 +424,7 @@ class LocalZooKeeper(LocalService):
         self.tick_time_ms = tick_time_ms
         self.data_dir = self.workdir / "data"
         self.config_path = self.workdir / "zoo.cfg"
+        self._launched = False
 
     def config_text(self) -> str:
         return "\n".join(
@@ -402,29 +442,31 @@ class LocalZooKeeper(LocalService):
                 "maxClientCnxns=0",
                 # Throwaway data: skipping fsync keeps writes fast on slow CI disks.
                 "forceSync=no",
+                *self._extra_config(),
                 "",
             ]
         )
 
+    def _extra_config(self) -> list[str]:
+        return []
+
     def _command(self) -> list[str]:
         java = find_java()
         classpath = zookeeper_classpath()
-        return [
-            java,
-            *JVM_OPTIONS,
-            "-cp",
-            classpath,
-            "org.apache.zookeeper.server.ZooKeeperServerMain",
-            str(self.config_path),
-        ]
+        return [java, *JVM_OPTIONS, "-cp", classpath, self.main_class, str(self.config_path)]
 
-    def start(self, timeout: float = 30.0) -> None:
+    def launch(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.fresh and self.data_dir.exists():
+        if self.fresh and not self._launched and self.data_dir.exists():
             shutil.rmtree(self.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_data_dir()
         self.config_path.write_text(self.config_text())
-        super().start(timeout)
+        super().launch()
+        self._launched = True
+
+    def _prepare_data_dir(self) -> None:
+        pass
 
     def _ready(self, deadline: float) -> bool:
         try:
@@ -433,8 +475,228 @@ class LocalZooKeeper(LocalService):
             return False
 
 
+def zookeeper_mode(host: str, port: int, timeout: float = 1.0) -> str | None:
+    """What ``srvr`` says the server is (``leader``, ``follower``, ``standalone``...).
+
+    None when it does not answer or does not serve (an ensemble member without a quorum).
+    """
+    try:
+        reply = four_letter_word(host, port, "srvr", timeout=timeout)
+    except OSError:
+        return None
+    for line in reply.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Mode":
+            return value.strip()
+    return None
+
+
+class ZooKeeperPeer(LocalZooKeeper):
+    """One member of a LocalZooKeeperEnsemble: its own data dir, myid and quorum ports.
+
+    Ready once it serves as leader or follower, that is once it is part of a quorum.
+    """
+
+    main_class = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
+
+    def __init__(
+        self,
+        workdir: Path,
+        my_id: int,
+        *,
+        client_port: int,
+        quorum_port: int,
+        election_port: int,
+        host: str = LOOPBACK,
+        fresh: bool = True,
+        tick_time_ms: int = 500,
+        init_limit_ticks: int = 20,
+        sync_limit_ticks: int = 10,
+    ) -> None:
+        super().__init__(workdir, client_port, host=host, fresh=fresh, tick_time_ms=tick_time_ms)
+        self.name = f"zookeeper-{my_id}"
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.my_id = my_id
+        self.quorum_port = quorum_port
+        self.election_port = election_port
+        self.init_limit_ticks = init_limit_ticks
+        self.sync_limit_ticks = sync_limit_ticks
+        self.peers: Sequence[ZooKeeperPeer] = (self,)
+
+    def __repr__(self) -> str:
+        return f"<ZooKeeperPeer {self.my_id} {self.address} pid={self.pid}>"
+
+    def _extra_config(self) -> list[str]:
+        return [
+            f"initLimit={self.init_limit_ticks}",
+            f"syncLimit={self.sync_limit_ticks}",
+            *(
+                f"server.{peer.my_id}={peer.host}:{peer.quorum_port}:{peer.election_port}"
+                for peer in self.peers
+            ),
+        ]
+
+    def _prepare_data_dir(self) -> None:
+        (self.data_dir / "myid").write_text(f"{self.my_id}\n")
+
+    def mode(self) -> str | None:
+        """``leader`` or ``follower`` while it serves; None when stopped or out of quorum."""
+        return zookeeper_mode(self.host, self.port) if self.is_running() else None
+
+    def _ready(self, deadline: float) -> bool:
+        return self.mode() in ("leader", "follower")
+
+
+class LocalZooKeeperEnsemble:
+    """``size`` ZooKeeper servers forming one ensemble on loopback, each a ZooKeeperPeer.
+
+    Servers may be stopped, killed and started again one by one (a leader
+    election, a lost follower) or all together (the whole ensemble down); a
+    server's data dir survives its restarts. ``initLimit``/``syncLimit`` are
+    generous in ticks so that a loaded 2-core machine still forms and keeps a
+    quorum; ``tick_time_ms`` bounds the session timeouts the servers grant
+    (2 to 20 ticks by default, clamped to 1-60 s here).
+    Synchronous like LocalService: spawn from a long-lived thread.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        size: int = 3,
+        *,
+        host: str = LOOPBACK,
+        tick_time_ms: int = 500,
+        init_limit_ticks: int = 20,
+        sync_limit_ticks: int = 10,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"an ensemble needs at least one server, got {size}")
+        self.workdir = Path(workdir)
+        ports = free_ports(3 * size, host)
+        self.servers: tuple[ZooKeeperPeer, ...] = tuple(
+            ZooKeeperPeer(
+                self.workdir / f"server-{i + 1}",
+                i + 1,
+                client_port=ports[3 * i],
+                quorum_port=ports[3 * i + 1],
+                election_port=ports[3 * i + 2],
+                host=host,
+                tick_time_ms=tick_time_ms,
+                init_limit_ticks=init_limit_ticks,
+                sync_limit_ticks=sync_limit_ticks,
+            )
+            for i in range(size)
+        )
+        for server in self.servers:
+            server.peers = self.servers
+
+    def __repr__(self) -> str:
+        return f"<LocalZooKeeperEnsemble {self.hosts}>"
+
+    @property
+    def hosts(self) -> str:
+        """The connect string: every server's ``host:port``, comma-separated."""
+        return ",".join(server.address for server in self.servers)
+
+    @property
+    def quorum(self) -> int:
+        return len(self.servers) // 2 + 1
+
+    def __getitem__(self, index: int) -> ZooKeeperPeer:
+        return self.servers[index]
+
+    def __len__(self) -> int:
+        return len(self.servers)
+
+    def running(self) -> list[int]:
+        """Indexes of the servers whose process runs."""
+        return [i for i, server in enumerate(self.servers) if server.is_running()]
+
+    def modes(self) -> dict[int, str | None]:
+        """Each running server's mode (None: not serving)."""
+        return {i: self.servers[i].mode() for i in self.running()}
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start every server that is not running; return once all of them serve.
+
+        On failure every server is stopped (ServiceError carries the logs' ends).
+        """
+        try:
+            for server in self.servers:
+                if not server.is_running():
+                    server.launch()
+            self.wait_serving(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_serving(self, timeout: float = 60.0, indexes: Sequence[int] | None = None) -> None:
+        """Wait until the running servers (or ``indexes``) serve as leader or follower."""
+        deadline = time.monotonic() + timeout
+        for i in self.running() if indexes is None else indexes:
+            self.servers[i].wait_ready(max(0.0, deadline - time.monotonic()))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every server (the whole ensemble down); ``start`` brings them back, data kept."""
+        for server in self.servers:
+            server.stop(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL every server at once."""
+        for server in self.servers:
+            server.kill()
+
+    def stop_server(self, index: int, timeout: float = 10.0) -> None:
+        self.servers[index].stop(timeout)
+
+    def kill_server(self, index: int) -> None:
+        self.servers[index].kill()
+
+    def launch_server(self, index: int) -> None:
+        """Start one stopped server without waiting (``wait_serving([index])`` waits)."""
+        self.servers[index].launch()
+
+    def start_server(self, index: int, timeout: float = 60.0) -> None:
+        """Start one stopped server and wait until it has joined a quorum."""
+        self.launch_server(index)
+        self.servers[index].wait_ready(timeout)
+
+    def restart_server(self, index: int, timeout: float = 60.0) -> None:
+        self.stop_server(index)
+        self.start_server(index, timeout)
+
+    def leader(self, timeout: float = 30.0) -> int:
+        """The index of the server that leads, once exactly one does (ServiceError otherwise)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            modes = self.modes()
+            leaders = [i for i, mode in modes.items() if mode == "leader"]
+            if len(leaders) == 1:
+                return leaders[0]
+            if time.monotonic() >= deadline:
+                raise ServiceError(f"no single leader within {timeout:g}s: modes {modes}")
+            time.sleep(0.05)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 class LocalBroker(LocalService):
-    """A tansu broker (Kafka protocol) with in-memory storage: state dies with the process."""
+    """A tansu broker (Kafka protocol) with in-memory storage: state dies with the process.
+
+    Clients bootstrap on ``address`` and then connect to the address the broker
+    advertises: its own unless ``advertised_address`` names another ``host:port``
+    (a proxy in front of it, so that every connection goes through the proxy).
+    """
 
     name = "broker"
 
@@ -444,20 +706,21 @@ class LocalBroker(LocalService):
         port: int | None = None,
         *,
         host: str = LOOPBACK,
+        advertised_address: str | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         super().__init__(workdir, port, host=host)
+        self.advertised_address = advertised_address or self.address
         self.extra_args = tuple(extra_args)
 
     def _command(self) -> list[str]:
-        url = f"tcp://{self.host}:{self.port}"
         return [
             find_tansu(),
             "broker",
             "--listener-url",
-            url,
+            f"tcp://{self.host}:{self.port}",
             "--advertised-listener-url",
-            url,
+            f"tcp://{self.advertised_address}",
             *self.extra_args,
         ]
 

@@ -3,7 +3,7 @@
 Every instance keeps one ephemeral node, ``/linechat/<cluster>/instances/<id>``::
 
     {"instance": "gw-1", "ws_url": "...", "http_url": "...",
-     "weight": 1.0, "max_partitions": 0, "draining": false,
+     "weight": 1.0, "max_partitions": 0, "kafka_ok": true, "draining": false,
      "leases": [[k, epoch, since_ms], ...]}
 
 ``leases`` lists the partitions whose lease node (``partitions/<k>/owner``)
@@ -42,6 +42,9 @@ class InstanceInfo:
     instance: str
     ws_url: str
     http_url: str
+    # Where `linechatd status`/`drain` reach the admin endpoints ("" from an
+    # instance older than the field: use http_url).
+    admin_url: str = ""
 
     def to_json(self, **extra: object) -> bytes:
         doc: dict[str, object] = {
@@ -49,6 +52,8 @@ class InstanceInfo:
             "ws_url": self.ws_url,
             "http_url": self.http_url,
         }
+        if self.admin_url:
+            doc["admin_url"] = self.admin_url
         doc.update(extra)
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -59,9 +64,10 @@ class InstanceInfo:
             fields = doc["instance"], doc["ws_url"], doc["http_url"]
         except (ValueError, TypeError, KeyError):
             return None
-        if not all(isinstance(f, str) for f in fields):
+        admin_url = doc.get("admin_url", "")
+        if not all(isinstance(f, str) for f in (*fields, admin_url)):
             return None
-        return cls(*fields)
+        return cls(*fields, admin_url=admin_url)
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class Member:
 
     weight: float = 1.0
     max_partitions: int = 0  # 0 = no cap
+    kafka_ok: bool = True  # it can reach the broker (as it reports in its registration)
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,7 @@ class Registration:
         return self.info.to_json(
             weight=self.member.weight,
             max_partitions=self.member.max_partitions,
+            kafka_ok=self.member.kafka_ok,
             draining=self.draining,
             leases=[[k, lease.epoch, lease.since_ms] for k, lease in sorted(self.leases.items())],
         )
@@ -113,11 +121,13 @@ def member_from_json(data: bytes) -> Member:
         doc = json.loads(data)
         weight = float(doc.get("weight", 1.0))
         cap = int(doc.get("max_partitions", 0))
+        # Instances older than the health flag do not say: taken as healthy.
+        kafka_ok = doc.get("kafka_ok", True) is not False
     except (ValueError, TypeError, AttributeError):
         return Member()
     if not (math.isfinite(weight) and weight >= 0) or cap < 0:
         return Member()
-    return Member(weight=weight, max_partitions=cap)
+    return Member(weight=weight, max_partitions=cap, kafka_ok=kafka_ok)
 
 
 def _leases(value: object, stat: NodeStat | None) -> dict[int, Lease]:

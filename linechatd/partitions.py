@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING
 import trio
 from trio_util import AsyncValue
 
-from .kafka import KafkaUnavailable, TopicFeed
+from .kafka import CommitsPaused, KafkaUnavailable, TopicFeed
 from .membership import Lease
-from .protocol import RecordError, decode_record, encode_message
+from .protocol import RecordError, decode_record, message_frame
+from .ratelimit import UidBuckets
 from .registrar import Registrar
 from .replay import ReplayHub
 from .zk import NodeStat, NoNodeError, SessionState, ZooKeeperError
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 1.0
+# How often an idle sweep looks at the configuration again while idle
+# timeouts are off.
+IDLE_SWEEP_OFF_S = 30.0
 
 
 class PartitionState(enum.Enum):
@@ -65,6 +69,7 @@ class EndReason(enum.Enum):
     SHUTDOWN = "shutdown"  # the process stops (after a drain ran out of time)
     FAILED = "failed"  # a bug or a fatal consumer error: hand the lease back, retry later
     KAFKA_UNAVAILABLE = "kafka_unavailable"  # the broker could not be used: hand the lease back
+    KAFKA_UNREACHABLE = "kafka_unreachable"  # given up to an instance that can reach the broker
     LEASE_LOST = "lease_lost"  # the lock node is gone or belongs to another epoch
     ZOOKEEPER_SESSION = "zookeeper_session"  # suspended or expired: assume the lease lost
 
@@ -102,8 +107,15 @@ class PartitionRuntime:
         # Resumes share its reads (one scan for a reconnect storm, not one consumer each).
         self.replay_hub = ReplayHub(ctx, partition)
         self.sessions: dict[str, set[Session]] = {}
+        # Device slots held by handshakes between admission and serve().
+        self._reserved: dict[str, int] = {}
+        limits = ctx.config.value.limits
+        # One send allowance per uid, shared by its devices and kept across reconnects.
+        self.send_buckets = UidBuckets(limits.sends_per_second, limits.send_burst)
         self.next_offset = 0  # the offset after the last one delivered
         self._committed = -1
+        # The group's offsets (consumer-group-k): read at start, committed while held.
+        self._offsets = ctx.offsets.of(partition)
         self._scope = trio.CancelScope()
         # Open exactly while SERVING: sessions are started in it (see serve()).
         self._nursery: trio.Nursery | None = None
@@ -165,7 +177,32 @@ class PartitionRuntime:
                 del self.sessions[session.uid]
 
     def devices_of(self, uid: str) -> int:
-        return len(self.sessions.get(uid, ()))
+        """Sessions of ``uid`` here, counting those admitted and not yet served."""
+        return len(self.sessions.get(uid, ())) + self._reserved.get(uid, 0)
+
+    def reserve_device(self, uid: str) -> Callable[[], None]:
+        """Hold one of ``uid``'s device slots until the returned release (idempotent) is called.
+
+        Taken in the same step as the admission check that counted the slots,
+        so concurrent handshakes of one uid cannot all pass it; released just
+        before ``serve()`` registers the session (again with no checkpoint
+        between) or when the handshake fails.
+        """
+        self._reserved[uid] = self._reserved.get(uid, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self._reserved[uid] - 1
+            if left:
+                self._reserved[uid] = left
+            else:
+                del self._reserved[uid]
+
+        return release
 
     # -- the subtree ----------------------------------------------------------
 
@@ -186,6 +223,7 @@ class PartitionRuntime:
                         await confirmed.wait()
                         nursery.start_soon(self._deliver, feed)
                         nursery.start_soon(self._commit_loop)
+                        nursery.start_soon(self._sweep_idle)
                         nursery.start_soon(self.replay_hub.run)
                         self._nursery = nursery
                         self.serving_since = time.time()
@@ -221,7 +259,8 @@ class PartitionRuntime:
         served = self.serving_since is not None
         # A subtree that never served wrote nothing and may hand its node back.
         graceful = reason.graceful or not served
-        if graceful and served and ctx.zk.connected:
+        # Given up for want of the broker: a commit could only wait for it.
+        if graceful and served and ctx.zk.connected and reason is not EndReason.KAFKA_UNREACHABLE:
             await self._commit(self.next_offset)
         ctx.metrics.partition_owned.labels(str(k)).set(0)
         try:
@@ -321,15 +360,17 @@ class PartitionRuntime:
         With nothing committed yet, nobody is owed older records except
         through a client's explicit resume.
         """
-        admin = self._ctx.admin
-        committed = await admin.committed(self.group, self.topic)
-        return committed if committed >= 0 else await admin.end_offset(self.topic)
+        offsets = self._offsets
+        committed = await offsets.committed()
+        return committed if committed >= 0 else await offsets.end_offset()
 
     async def _commit(self, offset: int) -> bool:
         """Record where the next owner's live tail should start (a hint)."""
         with trio.CancelScope(shield=True):
             try:
-                await self._ctx.admin.commit(self.group, self.topic, offset)
+                await self._offsets.commit(offset)
+            except CommitsPaused:
+                return False  # the failure that paused them was logged
             except KafkaUnavailable as exc:
                 log.warning("kafka_commit_failed", extra={"topic": self.topic, "error": str(exc)})
                 return False
@@ -347,6 +388,9 @@ class PartitionRuntime:
         while True:
             batch = await feed.receive()
             now = time.time()
+            # Each session's frames of this batch, written once it is all queued.
+            touched: dict[Session, None] = {}
+            written = 0
             for record in batch:
                 # No await from here to the offers below: a session registering
                 # reads next_offset as its live split point and relies on every
@@ -357,19 +401,50 @@ class PartitionRuntime:
                 except RecordError as exc:
                     # A poisoned record must never stop the partition.
                     metrics.bad_records.labels(str(k)).inc()
+                    # Sizes and kinds only: the message text may quote the record.
                     log.warning(
                         "bad_record_skipped",
-                        extra={"partition": k, "offset": record.offset, "error": str(exc)},
+                        extra={
+                            "partition": k,
+                            "offset": record.offset,
+                            "kind": exc.kind,
+                            "bytes": None if record.value is None else len(record.value),
+                        },
                     )
                     continue
-                devices = self.sessions.get(chat.to)
-                if not devices:
+                delivered = 0
+                for uid in chat.addressees:
+                    devices = self.sessions.get(uid)
+                    if not devices:
+                        continue
+                    frame = message_frame(chat, k, record.offset, uid)
+                    for session in devices:
+                        session.queue(record.offset, frame)
+                        touched[session] = None
+                    delivered += len(devices)
+                if not delivered:
                     continue
-                frame = encode_message(chat, k, record.offset)
-                for session in list(devices):
-                    session.offer(record.offset, frame)
-                metrics.messages_delivered.inc(len(devices))
+                written += delivered
+                metrics.messages_delivered.inc(delivered)
                 metrics.delivery_latency.observe(max(0.0, now - chat.ts / 1000))
+            if touched:
+                for session in touched:
+                    session.write_queued()
+                metrics.residence.observe(
+                    "fetch_to_write", time.perf_counter() - feed.fetched_at, written
+                )
+
+    async def _sweep_idle(self) -> None:
+        """Close the sessions whose clients went silent: one task per partition, not per socket."""
+        while True:
+            idle_s = self._ctx.config.value.limits.idle_timeout_s
+            await trio.sleep(max(1.0, idle_s / 4) if idle_s > 0 else IDLE_SWEEP_OFF_S)
+            if idle_s <= 0:
+                continue
+            now = trio.current_time()
+            for devices in list(self.sessions.values()):
+                for session in list(devices):
+                    session.check_idle(now)
 
     async def _commit_loop(self) -> None:
         while True:
@@ -390,9 +465,10 @@ class PartitionRuntime:
 class PartitionSupervisor:
     """Owns the ``partitions`` nursery: takes leases and runs their subtrees."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, kafka_healthy: AsyncValue[bool] | None = None) -> None:
         self._ctx = ctx
-        self.registrar = Registrar(ctx)
+        # The registration publishes whether this instance can reach the broker.
+        self.registrar = Registrar(ctx, kafka_healthy)
         self._runtimes: dict[int, PartitionRuntime] = {}
         self._nursery: trio.Nursery | None = None
         self._lock = trio.Lock()  # one batch of lease changes at a time keeps the logic simple

@@ -15,7 +15,8 @@ Errors share one root, split by side (as in h11):
 JSON accepted from the outside (client frames and Kafka records) is strict:
 valid UTF-8, no duplicate keys, no ``NaN``/``Infinity`` (nor numbers that only
 fit a float as infinity), nesting at most :data:`MAX_JSON_DEPTH` containers
-deep, integers within Python's digit limit, and no unpaired UTF-16 surrogate
+deep, at most :data:`MAX_JSON_MEMBERS` members and elements in all (both
+checked before parsing), integers within Python's digit limit, and no unpaired UTF-16 surrogate
 escapes (``"\\ud800"``), since those could not be encoded again for delivery.
 """
 
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import parse_qsl
+
+from . import jsonfast
 
 __all__ = [
     "BAD_DEVICE",
@@ -38,8 +40,11 @@ __all__ = [
     "BAD_REQUEST",
     "BAD_RESUME",
     "BAD_UID",
+    "DEFAULT_MAX_RECIPIENTS",
+    "GROUP_RECORD_KEY",
     "MAX_ID_CHARS",
     "MAX_JSON_DEPTH",
+    "MAX_JSON_MEMBERS",
     "MAX_QUERY_CHARS",
     "MAX_RECORD_BYTES",
     "RECORD_VERSION",
@@ -47,6 +52,11 @@ __all__ = [
     "Ack",
     "ChatRecord",
     "CloseCode",
+    "GroupAck",
+    "GroupRecord",
+    "GroupSend",
+    "PartitionAck",
+    "Record",
     "HandshakeError",
     "HandshakeParams",
     "ErrorFrame",
@@ -55,17 +65,24 @@ __all__ = [
     "Ping",
     "Pong",
     "ProtocolError",
+    "RECORD_ERROR_KINDS",
     "RecordError",
     "RemoteProtocolError",
     "Send",
     "ServerFrame",
     "Welcome",
     "decode_client_frame",
+    "decode_json",
     "decode_record",
     "decode_server_frame",
+    "ack_frame",
     "encode_ack",
     "encode_error",
+    "encode_json",
+    "encode_group_ack",
+    "group_ack_frame",
     "encode_message",
+    "message_frame",
     "encode_pong",
     "encode_record",
     "encode_ping",
@@ -74,6 +91,8 @@ __all__ = [
     "is_valid_uid",
     "new_device_id",
     "parse_handshake_query",
+    "record_key",
+    "recipients_problem",
 ]
 
 # Error codes answered in error frames / handshake rejections.
@@ -86,9 +105,17 @@ BAD_REQUEST = "bad_request"
 
 UID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 MAX_ID_CHARS = 64
-MAX_JSON_DEPTH = 64
+MAX_JSON_DEPTH = jsonfast.MAX_JSON_DEPTH
+MAX_JSON_MEMBERS = jsonfast.MAX_JSON_MEMBERS
 MAX_QUERY_CHARS = 8192
+# Recipients of one group send (``[limits] max_recipients``), by default.
+DEFAULT_MAX_RECIPIENTS = 100
+# Record versions: 1 names one recipient; 2 names this partition's recipients
+# of a group send or a server publish. Both are read.
 RECORD_VERSION = 1
+GROUP_RECORD_VERSION = 2
+# The Kafka key of a version 2 record (not a uid: those never contain "*").
+GROUP_RECORD_KEY = b"*"
 # Bigger than anything a default-sized frame (64 KiB) can become once re-encoded
 # (number normalisation can grow "1e15" into "1000000000000000.0"), and in line
 # with Kafka's default 1 MB message size. Callers that raise limits.max_frame_bytes
@@ -150,7 +177,22 @@ class LocalProtocolError(ProtocolError):
 
 
 class RecordError(ProtocolError):
-    """A Kafka record value that cannot be decoded into a :class:`ChatRecord`."""
+    """A Kafka record value that cannot be decoded into a :class:`ChatRecord`.
+
+    ``kind`` names the problem in one word from a fixed set (``RECORD_ERROR_KINDS``),
+    fit for logs: the message may quote parts of the record, which is
+    someone's message.
+    """
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+#: The kinds of :class:`RecordError`.
+RECORD_ERROR_KINDS = frozenset(
+    {"no_value", "too_large", "not_utf8", "bad_json", "not_object", "bad_version", "bad_field"}
+)
 
 
 class HandshakeError(RemoteProtocolError):
@@ -182,84 +224,13 @@ def new_device_id() -> str:
 # ------------------------------------------------------------------- strict JSON
 
 
-class _JSONRejected(ValueError):
-    """Raised from inside the json hooks; the message is meant for the peer."""
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise _JSONRejected(f"{name} is not allowed in JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        # "1e400" parses to inf, which could never be encoded back as JSON.
-        raise _JSONRejected(f"number {text[:32]} is out of range")
-    return value
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                # ascii(): the key may hold an unpaired surrogate (not checked yet).
-                raise _JSONRejected(f"duplicate key {key[:64]!a}")
-            seen.add(key)
-    return obj
-
-
-_DECODER = json.JSONDecoder(
-    object_pairs_hook=_unique_object,
-    parse_constant=_reject_constant,
-    parse_float=_finite_float,
-)
-
-# A string token (an unterminated one runs to the end, so a failed match never
-# restarts scanning inside it) or a bracket.
-_DEPTH_TOKEN = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
-# Only escapes in D800-DFFF can decode to an unpaired surrogate.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _check_depth(text: str) -> None:
-    """Reject nesting deeper than MAX_JSON_DEPTH before the recursive parser sees it."""
-    # Fast path: too few brackets to be too deep, whatever their order.
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
-        return
-    depth = 0
-    for match in _DEPTH_TOKEN.finditer(text):
-        char = text[match.start()]
-        if char in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise _JSONRejected(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-        elif char in "]}":
-            depth -= 1
-
-
-def _loads_strict(text: str) -> Any:
-    """Parse one JSON document strictly; every failure is a ValueError.
-
-    The text itself must not contain surrogate code points (callers check).
-    """
-    _check_depth(text)
-    try:
-        value = _DECODER.decode(text)
-    except RecursionError:
-        # The depth scan should prevent this; stay safe if it ever does not.
-        raise _JSONRejected(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise _JSONRejected("JSON string contains an unpaired surrogate escape") from None
-    return value
+# jsonfast: orjson where it reads and writes exactly what the standard
+# library's strict decoder and compact encoder do, the standard library otherwise.
+_loads_strict = jsonfast.loads_strict_fast
 
 
 def _json_reason(exc: ValueError) -> str:
-    if isinstance(exc, _JSONRejected):
+    if isinstance(exc, jsonfast.JSONRejected):
         return str(exc)
     if isinstance(exc, json.JSONDecodeError):
         return f"invalid JSON: {exc.msg} at position {exc.pos}"
@@ -267,9 +238,37 @@ def _json_reason(exc: ValueError) -> str:
     return "invalid JSON: number too large"
 
 
-def _dumps(value: Any) -> str:
+def decode_json(data: str | bytes) -> Any:
+    """Parse one JSON document with the rules client frames follow (see the module docstring).
+
+    Raises :class:`RemoteProtocolError` with code ``bad_request``.
+    """
+    if isinstance(data, bytes | bytearray | memoryview):
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError(BAD_REQUEST, "the body is not valid UTF-8") from None
+    else:
+        text = data
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return _loads_strict(text)
+    except ValueError as exc:
+        raise RemoteProtocolError(BAD_REQUEST, _json_reason(exc)) from None
+
+
+def encode_json(value: Any) -> str:
+    """Compact JSON as every frame and record is written; LocalProtocolError if it cannot be."""
+    return _dumps(value)
+
+
+def _dumps(value: Any) -> str:
+    return _dumps_bytes(value).decode("utf-8")
+
+
+def _dumps_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON; LocalProtocolError if it cannot be (a lone surrogate included)."""
+    try:
+        return jsonfast.dumps_compact_fast(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise LocalProtocolError(f"cannot encode as JSON: {exc}") from exc
 
@@ -287,11 +286,22 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupSend:
+    """``{"type": "send", "id", "to": [uids], "body"}``: deliver ``body`` to each uid in ``to``."""
+
+    id: str
+    to: tuple[str, ...]  # distinct uids, in the sender's order
+    body: Any
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     """``{"type": "ping"}``: answered with a pong."""
 
 
-def decode_client_frame(data: str | bytes) -> Send | Ping:
+def decode_client_frame(
+    data: str | bytes, *, max_recipients: int = DEFAULT_MAX_RECIPIENTS
+) -> Send | GroupSend | Ping:
     """Decode one client frame.
 
     ``str`` is a text frame's payload; ``bytes`` are accepted as UTF-8 text (the
@@ -346,13 +356,38 @@ def decode_client_frame(data: str | bytes) -> Send | Ping:
     if "to" not in obj:
         raise bad("field 'to' is required")
     to = obj["to"]
+    if isinstance(to, list):
+        problem = recipients_problem(to, max_recipients)
+        if problem is not None:
+            raise bad(problem, BAD_RECIPIENT)
+        if "body" not in obj:
+            raise bad("field 'body' is required")
+        return GroupSend(id=frame_id, to=tuple(to), body=obj["body"])
     if not isinstance(to, str):
-        raise bad("field 'to' must be a string")
+        raise bad("field 'to' must be a uid or a list of uids")
     if not is_valid_uid(to):
         raise bad(f"field 'to' must be a uid: {_UID_RULE}", BAD_RECIPIENT)
     if "body" not in obj:
         raise bad("field 'body' is required")
     return Send(id=frame_id, to=to, body=obj["body"])
+
+
+def recipients_problem(to: object, max_recipients: int) -> str | None:
+    """Why ``to`` is not a list of 1 to ``max_recipients`` distinct uids (None if it is)."""
+    if not isinstance(to, list | tuple):
+        return "field 'to' must be a list of uids"
+    if not to:
+        return "field 'to' must name at least one recipient"
+    if len(to) > max_recipients:
+        return f"field 'to' names {len(to)} recipients; at most {max_recipients}"
+    seen: set[str] = set()
+    for n, uid in enumerate(to):
+        if not is_valid_uid(uid):
+            return f"to[{n}] must be a uid: {_UID_RULE}"
+        if uid in seen:
+            return f"recipient {uid!r} is listed twice"
+        seen.add(uid)
+    return None
 
 
 # ----------------------------------------------------------------- server frames
@@ -382,7 +417,28 @@ def encode_welcome(
 
 def encode_ack(id: str, partition: int, offset: int) -> str:
     """Acknowledge a send once the broker has durably accepted it."""
-    return _dumps({"type": "ack", "id": id, "partition": partition, "offset": offset})
+    return ack_frame(id, partition, offset).decode("utf-8")
+
+
+def ack_frame(id: str, partition: int, offset: int) -> bytes:
+    """:func:`encode_ack` as UTF-8, as the transport writes it."""
+    return _dumps_bytes({"type": "ack", "id": id, "partition": partition, "offset": offset})
+
+
+def encode_group_ack(id: str, acks: Sequence[tuple[int, int, Sequence[str]]]) -> str:
+    """Acknowledge a group send once every record is durable: (partition, offset, its uids)."""
+    return group_ack_frame(id, acks).decode("utf-8")
+
+
+def group_ack_frame(id: str, acks: Sequence[tuple[int, int, Sequence[str]]]) -> bytes:
+    """:func:`encode_group_ack` as UTF-8, as the transport writes it."""
+    return _dumps_bytes(
+        {
+            "type": "ack",
+            "id": id,
+            "acks": [{"partition": k, "offset": n, "to": list(to)} for k, n, to in acks],
+        }
+    )
 
 
 def encode_error(id: str | None, code: str, message: str) -> str:
@@ -398,21 +454,38 @@ def encode_pong() -> str:
     return _PONG
 
 
-def encode_message(record: ChatRecord, partition: int, offset: int) -> str:
-    """Deliver ``record``, read at ``offset`` of ``partition``, to a device of its recipient."""
-    return _dumps(
-        {
-            "type": "message",
-            "from": record.from_uid,
-            "from_device": record.from_device,
-            "to": record.to,
-            "id": record.id,
-            "body": record.body,
-            "partition": partition,
-            "offset": offset,
-            "ts": record.ts,
-        }
-    )
+def encode_message(
+    record: ChatRecord | GroupRecord, partition: int, offset: int, to: str | None = None
+) -> str:
+    """Deliver ``record``, read at ``offset`` of ``partition``, to a device of ``to``.
+
+    ``to`` is one of the record's recipients (a one-to-one record's own when
+    left out). A group send's message carries the whole list as ``recipients``.
+    """
+    return message_frame(record, partition, offset, to).decode("utf-8")
+
+
+def message_frame(
+    record: ChatRecord | GroupRecord, partition: int, offset: int, to: str | None = None
+) -> bytes:
+    """:func:`encode_message` as UTF-8, as the transport writes it (no decoded copy)."""
+    frame: dict[str, Any] = {
+        "type": "message",
+        "from": record.from_uid,
+        "from_device": record.from_device,
+        "to": to if to is not None else record.to,
+        "id": record.id,
+        "body": record.body,
+        "partition": partition,
+        "offset": offset,
+        "ts": record.ts,
+    }
+    if isinstance(record, GroupRecord):
+        if to is None or to not in record.to:
+            raise LocalProtocolError(f"{to!r} is not a recipient of this record")
+        if record.recipients is not None:
+            frame["recipients"] = list(record.recipients)
+    return _dumps_bytes(frame)
 
 
 # ------------------------------------------------------ the client's side of the frames
@@ -421,11 +494,16 @@ def encode_message(record: ChatRecord, partition: int, offset: int) -> str:
 # frames with the same rules as the server, so the two cannot drift apart.
 
 
-def encode_send(id: str, to: str, body: Any) -> str:
-    """A client's ``send`` frame."""
-    if not _is_valid_id(id) or not is_valid_uid(to):
-        raise LocalProtocolError("send needs an id of 1-64 characters and a valid uid")
-    return _dumps({"type": "send", "id": id, "to": to, "body": body})
+def encode_send(id: str, to: str | Sequence[str], body: Any) -> str:
+    """A client's ``send`` frame, to one uid or (a list) to several."""
+    valid_to = (
+        is_valid_uid(to) if isinstance(to, str) else recipients_problem(list(to), 1 << 30) is None
+    )
+    if not _is_valid_id(id) or not valid_to:
+        raise LocalProtocolError("send needs an id of 1-64 characters and valid, distinct uids")
+    return _dumps(
+        {"type": "send", "id": id, "to": to if isinstance(to, str) else list(to), "body": body}
+    )
 
 
 _PING = '{"type":"ping"}'
@@ -458,6 +536,23 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class PartitionAck:
+    """One durable record of a group send: its partition, offset and recipients."""
+
+    partition: int
+    offset: int
+    to: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupAck:
+    """A group send durably accepted: one entry per recipient partition."""
+
+    id: str
+    acks: tuple[PartitionAck, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     """A delivered message, as a device receives it."""
 
@@ -469,6 +564,8 @@ class Message:
     partition: int
     offset: int
     ts: int
+    # A group send's whole recipient list, in the sender's order; None otherwise.
+    recipients: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,7 +582,7 @@ class Pong:
     """The answer to a ping."""
 
 
-ServerFrame = Welcome | Ack | Message | ErrorFrame | Pong
+ServerFrame = Welcome | Ack | GroupAck | Message | ErrorFrame | Pong
 
 
 def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -511,6 +608,11 @@ def decode_server_frame(data: str | bytes) -> ServerFrame | None:
         raise RemoteProtocolError(BAD_FRAME, "server frame is not a JSON object")
     kind = obj.get("type")
     if kind == "message":
+        recipients = obj.get("recipients")
+        if recipients is not None and not (
+            isinstance(recipients, list) and all(isinstance(u, str) for u in recipients)
+        ):
+            raise RemoteProtocolError(BAD_FRAME, "server frame field 'recipients' is mistyped")
         return Message(
             from_uid=_field(obj, "from", str),
             from_device=_field(obj, "from_device", str),
@@ -520,8 +622,24 @@ def decode_server_frame(data: str | bytes) -> ServerFrame | None:
             partition=_field(obj, "partition", int),
             offset=_field(obj, "offset", int),
             ts=_field(obj, "ts", int),
+            recipients=None if recipients is None else tuple(recipients),
         )
     if kind == "ack":
+        if "acks" in obj:
+            entries = _field(obj, "acks", list)
+            if not all(isinstance(e, dict) for e in entries):
+                raise RemoteProtocolError(BAD_FRAME, "server frame field 'acks' is mistyped")
+            return GroupAck(
+                _field(obj, "id", str),
+                tuple(
+                    PartitionAck(
+                        _field(e, "partition", int),
+                        _field(e, "offset", int),
+                        tuple(str(u) for u in _field(e, "to", list)),
+                    )
+                    for e in entries
+                ),
+            )
         return Ack(
             _field(obj, "id", str), _field(obj, "partition", int), _field(obj, "offset", int)
         )
@@ -622,7 +740,7 @@ def parse_handshake_query(query: str, *, new_device_id: Callable[[], str]) -> Ha
 
 @dataclass(frozen=True, slots=True)
 class ChatRecord:
-    """One message as stored in the recipient's partition topic (Kafka key: ``to``)."""
+    """One message to one uid, as stored in its partition's topic (version 1; Kafka key: ``to``)."""
 
     from_uid: str
     from_device: str
@@ -631,11 +749,51 @@ class ChatRecord:
     body: Any
     ts: int  # milliseconds since the Unix epoch, set by the gateway that produced it
 
+    @property
+    def addressees(self) -> tuple[str, ...]:
+        """The uids of this record's partition it is for."""
+        return (self.to,)
 
-def _record_problem(r: ChatRecord) -> str | None:
-    for name, value in (("from", r.from_uid), ("from_device", r.from_device), ("to", r.to)):
+
+@dataclass(frozen=True, slots=True)
+class GroupRecord:
+    """One message to several uids of one partition (version 2; Kafka key: ``*``).
+
+    A group send or a server publish writes one per recipient partition,
+    naming that partition's recipients in ``to``. ``recipients`` is a group
+    send's whole list in the sender's order (each delivered message carries
+    it); None for a publish.
+    """
+
+    from_uid: str
+    from_device: str
+    to: tuple[str, ...]
+    id: str
+    body: Any
+    ts: int
+    recipients: tuple[str, ...] | None = None
+
+    @property
+    def addressees(self) -> tuple[str, ...]:
+        return self.to
+
+
+Record = ChatRecord | GroupRecord
+
+
+def _record_problem(r: Record) -> str | None:
+    for name, value in (("from", r.from_uid), ("from_device", r.from_device)):
         if not is_valid_uid(value):
             return f"field {name!r} must be a uid"
+    if isinstance(r, GroupRecord):
+        if not r.to or not all(is_valid_uid(uid) for uid in r.to) or len(set(r.to)) != len(r.to):
+            return "field 'to' must be a list of distinct uids"
+        if r.recipients is not None and (
+            not all(is_valid_uid(uid) for uid in r.recipients) or not set(r.to) <= set(r.recipients)
+        ):
+            return "field 'recipients' must be a list of uids holding every one of 'to'"
+    elif not is_valid_uid(r.to):
+        return "field 'to' must be a uid"
     if not _is_valid_id(r.id):
         return f"field 'id' must be a string of 1-{MAX_ID_CHARS} characters"
     if type(r.ts) is not int or not 0 <= r.ts <= _INT64_MAX:
@@ -643,8 +801,13 @@ def _record_problem(r: ChatRecord) -> str | None:
     return None
 
 
-def encode_record(r: ChatRecord, *, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
-    """Encode ``r`` as the Kafka record value (compact UTF-8 JSON with ``"v": 1``).
+def record_key(r: Record) -> bytes:
+    """The Kafka key of ``r``: its recipient's uid (version 1), ``*`` (version 2)."""
+    return r.to.encode() if isinstance(r, ChatRecord) else GROUP_RECORD_KEY
+
+
+def encode_record(r: Record, *, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
+    """Encode ``r`` as the Kafka record value (compact UTF-8 JSON with ``"v"``).
 
     Raises :class:`LocalProtocolError` for an invalid record (the caller should
     have validated it), and :class:`RemoteProtocolError` (``bad_frame``, with the
@@ -654,21 +817,25 @@ def encode_record(r: ChatRecord, *, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
     problem = _record_problem(r)
     if problem is not None:
         raise LocalProtocolError(f"invalid record: {problem}")
-    text = _dumps(
-        {
-            "v": RECORD_VERSION,
+    doc: dict[str, Any]
+    if isinstance(r, ChatRecord):
+        doc = {"v": RECORD_VERSION, "from": r.from_uid, "from_device": r.from_device, "to": r.to}
+    else:
+        doc = {
+            "v": GROUP_RECORD_VERSION,
             "from": r.from_uid,
             "from_device": r.from_device,
-            "to": r.to,
-            "id": r.id,
-            "body": r.body,
-            "ts": r.ts,
+            "to": list(r.to),
         }
-    )
+        if r.recipients is not None:
+            doc["recipients"] = list(r.recipients)
+    doc.update({"id": r.id, "body": r.body, "ts": r.ts})
     try:
-        data = text.encode("utf-8")
+        data = jsonfast.dumps_compact_fast(doc)
     except UnicodeEncodeError as exc:
         raise LocalProtocolError("invalid record: body contains an unpaired surrogate") from exc
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise LocalProtocolError(f"cannot encode as JSON: {exc}") from exc
     if len(data) > max_bytes:
         raise RemoteProtocolError(
             BAD_FRAME,
@@ -678,48 +845,68 @@ def encode_record(r: ChatRecord, *, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
     return data
 
 
-def decode_record(data: bytes | None, *, max_bytes: int = MAX_RECORD_BYTES) -> ChatRecord:
-    """Decode a Kafka record value written by :func:`encode_record`.
+def _uid_tuple(value: object, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(uid, str) for uid in value):
+        raise RecordError(f"record field {name!r} must be a list of uids", kind="bad_field")
+    return tuple(value)
+
+
+def decode_record(data: bytes | None, *, max_bytes: int = MAX_RECORD_BYTES) -> Record:
+    """Decode a Kafka record value written by :func:`encode_record` (version 1 or 2).
 
     Raises :class:`RecordError` for anything else: no value, more than
-    ``max_bytes``, not UTF-8, not strict JSON, not an object, a ``"v"`` other
-    than 1, a missing or mistyped field, or an invalid uid. Unknown keys are
+    ``max_bytes``, not UTF-8, not strict JSON, not an object, an unknown
+    ``"v"``, a missing or mistyped field, or an invalid uid. Unknown keys are
     ignored so that compatible additions do not need a new version.
     """
     if data is None:
-        raise RecordError("record has no value")
+        raise RecordError("record has no value", kind="no_value")
     if not isinstance(data, bytes | bytearray | memoryview):
-        raise RecordError(f"record value must be bytes, got {type(data).__name__}")
+        raise RecordError(f"record value must be bytes, got {type(data).__name__}", kind="no_value")
     if len(data) > max_bytes:
-        raise RecordError(f"record is {len(data)} bytes, limit {max_bytes}")
+        raise RecordError(f"record is {len(data)} bytes, limit {max_bytes}", kind="too_large")
     try:
-        text = bytes(data).decode("utf-8")
-    except UnicodeDecodeError:
-        raise RecordError("record is not valid UTF-8") from None
-    try:
-        obj = _loads_strict(text)
+        # Bytes as they are: orjson reads UTF-8 without a decoded copy.
+        obj = _loads_strict(data)
     except ValueError as exc:
-        raise RecordError(f"record is not valid: {_json_reason(exc)}") from None
+        try:
+            bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RecordError("record is not valid UTF-8", kind="not_utf8") from None
+        raise RecordError(f"record is not valid: {_json_reason(exc)}", kind="bad_json") from None
     if not isinstance(obj, dict):
-        raise RecordError("record must be a JSON object")
+        raise RecordError("record must be a JSON object", kind="not_object")
 
     version = obj.get("v")
     if type(version) is not int:
-        raise RecordError("record field 'v' must be an integer")
-    if version != RECORD_VERSION:
-        raise RecordError(f"unsupported record version {version}")
+        raise RecordError("record field 'v' must be an integer", kind="bad_version")
+    if version not in (RECORD_VERSION, GROUP_RECORD_VERSION):
+        raise RecordError(f"unsupported record version {version}", kind="bad_version")
     for name in ("from", "from_device", "to", "id", "body", "ts"):
         if name not in obj:
-            raise RecordError(f"record field {name!r} is required")
-    record = ChatRecord(
-        from_uid=obj["from"],
-        from_device=obj["from_device"],
-        to=obj["to"],
-        id=obj["id"],
-        body=obj["body"],
-        ts=obj["ts"],
-    )
+            raise RecordError(f"record field {name!r} is required", kind="bad_field")
+    record: Record
+    if version == RECORD_VERSION:
+        record = ChatRecord(
+            from_uid=obj["from"],
+            from_device=obj["from_device"],
+            to=obj["to"],
+            id=obj["id"],
+            body=obj["body"],
+            ts=obj["ts"],
+        )
+    else:
+        recipients = obj.get("recipients")
+        record = GroupRecord(
+            from_uid=obj["from"],
+            from_device=obj["from_device"],
+            to=_uid_tuple(obj["to"], "to"),
+            id=obj["id"],
+            body=obj["body"],
+            ts=obj["ts"],
+            recipients=None if recipients is None else _uid_tuple(recipients, "recipients"),
+        )
     problem = _record_problem(record)
     if problem is not None:
-        raise RecordError(f"record {problem}")
+        raise RecordError(f"record {problem}", kind="bad_field")
     return record

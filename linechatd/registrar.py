@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import trio
+from trio_util import AsyncValue
 
 from .membership import THIS_WRITE, Lease, Member, Registration, parse_registration
 from .ownership import lease_data
@@ -42,8 +43,10 @@ class Registrar:
     written; after a write whose answer was lost it is read back (``resync``).
     """
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, kafka_healthy: AsyncValue[bool] | None = None) -> None:
         self._ctx = ctx
+        # Whether this instance can reach the broker: published for the others' quotas.
+        self.kafka_healthy = kafka_healthy if kafka_healthy is not None else AsyncValue(True)
         self._lock = trio.Lock()
         self._generation: int | None = None  # the session generation registered in
         self._leases: dict[int, Lease] = {}
@@ -68,7 +71,11 @@ class Registrar:
 
     def member(self) -> Member:
         cfg = self._ctx.config.value.partitions
-        return Member(weight=cfg.weight, max_partitions=cfg.max_per_instance)
+        return Member(
+            weight=cfg.weight,
+            max_partitions=cfg.max_per_instance,
+            kafka_ok=self.kafka_healthy.value,
+        )
 
     def _document(self, leases: Mapping[int, Lease]) -> bytes:
         return Registration(self._ctx.info, self.member(), self._draining, leases).to_json()
@@ -100,7 +107,10 @@ class Registrar:
                 await zk.set(self.path, data)
                 log.info("instance_registration_updated", extra={"path": self.path})
         except NodeExistsError:
-            current, stat = await zk.get(self.path)
+            try:
+                current, stat = await zk.get(self.path)
+            except NoNodeError:
+                return False  # gone meanwhile: the next attempt creates it
             if stat.ephemeral_owner != info.session_id:
                 if self._id_in_use_warned != info.generation:
                     self._id_in_use_warned = info.generation

@@ -24,6 +24,18 @@ behind its poll).
   not behind the pass; otherwise it waits for the next pass, which starts
   from the lowest waiting start.
 
+A request whose session is gone (the client dropped during its replay: the
+session closes its end of the channel) leaves the pass at the next batch,
+and a pass that has no request left stops: connecting with a resume and
+dropping at once costs one batch, not a read of the whole window. (The
+session notices the drop without reading the socket; see
+``ReplayTarget.wait_gone``.)
+
+``resume=-1`` asks for everything still in the window: the range starts at
+the newest of the low watermark and ``end - max_records``, and records
+older than ``max_age_s`` are skipped (timestamps grow along the log, so they
+are the first ones).
+
 Each request has a bounded channel to its session (in records and in bytes):
 the scan never waits for a socket. A request whose channel is full leaves the
 pass at the first record that did not fit; its session sends what it holds,
@@ -44,7 +56,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from .kafka import KafkaUnavailable, Record, ReplayReader
-from .protocol import RecordError, decode_record, encode_message
+from .protocol import GROUP_RECORD_KEY, RecordError, decode_record, encode_message
 
 if TYPE_CHECKING:
     from .context import Context
@@ -63,12 +75,30 @@ REQUEST_MAX_BYTES = 4 << 20
 STALL_TIMEOUT_S = 10.0
 
 
+def _addressees(fetched: Record) -> tuple[bytes, ...]:
+    """The request keys (uids) a fetched record is for: its key, or a group record's recipients."""
+    key = fetched.key
+    if key is None:
+        return ()
+    if key != GROUP_RECORD_KEY:
+        return (key,)
+    try:
+        chat = decode_record(fetched.value)
+    except RecordError:
+        return ()  # counted and logged by the live path, which sees it too
+    return tuple(uid.encode() for uid in chat.addressees)
+
+
 class ReplayTarget(Protocol):
     """Where replayed frames go (a session, before its live writer starts)."""
 
     uid: str
 
     async def send_replayed(self, offset: int, frame: str) -> None: ...
+
+    async def wait_gone(self) -> None:
+        """Return once the client is gone (never, if that cannot be known without reading)."""
+        ...
 
 
 @dataclass(eq=False)
@@ -96,6 +126,11 @@ class _Request:
             self.error = error
         self.send.close()
 
+    @property
+    def abandoned(self) -> bool:
+        """Its session closed the receiving end: nobody will read what the pass finds."""
+        return self.send.statistics().open_receive_channels == 0
+
 
 class ReplayHub:
     """The shared reads of one partition's resumes; runs in the partition's nursery."""
@@ -112,6 +147,9 @@ class ReplayHub:
         self._active: dict[bytes, list[_Request]] = {}
         self._position: int | None = None
         self._joined = 0
+        # This pass so far: records read, requests dropped because their session left.
+        self._scanned = 0
+        self._abandoned = 0
         self._readers: list[ReplayReader] = []
         # Sessions may ask before run() has had its first turn; only an ended hub refuses.
         self._closed = False
@@ -224,20 +262,29 @@ class ReplayHub:
                 self._waiting_added = trio.Event()
                 await self._waiting_added.wait()
             requests, self._waiting = self._waiting, []
+            left = [r for r in requests if not r.abandoned]
+            for request in requests:
+                if request.abandoned:
+                    request.finish()
+            if not left:
+                continue  # every session asking left before its pass began
+            requests = left
             for request in requests:
                 self._active.setdefault(request.key, []).append(request)
             start = min(r.start for r in requests)
             self._ctx.metrics.replay_scans.labels("scan").inc()
             started = trio.current_time()
             self._joined = 0
+            self._scanned = self._abandoned = 0
             try:
                 if reader is None:
                     reader = self._open()
                 # Requests arriving from here on join this pass if their start is not behind it.
                 self._position = start
                 await reader.seek(start)
-                while self._active:
+                while self._drop_abandoned():
                     batch, log_end = await reader.next_batch(SCAN_BATCH, STALL_TIMEOUT_S)
+                    self._scanned += len(batch)
                     if batch:
                         self._hand_out(batch)
                     if log_end is not None:
@@ -265,6 +312,8 @@ class ReplayHub:
                     "partition": self.partition,
                     "from": start,
                     "requests": len(requests) + self._joined,
+                    "scanned": self._scanned,
+                    "abandoned": self._abandoned,
                     "seconds": round(trio.current_time() - started, 3),
                 },
             )
@@ -273,10 +322,7 @@ class ReplayHub:
         """Each record to the requests that want it; no await: joins see a whole batch or none."""
         active = self._active
         for fetched in batch:
-            requests = active.get(fetched.key) if fetched.key is not None else None
-            if not requests:
-                continue
-            for request in list(requests):
+            for request in [r for key in _addressees(fetched) for r in active.get(key, ())]:
                 if fetched.offset < request.start:
                     continue
                 if fetched.offset >= request.end:
@@ -302,6 +348,15 @@ class ReplayHub:
             for request in list(requests):
                 if request.end <= self._position:
                     self._drop(request)
+
+    def _drop_abandoned(self) -> bool:
+        """Drop the requests whose sessions left; True while any request is left."""
+        for requests in list(self._active.values()):
+            for request in list(requests):
+                if request.abandoned:
+                    self._abandoned += 1
+                    self._drop(request)
+        return bool(self._active)
 
     def _drop(self, request: _Request) -> None:
         request.finish()
@@ -342,11 +397,16 @@ class Replay:
         self._hub = hub
         self.partition = hub.partition
         self.uid = uid
+        # resume = -1: everything still in the window (check() decides where that starts).
+        self.everything = resume == -1
         self.start = resume + 1
         self.end = end
         self.sent = 0
+        self.abandoned = False  # the client left while its records were being read
         self._checked: bool | None = None
         self._at_end = False  # check() already met the end of the log
+        # Records older than this (ms since the epoch) are skipped (resume = -1 only).
+        self._oldest_ms: float | None = None
 
     def __repr__(self) -> str:
         return f"<Replay {self._hub!r} [{self.start}, {self.end}) uid={self.uid}>"
@@ -368,6 +428,8 @@ class Replay:
         """True when every record in [start, end) can still be replayed."""
         metrics = self._ctx.metrics
         cfg = self._ctx.config.value.replay
+        if self.everything:
+            return await self._check_everything()
         if self.start >= self.end:
             metrics.replays.labels("nothing_missed").inc()
             self._checked = True
@@ -389,6 +451,26 @@ class Replay:
         self._checked = ok
         return ok
 
+    async def _check_everything(self) -> bool:
+        """``resume=-1``: the window is whatever is left of it, so it always resumes."""
+        metrics = self._ctx.metrics
+        cfg = self._ctx.config.value.replay
+        self.start = max(0, self.end - cfg.max_records)
+        if self.start >= self.end:
+            metrics.replays.labels("nothing_missed").inc()
+            self._checked = True
+            return True
+        low, first = await self._hub.probe(self.start)
+        if self.start < low:
+            self.start = low  # below it retention has deleted the records
+            self._at_end = low >= self.end
+        else:
+            self._at_end = first is None
+        self._oldest_ms = (time.time() - cfg.max_age_s) * 1000
+        metrics.replays.labels("replayed").inc()
+        self._checked = True
+        return True
+
     # -- the range ---------------------------------------------------------------
 
     async def send_to(self, target: ReplayTarget) -> int:
@@ -398,20 +480,20 @@ class Replay:
         if self.start >= self.end or self._at_end:
             return 0
         started = trio.current_time()
-        start = self.start
         try:
-            while True:
-                request, records = self._hub.submit(self.uid, start, self.end)
-                async with records:
-                    async for fetched in records:
-                        request.queued_bytes -= len(fetched.value or b"")
-                        await self._send_one(target, fetched)
-                if request.error is not None:
-                    raise request.error
-                if request.resume_at is None:
-                    break
-                # Our channel was full: the rest comes from a later pass.
-                start = request.resume_at
+            try:
+                async with trio.open_nursery() as nursery:
+                    # A client that left is not waited for: the pass would read the
+                    # whole range for nobody (closing our channel tells the scan).
+                    nursery.start_soon(self._abandon_when_gone, target, nursery.cancel_scope)
+                    await self._receive_all(target)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # Only the body raises (the watcher returns or is cancelled): the
+                # caller handles a closed connection or an unavailable broker as such.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
         finally:
             self._ctx.metrics.replayed_records.inc(self.sent)
             log.info(
@@ -422,19 +504,42 @@ class Replay:
                     "records": self.sent,
                     "from": self.start,
                     "to": self.end,
+                    "abandoned": self.abandoned,
                     "seconds": round(trio.current_time() - started, 3),
                 },
             )
         return self.sent
 
+    async def _receive_all(self, target: ReplayTarget) -> None:
+        start = self.start
+        while True:
+            request, records = self._hub.submit(self.uid, start, self.end)
+            async with records:
+                async for fetched in records:
+                    request.queued_bytes -= len(fetched.value or b"")
+                    await self._send_one(target, fetched)
+            if request.error is not None:
+                raise request.error
+            if request.resume_at is None:
+                return
+            # Our channel was full: the rest comes from a later pass.
+            start = request.resume_at
+
+    async def _abandon_when_gone(self, target: ReplayTarget, scope: trio.CancelScope) -> None:
+        await target.wait_gone()
+        self.abandoned = True
+        scope.cancel()
+
     async def _send_one(self, target: ReplayTarget, fetched: Record) -> None:
+        if self._oldest_ms is not None and fetched.timestamp_ms < self._oldest_ms:
+            return  # older than replay.max_age_s: out of the window
         try:
             chat = decode_record(fetched.value)
         except RecordError:
             return  # counted and logged by the live path, which sees it too
-        if chat.to != target.uid:
+        if target.uid not in chat.addressees:
             return
         await target.send_replayed(
-            fetched.offset, encode_message(chat, self.partition, fetched.offset)
+            fetched.offset, encode_message(chat, self.partition, fetched.offset, target.uid)
         )
         self.sent += 1

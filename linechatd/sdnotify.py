@@ -45,8 +45,10 @@ class Notifier:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
-    def stopping(self) -> None:
-        self.notify("STOPPING=1")
+    def stopping(self, extend_s: float | None = None) -> None:
+        """STOPPING=1; with ``extend_s``, systemd's stop timeout becomes that long from now."""
+        extend = [f"EXTEND_TIMEOUT_USEC={int(extend_s * 1e6)}"] if extend_s is not None else []
+        self.notify("STOPPING=1", *extend)
 
     def watchdog(self) -> None:
         self.notify("WATCHDOG=1")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -31,10 +32,11 @@ import trio
 
 from .delivery import CoreLimits, ProduceRequest, SessionCore
 from .kafka import KafkaUnavailable
+from .metrics import close_label
 from .protocol import CloseCode, encode_welcome
 from .ratelimit import TokenBucket
 from .replay import Replay, ReplayHub
-from .websocket import Connection, ConnectionClosed
+from .websocket import Connection, ConnectionClosed, FrameRefused
 
 if TYPE_CHECKING:
     from .auth import Identity
@@ -73,6 +75,24 @@ class _Counts:
 
 
 class Session:
+    # Slots: thousands of idle sessions per process, each a handful of objects.
+    __slots__ = (
+        "uid",
+        "device",
+        "partition",
+        "core",
+        "_conn",
+        "_identity",
+        "_ctx",
+        "_room",
+        "_writer_active",
+        "_nursery",
+        "_on_end",
+        "_scope",
+        "_peer_closed",
+        "_sent_at",
+    )
+
     def __init__(
         self,
         *,
@@ -81,6 +101,7 @@ class Session:
         identity: Identity,
         partition: int,
         ctx: Context,
+        send_bucket: TokenBucket,
         on_end: Callable[[], object] | None = None,
     ) -> None:
         self.uid = params.uid
@@ -98,13 +119,18 @@ class Session:
             limits=CoreLimits(
                 outbox_frames=limits.outbound_queue_messages,
                 bad_frames_per_minute=limits.bad_frames_per_minute,
+                max_frames_per_s=limits.max_frames_per_s,
+                idle_timeout_s=limits.idle_timeout_s,
+                max_recipients=limits.max_recipients,
             ),
-            send_bucket=TokenBucket(
-                limits.sends_per_second, limits.send_burst, trio.current_time()
-            ),
+            send_bucket=send_bucket,
+            now=trio.current_time(),
             counts=_Counts(ctx),
         )
-        self._room = trio.Event()
+        # Every frame is counted before it is looked at (pings and closes too).
+        conn.frame_hook = self._frame_arrived
+        # Set when reading may go on after max_in_flight sends; made only then.
+        self._room: trio.Event | None = None
         # While the writer runs it owns the socket's sending side; the
         # session's nursery (for the writer) exists only while live.
         self._writer_active = False
@@ -112,6 +138,9 @@ class Session:
         self._on_end = on_end
         self._scope = trio.CancelScope()
         self._peer_closed = False
+        # When each send still waiting for its reports was produced, oldest
+        # first (for linechatd_send_ack_seconds); made at the first send.
+        self._sent_at: deque[float] | None = None
 
     def __repr__(self) -> str:
         return f"<Session uid={self.uid} device={self.device} partition={self.partition}>"
@@ -122,10 +151,31 @@ class Session:
         """Registered with the partition: live delivery starts at ``live_from``."""
         self.core.start(live_from)
 
-    def offer(self, offset: int | None, frame: str) -> None:
+    def offer(self, offset: int | None, frame: str | bytes) -> None:
         """A live frame from the partition's delivery task; never waits."""
         self.core.offer(offset, frame)
         self._carry_out()
+
+    def queue(self, offset: int | None, frame: str | bytes) -> None:
+        """Like :meth:`offer`, written at the next :meth:`write_queued` (one
+        write for every frame a fetched batch brings this session)."""
+        self.core.offer(offset, frame)
+
+    def write_queued(self) -> None:
+        """Write what :meth:`queue` queued (or close, if the core decided so)."""
+        self._carry_out()
+
+    def check_idle(self, now: float) -> None:
+        """Close the session if its client has been silent too long (the partition sweeps)."""
+        self.core.check_idle(now)
+        self._carry_out()
+
+    def _frame_arrived(self) -> bool:
+        # The transport, for every frame, before it is decoded.
+        if self.core.frame_arrived(trio.current_time()):
+            return True
+        self._carry_out()
+        return False
 
     # -- carrying out the core's decisions ------------------------------------------
 
@@ -150,16 +200,18 @@ class Session:
         if self._writer_active or self._nursery is None:
             return
         conn = self._conn
-        # Direct writes, without a task switch, while the socket takes frames at once.
-        while conn.can_write_now:
-            frame = core.next_frame()
-            if frame is None:
-                break
-            try:
-                conn.write_now(frame)
-            except ConnectionClosed:
-                self._peer_gone()
-                return
+        # Direct writes, without a task switch, while the socket takes frames
+        # at once: everything due goes out in one system call.
+        if core.backlog and conn.can_write_now:
+            frames = []
+            while (frame := core.next_frame()) is not None:
+                frames.append(frame)
+            if frames:
+                try:
+                    conn.write_many_now(frames)
+                except ConnectionClosed:
+                    self._peer_gone()
+                    return
         if core.backlog or conn.unflushed:
             self._writer_active = True
             self._nursery.start_soon(self._writer)
@@ -185,7 +237,28 @@ class Session:
                     self._carry_out()
                     if self._identity.expires_at is not None:
                         nursery.start_soon(self._expire_at, self._identity.expires_at)
-                    await self._reader()
+                    # The read loop is here, not in a method of its own: an idle
+                    # session waits in it, and each coroutine frame on its
+                    # stack costs ~250 bytes per connection.
+                    conn, residence = self._conn, metrics.residence
+                    while True:
+                        try:
+                            data = await conn.receive()
+                        except ConnectionClosed:
+                            self._peer_closed = True
+                            break
+                        except FrameRefused:
+                            break  # the core decided to close: _carry_out() cancelled us
+                        # Sends go to the broker in the order they were read.
+                        now_ms = int(time.time() * 1000)
+                        request = core.on_frame(data, trio.current_time(), now_ms)
+                        if request is not None:
+                            self._produce(request)
+                            residence.observe("read_to_produce", time.perf_counter() - conn.read_at)
+                        self._carry_out()
+                        while not core.reading_allowed:
+                            room = self._room = trio.Event()
+                            await room.wait()
                     nursery.cancel_scope.cancel()
         except ConnectionClosed:
             self._peer_closed = True
@@ -214,7 +287,7 @@ class Session:
                 # Whatever happened, the socket is released here: the session owns it.
                 await self._conn.aclose()
             code = self._conn.closed_code if self._peer_closed else close.code
-            metrics.closes.labels(str(code)).inc()
+            metrics.closes.labels(close_label(code, by_peer=not self._conn.closed_locally)).inc()
             if self._on_end is not None:
                 self._on_end()
 
@@ -242,12 +315,16 @@ class Session:
             if resumed:
                 await replay.send_to(self)
 
-    async def send_replayed(self, offset: int, frame: str) -> None:
+    async def wait_gone(self) -> None:
+        """Return once the client has dropped its connection (while replaying; see replay.py)."""
+        await self._conn.wait_peer_gone()
+
+    async def send_replayed(self, offset: int, frame: str | bytes) -> None:
         """Send a replayed record now, ahead of the (still waiting) live outbox."""
         if self.core.replayed(offset):
             await self._send_ahead(frame, " during replay")
 
-    async def _send_ahead(self, frame: str, during: str) -> None:
+    async def _send_ahead(self, frame: str | bytes, during: str) -> None:
         """Send before the live outbox, within the send deadline; past it the core closes."""
         with trio.move_on_after(self._ctx.config.value.limits.send_timeout_s):
             await self._conn.send(frame)
@@ -279,39 +356,44 @@ class Session:
             # before was sent above, one queued after is written directly.
             self._writer_active = False
 
-    async def _reader(self) -> None:
-        """Read frames until the peer closes; hand sends to the broker in order."""
-        core, conn = self.core, self._conn
-        while True:
-            try:
-                data = await conn.receive()
-            except ConnectionClosed:
-                self._peer_closed = True
-                return
-            request = core.on_frame(data, trio.current_time(), int(time.time() * 1000))
-            if request is not None:
-                self._produce(request)
-            self._carry_out()
-            while not core.reading_allowed:
-                self._room = trio.Event()
-                await self._room.wait()
-
     def _produce(self, request: ProduceRequest) -> None:
         ctx, core = self._ctx, self.core
+        receipts = []
         try:
-            receipt = ctx.producer.send(ctx.topic(request.partition), request.key, request.value)
+            for record in request.records:
+                receipts.append(
+                    ctx.producer.send(ctx.topic(record.partition), record.key, record.value)
+                )
         except KafkaUnavailable:
+            # Records already handed over may still be stored: the client
+            # sends again with the same id, and recipients drop the copies.
             core.refused(request, "the broker did not take the message; send again")
             return
         ctx.metrics.messages_sent.inc()
-        core.produced(request, receipt)
-        receipt.on_resolved = self._on_report
+        core.produced(request, receipts)
+        sent_at = self._sent_at
+        if sent_at is None:
+            sent_at = self._sent_at = deque()
+        sent_at.append(time.perf_counter())
+        on_reports = self._on_reports
+        for receipt in receipts:
+            receipt.on_batch = on_reports
 
-    def _on_report(self) -> None:
-        # The trio thread, as a delivery report resolves; never raises.
-        self.core.on_report()
+    def _on_reports(self, reported_at: float) -> None:
+        # The trio thread, once per hand-over of delivery reports (however
+        # many of this session's it holds): every ack due, in one write.
+        answered = self.core.on_report()
         self._carry_out()
-        if self.core.reading_allowed:
+        if answered:
+            now = time.perf_counter()
+            metrics = self._ctx.metrics
+            metrics.residence.observe("report_to_ack", now - reported_at, answered)
+            # Sends are answered in the order they were produced (delivery.py).
+            sent_at = self._sent_at
+            assert sent_at is not None
+            for _ in range(answered):
+                metrics.send_ack.observe(now - sent_at.popleft())
+        if self._room is not None and self.core.reading_allowed:
             self._room.set()
 
     async def _expire_at(self, expires_at: float) -> None:

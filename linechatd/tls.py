@@ -69,8 +69,8 @@ class ListenerTLS:
                 self._contexts[section] = (cert, key, server_tls_context(cert, key, alpn))
             except (OSError, ssl.SSLError) as exc:
                 raise TLSFilesError(
-                    f"{section}.tls_cert_file/{section}.tls_key_file: "
-                    f"cannot load the certificate and key: {exc}"
+                    f"{section}.tls_cert_file: cannot load the certificate with "
+                    f"{section}.tls_key_file: {exc}"
                 ) from None
 
     def context(self, section: str) -> ssl.SSLContext | None:

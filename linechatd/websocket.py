@@ -5,9 +5,10 @@ module touches the WebSocket library: sessions see ``Handshake`` and
 ``Connection`` only, and a faster transport can replace this one without
 touching routing or partition code.
 
-wsproto is driven directly on the trio stream: the task that calls
-``receive()`` does the reading (pings are answered there), so a connection
-costs no task of its own, and writes share one lock that sends whatever else
+The frames are decoded by :mod:`linechatd.wsframe` (sans-IO, a short path for
+the common frame) on the trio stream; the upgrade request is read with h11.
+The task that calls ``receive()`` does the reading (pings are answered
+there), so a connection costs no task of its own, and writes share one lock that sends whatever else
 was queued meanwhile in the same system call. ``write_now()`` writes a frame
 without a task switch when nothing else is being sent: most frames leave in
 the call that produced them.
@@ -17,25 +18,34 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import errno
 import hashlib
 import json
 import logging
+import math
 import os
+import select
+import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import NoReturn
 from urllib.parse import unquote_plus
 
 import h11
 import trio
-from wsproto import ConnectionState, ConnectionType
-from wsproto.connection import Connection as _WsConnection
-from wsproto.events import (
-    BytesMessage,
-    CloseConnection,
+
+from .wsframe import (
+    Close,
     Event,
+    FrameDecoder,
     Ping,
-    TextMessage,
+    Violation,
+    encode_close,
+    encode_pong,
+    encode_text,
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +59,8 @@ DISCONNECT_TIMEOUT_S = 2.0
 # A peer closed for abuse is not waited for: until its close reply arrives
 # every byte it keeps sending would still be read and parsed.
 ABUSE_CLOSE_WAIT_S = 0.1
+# While a client that sent bytes nobody reads yet is watched for leaving.
+PEER_GONE_POLL_S = 0.25
 # Per read: large enough for a burst of frames in one call, and the bytes
 # object is shrunk to what arrived, so an idle socket holds none of it.
 RECEIVE_BYTES = 65536
@@ -56,9 +68,14 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 # accept() failures that mean "no room now", not "the listener is broken".
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_RETRY_S = 0.1
+DEFAULT_PARTIAL_MESSAGE_TIMEOUT_S = 10.0
 # The upgrade request's line and headers together; more is refused (431).
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class FrameRefused(Exception):
+    """The connection's ``frame_hook`` refused a frame: its owner closes it (1008)."""
 
 
 class ConnectionClosed(Exception):
@@ -70,17 +87,34 @@ class ConnectionClosed(Exception):
         self.reason = reason
 
 
+class _State(enum.Enum):
+    OPEN = "open"
+    # Our close frame is out; the peer's reply is awaited.
+    LOCAL_CLOSING = "local_closing"
+    CLOSED = "closed"
+
+
+_OPEN = _State.OPEN
+_LOCAL_CLOSING = _State.LOCAL_CLOSING
+_CLOSED = _State.CLOSED
+
+
 class Connection:
     """An accepted WebSocket: text frames in and out, and a close with a code."""
 
     __slots__ = (
+        "read_at",
         "_stream",
-        "_ws",
+        "_decoder",
+        "_state",
         "_max_bytes",
+        "_partial_timeout_s",
+        "_partial_deadline",
+        "_partial_message",
+        "_fresh_read",
         "_events",
-        "_parts",
-        "_part_bytes",
-        "_send_lock",
+        "_sending",
+        "_send_waiters",
         "_pending",
         "_reading",
         "_socket",
@@ -91,16 +125,33 @@ class Connection:
         "_closed_reason",
     )
 
-    def __init__(self, stream: trio.abc.Stream, ws: _WsConnection, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        max_message_bytes: int,
+        partial_message_timeout_s: float = DEFAULT_PARTIAL_MESSAGE_TIMEOUT_S,
+        *,
+        trailing: bytes = b"",
+    ) -> None:
+        # time.perf_counter() when the frames being handed out were read.
+        self.read_at = time.perf_counter()
         self._stream = stream
-        self._ws = ws
+        # Joins fragments and enforces the size limit on every frame's header.
+        self._decoder = FrameDecoder(max_message_bytes)
+        self._state = _OPEN
         self._max_bytes = max_message_bytes
-        # Events parsed but not yet handed out (several frames can arrive in one read).
-        self._events: Iterator[Event] | None = None
-        # A fragmented message so far, and its size in bytes.
-        self._parts: list[str | bytes] = []
-        self._part_bytes = 0
-        self._send_lock = trio.Lock()
+        self._partial_timeout_s = partial_message_timeout_s
+        self._partial_deadline = math.inf
+        # Which fragmented message the deadline is for (FrameDecoder.messages_begun).
+        self._partial_message = 0
+        # Frames the client sent right behind its upgrade request come first.
+        self._events: Iterator[Event] | None = self._decoder.events(trailing) if trailing else None
+        self._fresh_read = True
+        # Whether a write owns the socket's sending side, and (made on the
+        # first contention only) the writes waiting for it: a trio.Lock and
+        # its parking lot would weigh ~450 bytes on every idle connection.
+        self._sending = False
+        self._send_waiters: trio.lowlevel.ParkingLot | None = None
         self._pending: list[bytes] = []
         self._reading = False
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -111,122 +162,214 @@ class Connection:
         self._closed_code: int | None = None
         self._closed_reason: str | None = None
 
+    @property
+    def frame_hook(self) -> Callable[[], bool] | None:
+        """Called for every frame received, before it is looked at: False refuses it."""
+        return self._decoder.frame_hook
+
+    @frame_hook.setter
+    def frame_hook(self, hook: Callable[[], bool] | None) -> None:
+        self._decoder.frame_hook = hook
+
     # -- receiving -----------------------------------------------------------
 
     async def receive(self) -> str | bytes:
-        ws = self._ws
+        """The next text (str) or binary (bytes) message; pings are answered here.
+
+        Every frame, control frames and each fragment included, is first shown
+        to ``frame_hook`` (if set) before its payload is unmasked or decoded:
+        when the hook says False, the rest of what was read is dropped
+        unexamined and :class:`FrameRefused` is raised (the owner closes the
+        connection). A message that is not the first of its read follows a
+        checkpoint, so a read full of tiny frames cannot keep other tasks waiting.
+        """
         while True:
             if self._closed_code is not None or self._local_close_code is not None:
                 raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
             events = self._events
             if events is not None:
                 for event in events:
-                    if type(event) is TextMessage or type(event) is BytesMessage:
-                        message = self._message(event)  # type: ignore[arg-type]
-                        if message is None:
-                            continue
-                        if message is _TOO_BIG:
-                            await self.close(
-                                CLOSE_TOO_BIG, f"message larger than {self._max_bytes} bytes"
-                            )
-                            raise ConnectionClosed(CLOSE_TOO_BIG, "message too big")
-                        return message  # type: ignore[return-value]
+                    if type(event) is str or type(event) is bytes:
+                        if self._fresh_read:
+                            self._fresh_read = False
+                        else:
+                            await trio.lowlevel.checkpoint()
+                        return event
                     if isinstance(event, Ping):
-                        await self._write(ws.send(event.response()))
-                    elif isinstance(event, CloseConnection):
+                        if self._state is _OPEN:
+                            await self._write(encode_pong(event.payload))
+                    elif isinstance(event, Close):
                         await self._on_close(event)
                         raise ConnectionClosed(self.closed_code, self._closed_reason)
+                    elif isinstance(event, Violation):
+                        await self._on_violation(event)
+                    # A Pong needs nothing.
                 self._events = None
-            await self._read()
+                if self._decoder.refused:
+                    raise FrameRefused
+            if self._decoder.in_message or self._state is not _OPEN:
+                # A deadline may apply (a fragmented message): the general read.
+                if not await self._read():
+                    raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
+                continue
+            # The common read, here rather than in _read(): an idle connection
+            # waits here, and each coroutine frame on its stack costs ~250 bytes.
+            self._reading = True
+            try:
+                data: bytes | bytearray = await self._stream.receive_some(RECEIVE_BYTES)
+            except _STREAM_ERRORS:
+                data = b""
+            finally:
+                self._reading = False
+            if not await self._took(data):
+                raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
 
-    def _message(self, event: TextMessage | BytesMessage) -> str | bytes | object | None:
-        data = event.data
-        if isinstance(data, str):
-            # Bytes, not characters: isascii() is O(1), so ASCII costs no encoding.
-            size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
-        else:
-            data = bytes(data)
-            size = len(data)
-        if event.message_finished and not self._parts:
-            return data if size <= self._max_bytes else _TOO_BIG
-        self._part_bytes += size
-        if self._part_bytes > self._max_bytes:
-            self._parts.clear()
-            return _TOO_BIG
-        self._parts.append(data)
-        if not event.message_finished:
-            return None
-        parts, self._parts, self._part_bytes = self._parts, [], 0
-        return "".join(parts) if type(data) is str else b"".join(parts)  # type: ignore[arg-type]
+    async def _on_violation(self, event: Violation) -> NoReturn:
+        if event.code == CLOSE_TOO_BIG:
+            await self.close(CLOSE_TOO_BIG, f"message larger than {self._max_bytes} bytes")
+            raise ConnectionClosed(CLOSE_TOO_BIG, "message too big")
+        # Bad framing or bad UTF-8: the connection is failed, not closed politely.
+        await self._fail(event.code, event.reason)
+        self._closed_reason = event.reason
+        raise ConnectionClosed(self.closed_code, self._closed_reason)
 
-    async def _read(self) -> None:
-        """One read from the stream into wsproto; a dead stream becomes a close event."""
+    async def _read(self) -> bool:
+        """One read from the stream into the decoder; False once the stream has ended.
+
+        While a fragmented message is incomplete the read waits until its
+        deadline at most; past it the connection is failed (1008).
+        """
+        decoder = self._decoder
+        deadline = math.inf
+        if decoder.in_message and self._state is _OPEN:
+            if decoder.messages_begun != self._partial_message:
+                self._partial_message = decoder.messages_begun
+                self._partial_deadline = trio.current_time() + self._partial_timeout_s
+            deadline = self._partial_deadline
+        data: bytes | bytearray = b""
+        late = False
         self._reading = True
         try:
-            data = await self._stream.receive_some(RECEIVE_BYTES)
+            if deadline == math.inf:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+            else:
+                with trio.move_on_at(deadline) as scope:
+                    data = await self._stream.receive_some(RECEIVE_BYTES)
+                late = scope.cancelled_caught
         except _STREAM_ERRORS:
             data = b""
         finally:
             self._reading = False
-        self._ws.receive_data(bytes(data) if data else None)
-        self._events = self._ws.events()
+        if late:
+            await self._fail(CLOSE_POLICY, "fragmented message not completed in time")
+            raise ConnectionClosed(CLOSE_POLICY, "fragmented message not completed in time")
+        return await self._took(data)
 
-    async def _on_close(self, event: CloseConnection) -> None:
-        state = self._ws.state
-        if state is ConnectionState.REMOTE_CLOSING:
-            # The peer started it: answer, then drop the TCP connection (the server closes first).
-            self._closed_code, self._closed_reason = int(event.code), event.reason
+    async def _took(self, data: bytes | bytearray) -> bool:
+        """Hand what a read returned to the decoder; False (and the socket
+        released) when it was the end of the stream."""
+        if not data:
+            # The peer went away without a closing handshake (or after ours).
+            self._state = _CLOSED
+            await self._drop()
+            return False
+        self.read_at = time.perf_counter()
+        self._events = self._decoder.events(data)
+        self._fresh_read = True
+        return True
+
+    async def _on_close(self, event: Close) -> None:
+        if self._state is _OPEN:
+            # The peer started it: answer, then drop the TCP connection (the
+            # server closes first). 1005 (no code) is answered with no code.
+            self._closed_code, self._closed_reason = event.code, event.reason
+            self._state = _CLOSED
             with trio.move_on_after(DISCONNECT_TIMEOUT_S):
                 try:
-                    await self._write(self._ws.send(event.response()))
+                    await self._write(encode_close(event.code))
                 except ConnectionClosed:
                     pass
-            await self._drop()
-        elif state is ConnectionState.OPEN:
-            # A protocol violation (bad UTF-8, bad framing): wsproto reports it
-            # as a close event but leaves it to us to fail the connection.
-            await self._fail(int(event.code), event.reason or "")
-            self._closed_reason = event.reason
         else:
-            # The reply to our close, or the stream's end.
+            # The reply to our close.
+            self._state = _CLOSED
             if self._closed_code is None:
-                self._closed_code, self._closed_reason = int(event.code), event.reason
-            await self._drop()
+                self._closed_code, self._closed_reason = event.code, event.reason
+        await self._drop()
+
+    async def wait_peer_gone(self) -> None:
+        """Return once the peer has closed or reset its TCP connection, without reading.
+
+        For a task that must not read (the session's reader is not running
+        yet) but should stop working for a client that left. Linux reports
+        the peer's FIN as POLLRDHUP even behind unread bytes; elsewhere this
+        never returns. Only one task may wait at a time, and never while
+        another reads.
+        """
+        stream = self._stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        rdhup = getattr(select, "POLLRDHUP", None)
+        if not isinstance(stream, trio.SocketStream) or rdhup is None:
+            await trio.sleep_forever()
+            return
+        sock = stream.socket
+        gone = rdhup | select.POLLHUP | select.POLLERR
+        while not self._dropped:
+            await trio.lowlevel.wait_readable(sock)
+            fd = sock.fileno()
+            if fd < 0:
+                return  # closed here meanwhile
+            poller = select.poll()
+            poller.register(fd, gone)
+            if poller.poll(0):
+                return
+            # Bytes from a client still there: look again now and then (a
+            # readable socket would wake us at once, over and over).
+            await trio.sleep(PEER_GONE_POLL_S)
 
     # -- sending -------------------------------------------------------------
 
-    async def send(self, text: str) -> None:
-        if self._ws.state is not ConnectionState.OPEN or self._broken:
+    async def send(self, text: str | bytes) -> None:
+        """Send a text frame; ``bytes`` must be UTF-8 already (a JSON encoder's output)."""
+        if self._state is not _OPEN or self._broken:
             raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
-        await self._write(self._ws.send(TextMessage(data=text)))
+        await self._write(encode_text(text))
 
     @property
     def can_write_now(self) -> bool:
         """Whether :meth:`write_now` may be used: a plain TCP socket with
         nothing queued or being written (so frames keep their order)."""
-        sock = self._socket
         return (
-            sock is not None
+            self._socket is not None
             and not self._pending
-            and not self._send_lock.locked()
+            and not self._sending
             and not self._broken
             and not self._dropped
-            and self._ws.state is ConnectionState.OPEN
+            and self._state is _OPEN
         )
 
-    def write_now(self, text: str) -> None:
+    def write_now(self, text: str | bytes) -> None:
         """Write a text frame without waiting (only when :attr:`can_write_now`).
 
         What the socket does not accept at once stays queued, and
         ``unflushed`` says that ``flush()`` must follow. Raises
         ConnectionClosed on a dead stream.
         """
+        self.write_many_now((text,))
+
+    def write_many_now(self, texts: Iterable[str | bytes]) -> None:
+        """Write text frames in one system call (only when :attr:`can_write_now`).
+
+        As :meth:`write_now`, for every frame due at once: one ``write()``
+        for all of them instead of one each.
+        """
         sock = self._socket
         assert sock is not None, "write_now() needs can_write_now"
         fd = sock.fileno()  # -1 once closed: never a number another socket reuses
         if fd < 0:
             raise ConnectionClosed(self.closed_code or CLOSE_ABNORMAL, self._closed_reason)
-        data = self._ws.send(TextMessage(data=text))
+        frames = [encode_text(text) for text in texts]
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
         try:
             sent = os.write(fd, data)
         except BlockingIOError:
@@ -253,11 +396,13 @@ class Connection:
         """Send ``data`` after anything queued before it, coalescing what waits."""
         pending = self._pending
         pending.append(data)
-        lock = self._send_lock
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
+        if self._sending:
+            if self._send_waiters is None:
+                self._send_waiters = trio.lowlevel.ParkingLot()
+            # Woken by _release_send() as the owner of the sending side (FIFO).
+            await self._send_waiters.park()
+        else:
+            self._sending = True
         try:
             if self._broken:
                 pending.clear()
@@ -274,7 +419,14 @@ class Connection:
                     self._closed_code = CLOSE_ABNORMAL
                 raise ConnectionClosed(self.closed_code, self._closed_reason) from None
         finally:
-            lock.release()
+            self._release_send()
+
+    def _release_send(self) -> None:
+        waiters = self._send_waiters
+        if waiters:
+            waiters.unpark()  # ownership passes straight to the next write
+        else:
+            self._sending = False
 
     async def _send_all(self, data: bytes) -> None:
         sock = self._socket
@@ -316,12 +468,14 @@ class Connection:
             return
         try:
             with trio.move_on_after(wait_s):
-                if self._ws.state is ConnectionState.OPEN and self._local_close_code is None:
+                if self._state is _OPEN and self._local_close_code is None:
                     self._local_close_code = code
+                    self._state = _LOCAL_CLOSING
+                    # The budget is over: only the peer's close reply is looked for now.
+                    self._decoder.frame_hook = None
                     if not self._broken:
-                        frame = self._ws.send(CloseConnection(code=code, reason=reason[:120]))
                         try:
-                            await self._write(frame)
+                            await self._write(encode_close(code, reason))
                         except ConnectionClosed:
                             return
                 await self._await_close_reply()
@@ -329,7 +483,7 @@ class Connection:
             await self._drop()
 
     async def _await_close_reply(self) -> None:
-        while self._ws.state is ConnectionState.LOCAL_CLOSING and not self._dropped:
+        while self._state is _LOCAL_CLOSING and not self._dropped:
             if self._reading:
                 # Another task's receive() reads the reply; it drops the stream then.
                 await trio.sleep(0.01)
@@ -338,11 +492,13 @@ class Connection:
             self._events = None
             if events is not None:
                 for event in events:
-                    if isinstance(event, CloseConnection):
+                    if type(event) is Close:
+                        self._state = _CLOSED
                         if self._closed_code is None:
-                            self._closed_code, self._closed_reason = int(event.code), event.reason
+                            self._closed_code, self._closed_reason = event.code, event.reason
                         return
-            await self._read()
+            if not await self._read():
+                return
 
     async def aclose(self) -> None:
         """Release the socket now, without a closing handshake (after ``close()``,
@@ -359,13 +515,15 @@ class Connection:
         await trio.aclose_forcefully(self._stream)
 
     @property
+    def closed_locally(self) -> bool:
+        """This side started the close (the session, or the transport failing the peer)."""
+        return self._local_close_code is not None
+
+    @property
     def closed_code(self) -> int | None:
         if self._closed_code is None and not self._dropped:
             return None
         return self._local_close_code if self._local_close_code is not None else self._closed_code
-
-
-_TOO_BIG = object()
 
 
 class Handshake:
@@ -380,6 +538,7 @@ class Handshake:
         "_http",
         "_key",
         "_max_bytes",
+        "_partial_timeout_s",
         "_detached",
         "_answered",
         "connection",
@@ -397,11 +556,13 @@ class Handshake:
         key: bytes,
         remote: str,
         max_message_bytes: int,
+        partial_message_timeout_s: float = DEFAULT_PARTIAL_MESSAGE_TIMEOUT_S,
     ) -> None:
         self._stream = stream
         self._http = http
         self._key = key
         self._max_bytes = max_message_bytes
+        self._partial_timeout_s = partial_message_timeout_s
         self._detached = False
         self._answered = False
         self.connection: Connection | None = None
@@ -435,13 +596,12 @@ class Handshake:
             )
         )
         # Frames the client sent right behind its request wait in h11's buffer
-        # (public: ``trailing_data``), and go to wsproto before anything read later.
+        # (public: ``trailing_data``), and are decoded before anything read later.
         trailing, _closed = self._http.trailing_data
-        ws = _WsConnection(ConnectionType.SERVER, extensions=None, trailing_data=trailing)
-        conn = Connection(self._stream, ws, self._max_bytes)
+        conn = Connection(
+            self._stream, self._max_bytes, self._partial_timeout_s, trailing=bytes(trailing)
+        )
         self.connection = conn
-        if trailing:
-            conn._events = ws.events()
         try:
             await conn._write(response or b"")
         except ConnectionClosed:
@@ -554,7 +714,7 @@ def redact_query(query: str, limit: int = 512) -> str:
 
 
 async def _read_request(
-    stream: trio.abc.Stream, remote: str, max_message_bytes: int
+    stream: trio.abc.Stream, remote: str, max_message_bytes: int, partial_message_timeout_s: float
 ) -> Handshake | None:
     """The upgrade request (parsed by h11), or None once a bad one was answered or the peer left."""
     if isinstance(stream, trio.SSLStream):
@@ -582,13 +742,106 @@ async def _read_request(
             # The whole request is in (h11 pauses at a protocol switch); what
             # follows belongs to the WebSocket.
             key = next(bytes(v) for k, v in request.headers if k == b"sec-websocket-key")
-            return Handshake(stream, http, request, key, remote, max_message_bytes)
+            return Handshake(
+                stream, http, request, key, remote, max_message_bytes, partial_message_timeout_s
+            )
         elif isinstance(event, h11.ConnectionClosed):
             return None
         elif isinstance(event, h11.Data):
             # A body on an upgrade request: not a WebSocket client.
             await _send_rejection(stream, http, 400, {"error": "bad_request"})
             return None
+
+
+@dataclass(frozen=True, slots=True)
+class TcpKeepalive:
+    """Keepalive settings for accepted sockets (seconds, probes)."""
+
+    idle_s: int
+    interval_s: int
+    count: int
+    user_timeout_s: float
+
+
+def apply_tcp_keepalive(sock: trio.socket.SocketType, settings: TcpKeepalive) -> None:
+    """Turn keepalive on for ``sock``, so that a peer that vanished is noticed.
+
+    Without it an idle socket whose client lost its network stays open
+    forever, and one with unacknowledged data for ~15 minutes of
+    retransmissions; TCP_USER_TIMEOUT bounds both (Linux). Options the
+    platform lacks are skipped; a socket already reset is left alone.
+    """
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), settings.idle_s),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), settings.interval_s),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), settings.count),
+        (
+            socket.IPPROTO_TCP,
+            getattr(socket, "TCP_USER_TIMEOUT", None),
+            int(settings.user_timeout_s * 1000),
+        ),
+    ]
+    try:
+        for level, name, value in options:
+            if name is not None:
+                sock.setsockopt(level, name, value)
+    except OSError:
+        pass  # the peer is already gone: the first read says so
+
+
+class UnfinishedHandshakes:
+    """Sockets accepted whose upgrade request is not complete, capped in total and per address.
+
+    No I/O: the listener asks :meth:`enter` as it accepts a socket and closes
+    it at once when refused, so slow or idle clients cannot hold more than
+    the caps of sockets (and their buffers) however many they open.
+    """
+
+    def __init__(
+        self,
+        max_total: int,
+        max_per_address: int,
+        *,
+        address_key: Callable[[str], str] = lambda remote: remote,
+        on_refused: Callable[[], object] = lambda: None,
+    ) -> None:
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self._key = address_key
+        self._on_refused = on_refused
+        self.total = 0
+        self.refused = 0
+        self._by_address: dict[str, int] = {}
+
+    def of(self, remote: str) -> int:
+        return self._by_address.get(self._key(remote), 0)
+
+    def enter(self, remote: str) -> Callable[[], None] | None:
+        """Count a socket from ``remote``; its release, or None when a cap is reached."""
+        key = self._key(remote)
+        held = self._by_address.get(key, 0)
+        if self.total >= self.max_total or held >= self.max_per_address:
+            self.refused += 1
+            self._on_refused()
+            return None
+        self.total += 1
+        self._by_address[key] = held + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.total -= 1
+            left = self._by_address[key] - 1
+            if left:
+                self._by_address[key] = left
+            else:
+                del self._by_address[key]
+
+        return release
 
 
 async def serve(
@@ -599,27 +852,43 @@ async def serve(
     ssl_context: ssl.SSLContext | None,
     max_message_bytes: int,
     handshake_timeout_s: float,
+    partial_message_timeout_s: float = DEFAULT_PARTIAL_MESSAGE_TIMEOUT_S,
+    unfinished: UnfinishedHandshakes | None = None,
+    keepalive: TcpKeepalive | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen until cancelled; ``task_status.started(port)`` once bound.
 
     ``handshake_timeout_s`` bounds everything before the upgrade request is
     complete, TLS handshake included: a socket that never finishes is closed.
+    ``unfinished`` caps how many may be at that stage at once (a socket past
+    the caps is closed as soon as it is accepted); ``keepalive`` is set on
+    every accepted socket.
     """
 
     async def on_connection(tcp: trio.SocketStream) -> None:
         stream: trio.abc.Stream = tcp
-        if ssl_context is not None:
-            stream = trio.SSLStream(tcp, ssl_context, server_side=True, https_compatible=True)
         hs: Handshake | None = None
         # A fault boundary per connection: one that raised would stop the listener.
         try:
             remote = _remote_address(tcp)
-            with trio.move_on_after(handshake_timeout_s):
-                try:
-                    hs = await _read_request(stream, remote, max_message_bytes)
-                except _STREAM_ERRORS:
-                    pass
+            release = unfinished.enter(remote) if unfinished is not None else _nothing
+            if release is None:
+                return  # closed below, before anything is read
+            if keepalive is not None:
+                apply_tcp_keepalive(tcp.socket, keepalive)
+            if ssl_context is not None:
+                stream = trio.SSLStream(tcp, ssl_context, server_side=True, https_compatible=True)
+            try:
+                with trio.move_on_after(handshake_timeout_s):
+                    try:
+                        hs = await _read_request(
+                            stream, remote, max_message_bytes, partial_message_timeout_s
+                        )
+                    except _STREAM_ERRORS:
+                        pass
+            finally:
+                release()
             if hs is None:
                 return
             await handler(hs)
@@ -640,6 +909,10 @@ async def serve(
         for listener in listeners:
             nursery.start_soon(_accept_loop, listener, on_connection, nursery)
         task_status.started(bound)
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _accept_loop(

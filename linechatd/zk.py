@@ -27,8 +27,11 @@ older than T/2, whatever kazoo says. The heartbeat runs on a thread of this
 adapter's own and stamps its answers there: a trio loop busy for longer than
 T/2 (thousands of sockets closing at once) must not read as a silent server
 while ZooKeeper kept hearing from us all along. That leaves T/2 to cancel every partition
-before the earliest moment another instance could hold one; kazoo's SUSPENDED,
-when it comes earlier (a reset connection), is applied at once. T is the
+before the earliest moment another instance could hold one. The clock, not
+the connection, decides: kazoo's SUSPENDED (a dropped connection: a server
+restarting, a leader election) changes nothing while the newest answer is
+younger than T/2, since the server cannot expire the session before then; if
+kazoo reconnects the same session in time, no partition ever stops. T is the
 smaller of the configured and the negotiated timeout: a server clamps a request
 above its ``maxSessionTimeout`` and would expire us sooner than configured.
 
@@ -377,9 +380,11 @@ class ZooKeeper:
         """Trio clock: when the newest answered request of the current session was sent."""
         contact = self._contact.value
         beat, link = self._beat, self._link.value
+        # A heartbeat answered before the connection dropped still counts: the
+        # server heard the session then, whatever the connection does since.
         if (
             beat is not None
-            and link.state == KazooState.CONNECTED
+            and link.state in (KazooState.CONNECTED, KazooState.SUSPENDED)
             and beat.session_id == link.session_id
         ):
             # perf_counter is trio's system clock less a fixed offset.
@@ -507,6 +512,11 @@ class ZooKeeper:
             link = _Link(state, None, old.connects)
             self._contact.value = -math.inf
         self._link.value = link
+        # Logged whether or not it changes what the leases may do (see _evaluate).
+        log.info(
+            "zookeeper_connection",
+            extra={"state": state.lower(), "session": _session_hex(link.session_id)},
+        )
         self._evaluate(f"connection {state.lower()}")
 
     def _note_contact(self, sent: _Link, sent_at: float) -> None:
@@ -523,28 +533,39 @@ class ZooKeeper:
             self._evaluate("answer")
 
     def _evaluate(self, cause: str) -> None:
-        """Derive the published state from kazoo's link and our lease clock."""
+        """Derive the published state from kazoo's link and our lease clock.
+
+        The lease clock decides, not the connection: while the newest answered
+        request of the session was sent less than T/2 ago, the server cannot
+        expire the session (nor delete our leases) for at least T/2 more,
+        whether or not the connection is up right now. So a dropped connection
+        (a ZooKeeper server restarting, a leader election) that kazoo restores
+        within T/2 stops nothing; one that lasts longer stops every partition
+        at T/2, as before.
+        """
         link = self._link.value
         current = self.session.value
         if current.state is SessionState.CLOSED or link.state is None:
             return
         if link.state == KazooState.LOST:
             new = SessionInfo(SessionState.LOST, None, current.generation)
-        elif link.state == KazooState.SUSPENDED:
-            new = SessionInfo(SessionState.SUSPENDED, current.session_id, current.generation)
         elif self._fresh():
             generation = current.generation
             if link.session_id != self._generation_session:
                 self._generation_session = link.session_id
                 generation += 1
             new = SessionInfo(SessionState.CONNECTED, link.session_id, generation)
+        elif link.state == KazooState.SUSPENDED:
+            new = SessionInfo(SessionState.SUSPENDED, current.session_id, current.generation)
+            if current.state is SessionState.CONNECTED:
+                cause = f"connection lost and no answer within {self.suspect_after_s:.3g} s"
         elif (
             self._contact_connects != link.connects
             and trio.current_time() < self._link_up_at + self.suspect_after_s
         ):
             # Just (re)connected, first answer not in yet: not trusted, but
             # not degraded either (a surviving session's leases are kept).
-            if current.state is not SessionState.CONNECTED:
+            if current.state is SessionState.CONNECTING:
                 return
             new = SessionInfo(SessionState.SUSPENDED, current.session_id, current.generation)
         else:

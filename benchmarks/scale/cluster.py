@@ -30,7 +30,7 @@ from linechatd.ownership import InstanceInfo, OwnershipCache, ZkPaths
 from linechatd.partitions import PartitionSupervisor
 from linechatd.zk import ZooKeeperClient, ZooKeeperError
 
-from .fakes import FakeAdmin, FakeFetcher, KafkaTiming
+from .fakes import FakeAdmin, FakeFetcher, FakeOffsetsPool, KafkaTiming
 from .observer import Observer, current_instance
 from .simzk import SimZooKeeper
 
@@ -104,7 +104,8 @@ class SimInstance:
             # Never used by the control plane (sessions produce, not partitions).
             producer=cast(Any, None),
             fetcher=cast(Any, FakeFetcher(instance, observer, settings.kafka)),
-            admin=cast(Any, FakeAdmin(instance, observer, settings.kafka)),
+            admin=cast(Any, FakeAdmin()),
+            offsets=cast(Any, FakeOffsetsPool(instance, TOPIC_PREFIX, observer, settings.kafka)),
             metrics=Metrics(),
             consumer_limiter=trio.CapacityLimiter(1),
             draining=trio.Event(),
@@ -172,6 +173,10 @@ class SimInstance:
     def sim_zk(self) -> SimZooKeeper:
         assert isinstance(self.zk, SimZooKeeper)
         return self.zk
+
+    def set_kafka_reachable(self, reachable: bool) -> None:
+        """What ``Instance._monitor`` concludes from its broker probes."""
+        self.supervisor.registrar.kafka_healthy.value = reachable
 
     def reload(self, *, weight: float, cap: int) -> None:
         """SIGHUP with new share settings (what ``Instance.reload`` does for them)."""

@@ -34,27 +34,48 @@ class KafkaTiming:
 
 
 class FakeAdmin:
-    """``KafkaAdmin``'s calls that a partition subtree makes: committed, end_offset, commit."""
-
-    def __init__(self, instance: str, observer: Observer, timing: KafkaTiming) -> None:
-        self._instance = instance
-        self._observer = observer
-        self._timing = timing
-
-    async def committed(self, group: str, topic: str, timeout_s: float = 10.0) -> int:
-        await trio.sleep(self._timing.admin_s)
-        return self._observer.committed.get(topic, -1)
-
-    async def end_offset(self, topic: str, timeout_s: float = 10.0) -> int:
-        await trio.sleep(self._timing.admin_s)
-        return 0
-
-    async def commit(self, group: str, topic: str, offset: int, timeout_s: float = 5.0) -> None:
-        self._observer.on_commit(self._instance, topic, offset)
-        await trio.sleep(self._timing.admin_s)
+    """``KafkaAdmin``'s calls that the control plane makes: none but a health check."""
 
     async def check(self, timeout_s: float = 5.0) -> None:
         return None
+
+
+class FakeOffsets:
+    """``GroupOffsets``: one partition's committed offset, end offset and commit."""
+
+    def __init__(self, instance: str, topic: str, observer: Observer, timing: KafkaTiming) -> None:
+        self._instance = instance
+        self._topic = topic
+        self._observer = observer
+        self._timing = timing
+
+    async def committed(self, timeout_s: float = 10.0) -> int:
+        await trio.sleep(self._timing.admin_s)
+        return self._observer.committed.get(self._topic, -1)
+
+    async def end_offset(self, timeout_s: float = 10.0) -> int:
+        await trio.sleep(self._timing.admin_s)
+        return 0
+
+    async def commit(self, offset: int, timeout_s: float = 5.0) -> None:
+        self._observer.on_commit(self._instance, self._topic, offset)
+        await trio.sleep(self._timing.admin_s)
+
+
+class FakeOffsetsPool:
+    """``GroupOffsetsPool.of``: one :class:`FakeOffsets` per partition."""
+
+    def __init__(
+        self, instance: str, topic_prefix: str, observer: Observer, timing: KafkaTiming
+    ) -> None:
+        self._instance = instance
+        self._topic_prefix = topic_prefix
+        self._observer = observer
+        self._timing = timing
+
+    def of(self, partition: int) -> FakeOffsets:
+        topic = f"{self._topic_prefix}{partition}"
+        return FakeOffsets(self._instance, topic, self._observer, self._timing)
 
 
 class FakeFeed:

@@ -14,6 +14,8 @@ is followed by an unmeasured step that brings the count back):
 ``reload``          10 % reload new share settings: half weight 2, half a cap of 2
 ``rolling-restart`` every instance, one by one: drain, restart, wait for balance
 ``isolate``         5 % lose ZooKeeper for 1.5 T (a network partition), then heal
+``zombie``          5 % lose the broker (and keep ZooKeeper): after
+                    ``kafka.unhealthy_release_s`` their partitions move to the others
 ``chaos``           a minute of random starts, drains, kills, network partitions,
                     connection resets, ZooKeeper pauses and reloads, without
                     waiting in between; then everything heals (for the tests)
@@ -44,6 +46,7 @@ SCENARIOS = (
     "zk-pause",
     "reload",
     "isolate",
+    "zombie",
     "rolling-restart",
     "chaos",
 )
@@ -229,6 +232,26 @@ class Simulation:
 
         await self.phase("isolate", self.members(), isolate)
 
+    async def zombie(self) -> None:
+        victims = self.sample(0.05)
+        # While others can reach the broker, those that cannot hold nothing.
+        members = {i: Member(weight=0.0) if i in victims else m for i, m in self.members().items()}
+
+        async def lose_kafka() -> None:
+            for i in victims:
+                self.instances[i].set_kafka_reachable(False)
+
+        held = sum(len(self.instances[i].supervisor.held()) for i in victims)
+        result = await self.phase("zombie", members, lose_kafka)
+        # Each of these must move (a zombie's quota is 0, not "within one of 0").
+        result.extra["victims_held"] = held
+        for i in victims:
+            if i in self.instances:
+                self.instances[i].set_kafka_reachable(True)
+        self.observer.set_members(self.members())
+        await self.wait_balanced()
+        self.check()
+
     async def rolling_restart(self) -> None:
         ids = sorted(self.members())
         if self.options.rolling_limit is not None:
@@ -330,6 +353,7 @@ async def simulate(options: RunOptions) -> Simulation:
         "zk-pause": Simulation.zk_pause,
         "reload": Simulation.reload,
         "isolate": Simulation.isolate,
+        "zombie": Simulation.zombie,
         "rolling-restart": Simulation.rolling_restart,
         "chaos": Simulation.chaos,
     }

@@ -10,14 +10,14 @@ have run the same partition at overlapping times. A SIGKILLed process ran its
 partitions, as far as we know, until we saw it dead. Once the cluster is
 whole again, every partition must have an owner within OWNED_WITHIN_S.
 
-LINECHAT_CHAOS_SEED replays another sequence (the seed is printed).
+LINECHAT_TEST_SEED_AT_MOST_ONE (or LINECHAT_CHAOS_SEED, or LINECHAT_TEST_SEED)
+replays another sequence (the seed is printed; see support/seeds.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -29,6 +29,7 @@ import trio
 from support.cluster import ClusterNames, GatewayProcess, merge_sections, start_cluster
 from support.faultproxy import FaultProxy
 from support.leasekit import FAST_SECTIONS, covers, wait_held
+from support.seeds import seeded_random
 
 INSTANCES = 4
 PARTITIONS = 8
@@ -37,7 +38,7 @@ CHAOS_S = 25.0
 # Cluster whole again -> every partition owned: a dead session expires within
 # T, its partitions are taken at once after that (plus a balancer recheck).
 OWNED_WITHIN_S = 2 * SESSION_TIMEOUT_S + 5.0
-SEED = int(os.environ.get("LINECHAT_CHAOS_SEED", "20261130"))
+DEFAULT_SEED = 20261130
 RESTART_MARK = "----- restarted -----"
 
 
@@ -151,8 +152,7 @@ async def test_at_most_one_instance_runs_each_partition(
     cluster_names: ClusterNames,
     nursery: trio.Nursery,
 ) -> None:
-    rng = random.Random(SEED)
-    print(f"seed {SEED}")
+    rng = seeded_random("at_most_one", DEFAULT_SEED, aliases=("LINECHAT_CHAOS_SEED",))
     proxies: list[FaultProxy] = [
         await nursery.start(FaultProxy.to(zookeeper_hosts).run) for _ in range(INSTANCES)
     ]

@@ -20,7 +20,8 @@ pytest.importorskip("picows", reason="benchmark extra not installed: pip install
 pytest.importorskip("uvloop", reason="benchmark extra not installed: pip install -e '.[bench]'")
 
 SYSTEM_KEYS = {"system", "idle", "saturation", "latency", "connections"}
-LINECHATD_KEYS = SYSTEM_KEYS | {"handover", "failover"}
+LINECHATD_KEYS = SYSTEM_KEYS | {"handover", "failover", "broker_only"}
+RESIDENCE_STAGES = {"read_to_produce", "report_to_ack", "fetch_to_write"}
 
 
 def test_bench_smoke_writes_results(
@@ -79,6 +80,14 @@ def test_bench_smoke_writes_results(
         else:
             assert fields <= linechatd[key].keys(), key
     assert {"at_1000"} <= linechatd["latency"].keys()
+    # The gateway's own share, scraped from its metrics, beside the broker-only probe.
+    assert RESIDENCE_STAGES <= linechatd["latency"]["at_1000"]["residence"].keys()
+    if "error" in linechatd["broker_only"]:
+        print(f"linechatd broker_only: {linechatd['broker_only']['error']}")
+    else:
+        assert {"latency", "ack", "broker_cpu_us_per_msg"} <= linechatd["broker_only"][
+            "at_1000"
+        ].keys()
     assert {"linechatd/socketio", "linechatd/asyncio"} <= results["ratios"].keys()
     for plot in ("throughput.png", "latency.png", "rss.png"):
         assert (out / plot).stat().st_size > 0

@@ -2,21 +2,26 @@
 
 40 clients send continuously, each to the next one. At the end: no acked
 message lost, no duplicate seen by the application after the client's
-dedupe, per-sender order preserved. Takeover times are printed.
+dedupe, per-sender order preserved; every partition of the killed and of the
+drained instance started on another one, and every client of those
+partitions reconnected. Takeover times are printed. The senders' pauses are
+random (LINECHAT_TEST_SEED_CHAOS replays a run's seed, see support/seeds.py).
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import trio
 from support.cluster import ClusterNames, GatewayProcess, http_get, start_cluster
+from support.leasekit import wait_balanced
+from support.seeds import seeded_random
 
 from linechatd.client import ChatClient, SendFailed
+from linechatd.hashing import partition_for
 
 CLIENTS = 40
 PARTITIONS = 8
@@ -66,7 +71,7 @@ def _loss_report(
 async def test_chaos_no_acked_message_lost(
     tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
 ) -> None:
-    rng = random.Random(20261129)
+    rng = seeded_random("chaos", 20261129)
     sections = {
         "zookeeper": {"session_timeout": SESSION_TIMEOUT_S},
         "log": {"format": "json"},
@@ -92,6 +97,8 @@ async def test_chaos_no_acked_message_lost(
         ]
         # recipient -> (seq, id, acked offset)
         acked: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
+        acks_by_sender = [0] * CLIENTS
+        traffic = trio.Event()  # set (and replaced) on every ack
         # recipient -> (sender, seq)
         received: dict[str, list[tuple[str, int]]] = defaultdict(list)
         # recipient -> (offset, seconds since the start) of each message, in arrival order
@@ -126,6 +133,8 @@ async def test_chaos_no_acked_message_lost(
                         await trio.sleep(0.05)
                 acked[to].append((seq, msg_id, ack.offset))
                 sent_total += 1
+                acks_by_sender[i] += 1
+                traffic.set()
                 seq += 1
                 await trio.sleep(rng.uniform(0.01, 0.05))
 
@@ -135,7 +144,17 @@ async def test_chaos_no_acked_message_lost(
                 received[client.uid].append((message.from_uid, message.body["seq"]))
                 arrivals[client.uid].append((message.offset, time.time() - started_at))
 
-        with trio.fail_after(150):
+        async def every_sender_acked(more: int) -> None:
+            """Until every sender has ``more`` acks beyond its count now."""
+            nonlocal traffic
+            goal = [n + more for n in acks_by_sender]
+            while any(n < g for n, g in zip(acks_by_sender, goal, strict=True)):
+                traffic = trio.Event()
+                await traffic.wait()
+
+        with trio.fail_after(180):
+            # Partitions settled first: the chaos below is then the only thing moving them.
+            await wait_balanced(cluster, PARTITIONS)
             async with trio.open_nursery() as nursery:
                 for client in clients:
                     await nursery.start(client.run)
@@ -143,12 +162,15 @@ async def test_chaos_no_acked_message_lost(
                     nursery.start_soon(receiver, i)
                     nursery.start_soon(sender, i)
 
-                await trio.sleep(3)
+                await every_sender_acked(5)
                 victim, drained = cluster[0], cluster[1]
                 # What it serves at the moment of the kill (it may have started and
                 # given back others while the cluster settled).
                 _status, _headers, view = await http_get(victim.http_url + "/api/status")
                 victim_partitions = {p["partition"] for p in view["partitions"]}
+                assert victim_partitions, (
+                    "the victim must hold partitions for its kill to test anything"
+                )
                 killed_at = time.time()
                 victim.kill()
                 await trio.sleep(2)
@@ -158,7 +180,9 @@ async def test_chaos_no_acked_message_lost(
                 newcomer = cluster.add_instance()
                 await newcomer.wait_ready(30)
                 assert await drained.wait_exit(30) == 0
-                await trio.sleep(6)
+                # The two left share every partition, and traffic flows to all of them.
+                await wait_balanced(cluster, PARTITIONS)
+                await every_sender_acked(5)
                 stop_sending.set()
                 # Every send still in flight gets its answer first: an ack
                 # arriving after the check below would count as a loss.
@@ -171,8 +195,8 @@ async def test_chaos_no_acked_message_lost(
                     await trio.sleep(0.2)
                 nursery.cancel_scope.cancel()
 
-        survivors = [cluster[2], newcomer]
-        crash = _takeovers(survivors, killed_at, victim_partitions)
+        # The drained instance may have taken some before it was told to drain.
+        crash = _takeovers([drained, cluster[2], newcomer], killed_at, victim_partitions)
         print(
             f"\nchaos: {sent_total} acked sends; crash takeover of {len(victim_partitions)} partitions: "
             f"max {max(crash.values(), default=float('nan')):.2f} s after SIGKILL "
@@ -188,9 +212,18 @@ async def test_chaos_no_acked_message_lost(
             f"chaos: drain handover of {len(drained_partitions)} partitions: max {max(drain.values(), default=float('nan')):.2f} s"
         )
         resent = sum(c.duplicates_dropped for c in clients)
+        # Never an offset a device already had, across every failover and drain.
+        assert sum(c.offsets_repeated for c in clients) == 0
         print(
             f"chaos: duplicates dropped by the clients' dedupe: {resent}; reconnects: {sum(c.connections for c in clients) - CLIENTS}"
         )
+        # Clients of a partition whose owner died or drained had to reconnect.
+        moved = victim_partitions | drained_partitions
+        stayed = [
+            c.uid
+            for c in clients
+            if partition_for(c.uid, PARTITIONS) in moved and c.connections < 2
+        ]
 
         lost = 0
         for to, sends in acked.items():
@@ -218,3 +251,6 @@ async def test_chaos_no_acked_message_lost(
         assert set(crash) == victim_partitions, (
             "every partition of the killed instance got a new owner"
         )
+        assert drained_partitions, "the drained instance held partitions and handed them over"
+        assert set(drain) == drained_partitions, "every drained partition got a new owner"
+        assert not stayed, f"clients of moved partitions that never reconnected: {stayed}"

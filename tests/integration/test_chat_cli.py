@@ -124,3 +124,57 @@ async def test_a_bad_uid_is_refused_before_connecting() -> None:
         )
     assert result.returncode == 2
     assert b"--uid must be" in result.stderr
+
+
+async def test_chat_with_a_token_file_on_a_jwt_cluster(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    import time
+
+    import jwt
+
+    secret = b"chat-cli-test-secret-0123456789abcdef"
+    (tmp_path / "jwt.key").write_bytes(secret)
+    claims = {"iss": "https://login.test", "aud": "chat.test"}
+    token_file = tmp_path / "alice.jwt"
+    token_file.write_text(
+        jwt.encode({"sub": "alice", "exp": int(time.time()) + 600, **claims}, secret, "HS256")
+        + "\n"
+    )
+    with trio.fail_after(60):
+        async with start_cluster(
+            1,
+            workdir=tmp_path,
+            zookeeper_hosts=zookeeper_hosts,
+            kafka_bootstrap=kafka_bootstrap,
+            names=cluster_names,
+            partitions=2,
+            sections={
+                "auth": {
+                    "mode": "jwt",
+                    "jwt_secret_file": str(tmp_path / "jwt.key"),
+                    "jwt_issuer": claims["iss"],
+                    "jwt_audience": claims["aud"],
+                },
+                "shutdown": {"grace_period_s": 1.0},
+            },
+        ) as cluster:
+            http = ["--http", cluster[0].http_url]
+            alice = await trio.run_process(
+                [*CHAT, "--uid", "alice", "--to", "bob", *http, "--token-file", str(token_file)],
+                stdin=b"hello with a token\n",
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert alice.returncode == 0, alice.stderr.decode()
+            assert b"* sent (offset " in alice.stderr
+            # Without the token the gateway refuses for good.
+            anonymous = await trio.run_process(
+                [*CHAT, "--uid", "alice", "--to", "bob", *http],
+                stdin=b"hello\n",
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert anonymous.returncode == 1, anonymous.stderr.decode()

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import trio
 from support.cluster import ClusterNames
 
-from linechatd.kafka import KafkaAdmin, KafkaFetcher, KafkaProducer, Record, TopicFeed
+from linechatd.kafka import GroupOffsets, KafkaAdmin, KafkaFetcher, KafkaProducer, Record, TopicFeed
 
 WAIT_S = 30
 
@@ -139,13 +139,25 @@ async def test_committed_offsets_live_in_each_partitions_group(
 ) -> None:
     admin = KafkaAdmin(kafka_bootstrap)
     [topic] = await _topics(admin, cluster_names, 1)
+    limiter = trio.CapacityLimiter(4)
     group = f"{cluster_names.group_prefix}0"
-    assert await admin.committed(group, topic) == -1
-    await admin.commit(group, topic, 7)
-    assert await admin.committed(group, topic) == 7
-    # Another group's commit is its own.
-    assert await admin.committed(f"{cluster_names.group_prefix}1", topic) == -1
-    assert await admin.end_offset(topic) == 0
+    mine = GroupOffsets(kafka_bootstrap, group, topic, limiter=limiter)
+    other = GroupOffsets(kafka_bootstrap, f"{cluster_names.group_prefix}1", topic, limiter=limiter)
+    try:
+        assert await mine.committed() == -1
+        await mine.commit(7)
+        assert await mine.committed() == 7
+        # A new reader of the group (the next owner) reads it back.
+        again = GroupOffsets(kafka_bootstrap, group, topic, limiter=limiter)
+        assert await again.committed() == 7
+        await again.aclose()
+        # Another group's commit is its own.
+        assert await other.committed() == -1
+        assert await mine.end_offset() == 0
+        assert await admin.end_offset(topic) == 0
+    finally:
+        await mine.aclose()
+        await other.aclose()
 
 
 async def test_delivery_reports_answer_every_send_in_order(

@@ -47,7 +47,9 @@ from support.leasekit import (
 from linechatd.protocol import CloseCode
 
 PARTITIONS = 6
-SESSION_TIMEOUT_S = 2.0
+# These tests assert that nothing but what they did moved a partition; a
+# loaded machine's stall of a second or two must stay well under T/2.
+SESSION_TIMEOUT_S = 8.0
 EVEN = {"gw-0": PARTITIONS // 2, "gw-1": PARTITIONS // 2}
 SECTIONS = merge_sections(FAST_SECTIONS, {"zookeeper": {"session_timeout": SESSION_TIMEOUT_S}})
 
@@ -248,7 +250,7 @@ async def test_a_reload_with_a_lower_cap_releases_only_what_must_move(
 async def test_a_new_instance_gets_its_share_and_a_killed_ones_partitions_are_reowned(
     tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
 ) -> None:
-    with trio.fail_after(50):
+    with trio.fail_after(60 + SESSION_TIMEOUT_S):
         async with _start(2, tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names) as cluster:
             before = await wait_shares(cluster, {"gw-0": 3, "gw-1": 3})
 
@@ -271,7 +273,9 @@ async def test_a_new_instance_gets_its_share_and_a_killed_ones_partitions_are_re
             victim.kill()
             await victim.wait_exit(10)
             killed_at = time.monotonic()
-            reowned = await wait_shares(cluster, {"gw-0": 3, "gw-2": 3})
+            reowned = await wait_shares(
+                cluster, {"gw-0": 3, "gw-2": 3}, timeout=SESSION_TIMEOUT_S + 15
+            )
             print(
                 f"SIGKILL -> its {len(orphaned)} partitions re-owned: "
                 f"{time.monotonic() - killed_at:.3f} s (session timeout {SESSION_TIMEOUT_S:g} s)"

@@ -16,6 +16,8 @@ import math
 import os
 import secrets
 import socket
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -26,10 +28,12 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 import trio
 import trio_websocket
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 from kazoo.client import KazooClient
 from support.cluster import Cluster, ClusterNames, http_get, merge_sections, start_cluster
 from support.leasekit import events
+from support.procnet import tcp_socket
 
 from linechatd.client import ChatClient, Message, connect, open_websocket
 from linechatd.hashing import partition_for
@@ -42,7 +46,9 @@ INSTANCES = 3
 TEST_TIMEOUT_S = 90.0
 
 BASE_SECTIONS: dict[str, dict[str, Any]] = {
-    "zookeeper": {"session_timeout": 3.0},
+    # Nothing here kills an instance, and sessions closed by a stall of a
+    # loaded machine (T/2 after its last answer) would fail these tests.
+    "zookeeper": {"session_timeout": 10.0},
     "limits": {"bad_frames_per_minute": 5, "max_frame_bytes": 4096},
     # Every instance stops at once at the end of a test: nobody is left to hand
     # partitions to, so a drain would only wait out its grace period.
@@ -271,6 +277,7 @@ async def test_users_on_different_instances_exchange_messages(
                         },
                     )
                 assert a.duplicates_dropped == b.duplicates_dropped == 0
+                assert a.offsets_repeated == b.offsets_repeated == 0
 
                 # One message at a time, across instances: the unloaded latency.
                 latencies = []
@@ -362,7 +369,7 @@ async def test_twenty_pairs_fifty_messages_each(
                         latencies.append(t - entry["t"])
                     offsets = [m.offset for _t, m in inbox]
                     assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
-            assert all(c.duplicates_dropped == 0 for c in clients.values())
+            assert all(c.duplicates_dropped == c.offsets_repeated == 0 for c in clients.values())
             total = 2 * pairs * per_sender
             assert len(latencies) == total
             print(
@@ -404,7 +411,7 @@ async def test_every_device_of_the_recipient_gets_the_message(
                 for device in (phone, laptop):
                     for entry in sent:
                         check_message(await device.receive(timeout_s=10), sender, carol, entry)
-                    assert device.duplicates_dropped == 0
+                    assert device.duplicates_dropped == device.offsets_repeated == 0
                 # The sender's own devices are not recipients.
                 with trio.move_on_after(0.3):
                     unexpected = await sender.receive()
@@ -460,7 +467,7 @@ async def test_offline_recipient_finds_the_message_in_kafka_and_by_resume(
                 # "not for erin" is skipped; the next thing erin gets is live.
                 live = await sender_then_receive(cluster, frank, erin, client)
                 assert live.offset > later.offset
-                assert client.duplicates_dropped == 0
+                assert client.duplicates_dropped == client.offsets_repeated == 0
             print(f"\nresume: connect + replay of 1 record in {replay_s * 1000:.0f}ms")
 
             # A resume from before anything was written: everything still there, once.
@@ -470,8 +477,9 @@ async def test_offline_recipient_finds_the_message_in_kafka_and_by_resume(
                 second = await again.receive(timeout_s=10)
                 assert [first.id, second.offset] == ["while-away", live.offset]
 
-            # Past replay.max_records (3 here) a resume is refused: resumed is false,
-            # nothing is replayed, and live delivery goes on.
+            # Past replay.max_records (3 here) resume=-1 still resumes: it asks for
+            # what is left in the window, the last 3 records of the partition
+            # ("while-away" has left it), then live delivery goes on.
             async with (
                 connect(cluster[1].http_url, frank) as sender,
                 connect(cluster[0].http_url, other) as bystander,
@@ -481,21 +489,59 @@ async def test_offline_recipient_finds_the_message_in_kafka_and_by_resume(
                 await bystander.receive(timeout_s=10)
                 async with connect(cluster[2].http_url, erin, resume=-1) as late:
                     assert late.welcome.value is not None
-                    assert late.welcome.value.resumed is False
+                    assert late.welcome.value.resumed is True
+                    replayed = await late.receive(timeout_s=10)
+                    assert replayed.offset == live.offset
                     ack = await sender.send(erin, "after the gap")
                     message = await late.receive(timeout_s=10)
                     assert (message.body, message.offset) == ("after the gap", ack.offset)
 
+            # A device further behind than the window with an explicit cursor
+            # still gets "resumed": false and resyncs from its own history.
+            assert ack.offset > 3  # so that offset 0 is out of the 3-record window
+            async with connect(cluster[2].http_url, erin, resume=0) as behind:
+                assert behind.welcome.value is not None
+                assert behind.welcome.value.resumed is False
 
-def produce_burst(bootstrap: str, topic: str, to: str, *, total: int, every: int) -> list[int]:
+
+async def committed_offset(bootstrap: str, group: str, topic: str) -> int:
+    """The offset ``group`` committed for ``topic`` (-1 when none)."""
+
+    def ask() -> int:
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        request = [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])]
+        [future] = admin.list_consumer_group_offsets(request).values()
+        return int(future.result(timeout=10).topic_partitions[0].offset)
+
+    return await trio.to_thread.run_sync(ask)
+
+
+def produce_burst(
+    bootstrap: str,
+    topic: str,
+    to: str,
+    *,
+    total: int,
+    every: int,
+    under_way: threading.Event | None = None,
+) -> list[int]:
     """``total`` records into ``topic`` as fast as the broker takes them, one in
-    ``every`` addressed to ``to`` (the rest to others); their offsets for ``to``."""
+    ``every`` addressed to ``to`` (the rest to others); their offsets for ``to``.
+
+    ``under_way`` is set once the broker has taken a fiftieth of them.
+    """
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all"})
     offsets: list[int] = []
+    delivered = 0
 
     def on_delivery(err: Any, msg: Any) -> None:
+        nonlocal delivered
         assert err is None, err
-        offsets.append(msg.offset())
+        delivered += 1
+        if msg.key() == to.encode():
+            offsets.append(msg.offset())
+        if under_way is not None and delivered >= total // 50:
+            under_way.set()
 
     for i in range(total):
         mine = i % every == 0
@@ -512,7 +558,7 @@ def produce_burst(bootstrap: str, topic: str, to: str, *, total: int, every: int
             key=record.to.encode(),
             value=encode_record(record),
             partition=0,
-            on_delivery=on_delivery if mine else None,
+            on_delivery=on_delivery,
         )
         producer.poll(0)
     assert producer.flush(30) == 0
@@ -537,18 +583,24 @@ async def test_a_device_that_connects_during_a_burst_gets_everything_after_its_w
             topic = f"{cluster_names.topic_prefix}{partition_for(zoe, PARTITIONS)}"
             async with trio.open_nursery() as nursery:
                 burst: list[int] = []
+                under_way = threading.Event()
 
                 async def run_burst() -> None:
                     burst.extend(
                         await trio.to_thread.run_sync(
                             lambda: produce_burst(
-                                kafka_bootstrap, topic, zoe, total=60_000, every=50
+                                kafka_bootstrap,
+                                topic,
+                                zoe,
+                                total=60_000,
+                                every=50,
+                                under_way=under_way,
                             )
                         )
                     )
 
                 nursery.start_soon(run_burst)
-                await trio.sleep(0.3)  # the burst is under way
+                await trio.to_thread.run_sync(under_way.wait, abandon_on_cancel=True)
                 async with connect(cluster[1].http_url, zoe) as client:
                     welcome = client.welcome.value
                     assert welcome is not None and welcome.resumed is None
@@ -557,7 +609,7 @@ async def test_a_device_that_connects_during_a_burst_gets_everything_after_its_w
                     owed = [o for o in burst if o >= welcome.offset]
                     got = [(await client.receive(timeout_s=20)).offset for _ in owed]
                     assert got == owed
-                    assert client.duplicates_dropped == 0
+                    assert client.duplicates_dropped == client.offsets_repeated == 0
             print(
                 f"\nburst: welcome at offset {welcome.offset} of {burst[-1] + 1}; "
                 f"{len(owed)} of {len(burst)} records for the device arrived live"
@@ -581,8 +633,10 @@ class Chatter:
         self.a, self.b = a, b
         self.latencies: list[float] = []
         self.stop = trio.Event()
+        self._progress = trio.Event()
 
     async def run(self) -> None:
+        """Every message must arrive, in order: anything else fails the test."""
         n = 0
         while not self.stop.is_set():
             for sender, receiver in ((self.a, self.b), (self.b, self.a)):
@@ -591,8 +645,15 @@ class Chatter:
                 message = await receiver.receive(timeout_s=10)
                 assert (message.body, message.offset) == ({"n": n}, ack.offset)
                 self.latencies.append(trio.current_time() - started)
+                self._progress.set()
                 n += 1
             await trio.sleep(0.01)
+
+    async def wait_messages(self, count: int) -> None:
+        """Until ``count`` messages have made the trip in all."""
+        while len(self.latencies) < count:
+            self._progress = trio.Event()
+            await self._progress.wait()
 
 
 async def test_bad_input_gets_its_answer_and_other_sessions_carry_on(
@@ -614,6 +675,7 @@ async def test_bad_input_gets_its_answer_and_other_sessions_carry_on(
             ):
                 chatter = Chatter(a, b)
                 nursery.start_soon(chatter.run)
+                await chatter.wait_messages(2)
 
                 # 400: a bad uid, at connection-url and at the handshake.
                 for bad in ("", "has space", "x" * 129, "caf\u00e9"):
@@ -681,9 +743,10 @@ async def test_bad_input_gets_its_answer_and_other_sessions_carry_on(
                     )
                     await expect_close(ws, CloseCode.TOO_BIG)
 
-                await trio.sleep(0.3)
+                # The chatter (two users of the same instance) went on through all
+                # of it, every message in order (Chatter.run checks), and goes on still.
+                await chatter.wait_messages(len(chatter.latencies) + 4)
                 chatter.stop.set()
-            assert len(chatter.latencies) >= 4
             print("\n" + latency_line("chatter beside bad input (round trip)", chatter.latencies))
 
 
@@ -719,77 +782,94 @@ async def open_stalled_websocket(
     return stream
 
 
+def kernel_queues(stream: trio.SocketStream, server: tuple[str, int]) -> tuple[int, int]:
+    """(server's send queue, client's receive queue) of the connection ``stream`` is the client of.
+
+    Together: what the server wrote that the client has not read. On loopback a
+    send queue that is not empty means the client's window is closed.
+    """
+    client = stream.socket.getsockname()
+    sent = tcp_socket(server, client)
+    received = tcp_socket(client, server)
+    assert sent is not None and received is not None, "the stalled connection is gone"
+    return sent.tx_queue, received.rx_queue
+
+
+def unread_bytes(stream: trio.SocketStream, server: tuple[str, int]) -> int:
+    return sum(kernel_queues(stream, server))
+
+
 async def test_a_reader_that_stops_reading_is_closed_and_stalls_nobody(
     tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
 ) -> None:
-    queue_messages, send_timeout_s = 32, 1.0
+    """Its socket fills, then its outbox: closed with 1013; its partition keeps delivering.
+
+    Shown without timing. After each record flooded to the stalled device, a
+    marker goes to a neighbour on the same partition and must arrive: the
+    partition has delivered past the flooded record. If, when it has, the
+    kernel holds less than what was offered to the stalled session by more
+    than two frames, the session had frames its socket would not take (its
+    outbox only shrinks until the next record is flooded): that marker passed
+    a stuck session. The outbox fills one record a round, so the rounds before
+    the close are such rounds, about as many as the outbox holds.
+    """
+    queue_messages = 32
     limits = {
         "outbound_queue_messages": queue_messages,
-        "send_timeout_s": send_timeout_s,
-        # The flood comes from a few senders as fast as they can.
+        # Long: the full outbox closes the session, not the send deadline, so
+        # the stuck session lasts as long as the flood takes to fill its outbox.
+        "send_timeout_s": 60.0,
         "sends_per_second": 100_000.0,
         "send_burst": 100_000,
         # Large messages fill the socket buffers (up to 4 MiB by default) sooner.
         "max_frame_bytes": 65536,
     }
+    body = "z" * 30_000
+    frame_slack = 2 * (len(body) + 1024)  # two frames with their fields and headers
     with trio.fail_after(TEST_TIMEOUT_S):
         async with running_cluster(
             tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names, {"limits": limits}
         ) as (cluster, owners):
             partition = owners.index("gw-0")
             gateway = cluster.by_id("gw-0")
+            ws_port = urlsplit(gateway.ws_url).port
+            assert ws_port is not None
+            server = ("127.0.0.1", ws_port)
             slow = uid_in(partition, "slow")
-            # Healthy users: the receiver shares the slow reader's partition.
-            neighbour = uid_in(partition, "neighbour")
+            neighbour = uid_in(partition, "neighbour")  # shares the slow reader's partition
             friend = uid_owned_by(owners, "gw-1", "friend")
             closes_1013 = f'linechatd_closes_total{{code="{CloseCode.BEHIND}"}}'
             before_1013 = await metric_value(cluster, "gw-0", closes_1013)
             async with (
-                connect(cluster[1].http_url, neighbour) as a,
-                connect(cluster[1].http_url, friend) as b,
-                trio.open_nursery() as nursery,
+                connect(cluster[1].http_url, neighbour) as near,
+                connect(cluster[1].http_url, friend) as marker_sender,
+                connect(cluster[2].http_url, "flooder") as flooder,
             ):
                 stalled = await open_stalled_websocket(gateway.ws_url, slow)
                 rss_before = rss_bytes(gateway.pid or 0)
-                chatter = Chatter(a, b)
-                nursery.start_soon(chatter.run)
-
-                # More than the socket buffers (up to 4 MiB each side by default)
-                # and the outbox (32 frames) can hold together.
-                body = "z" * 30_000
-                flood_total = 300
-                flooded = 0
                 acked: list[int] = []
-
-                async def flood(sender: ChatClient) -> None:
-                    nonlocal flooded
-                    while flooded < flood_total:
-                        flooded += 1
-                        acked.append((await sender.send(slow, body, timeout_s=20)).offset)
-
-                closed_at: float | None = None
-
-                async def watch_for_1013() -> None:
-                    nonlocal closed_at
+                stuck_at: int | None = None  # records flooded when it was first seen stuck
+                markers_past_stuck = 0
+                started = trio.current_time()
+                while True:
+                    acked.append((await flooder.send(slow, body, timeout_s=20)).offset)
+                    marker = await marker_sender.send(neighbour, {"after": len(acked)})
+                    got = await near.receive(timeout_s=20)
+                    assert (got.body, got.offset) == ({"after": len(acked)}, marker.offset)
+                    # The partition has offered every flooded record to the session;
+                    # an offer that overflowed its outbox logged this at once.
+                    if "event=session_behind" in gateway.log_text():
+                        break
+                    # A lower bound of what was offered (frames carry more than the body).
+                    backlog = len(acked) * len(body) - unread_bytes(stalled, server)
+                    if backlog > frame_slack:
+                        stuck_at = stuck_at or len(acked)
+                        markers_past_stuck += 1
+                flood_s = trio.current_time() - started
+                # Counted once the close is done (the device never answers it).
+                with trio.fail_after(20):
                     while await metric_value(cluster, "gw-0", closes_1013) == before_1013:  # noqa: ASYNC110 - another process
                         await trio.sleep(0.05)
-                    closed_at = trio.current_time()
-
-                async with AsyncExitStack() as stack:
-                    senders = [
-                        await stack.enter_async_context(
-                            connect(cluster[i % INSTANCES].http_url, f"flooder{i}")
-                        )
-                        for i in range(4)
-                    ]
-                    started = trio.current_time()
-                    async with trio.open_nursery() as flooding:
-                        flooding.start_soon(watch_for_1013)
-                        for sender in senders:
-                            flooding.start_soon(flood, sender)
-                    flood_s = trio.current_time() - started
-                assert closed_at is not None
-                stall_s = closed_at - started
                 rss_after = rss_bytes(gateway.pid or 0)
                 # The device comes back with resume and gets the whole flood, once, in order.
                 replay_started = trio.current_time()
@@ -799,9 +879,8 @@ async def test_a_reader_that_stops_reading_is_closed_and_stalls_nobody(
                     assert back.welcome.value is not None and back.welcome.value.resumed is True
                     offsets = [(await back.receive(timeout_s=20)).offset for _ in acked]
                     assert offsets == sorted(acked)
-                    assert back.duplicates_dropped == 0
+                    assert back.duplicates_dropped == back.offsets_repeated == 0
                 replay_s = trio.current_time() - replay_started
-                chatter.stop.set()
 
             # The server closed the stalled socket: reading it now ends (EOF or reset).
             received = 0
@@ -818,18 +897,16 @@ async def test_a_reader_that_stops_reading_is_closed_and_stalls_nobody(
             ]
             assert len(behind) == 1 and f"uid={slow}" in behind[0], behind
             print(
-                f"\nslow reader: {flood_total} messages of {len(body)} chars sent to it, "
-                f"in {flood_s:.1f}s; closed 1013 {stall_s:.1f}s after the flood began; "
-                f"{received} bytes were left in its socket; resumed and got all {len(acked)} "
-                f"in {replay_s:.1f}s; "
-                f"gateway RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB\n{behind[0]}"
+                f"\nslow reader: stuck after {stuck_at} records of {len(body)} chars, closed "
+                f"1013 after {len(acked)} ({flood_s:.1f}s); {markers_past_stuck} markers reached "
+                f"its neighbour meanwhile; {received} bytes were left in its socket; resumed "
+                f"and got all {len(acked)} in {replay_s:.1f}s; gateway RSS "
+                f"{rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB\n{behind[0]}"
             )
-            print(
-                latency_line(
-                    "same-partition chatter during the stall (round trip)", chatter.latencies
-                )
-            )
-            assert chatter.latencies
+            # Nobody stalled: markers reached the neighbour while the slow session
+            # was stuck, in the rounds that filled its outbox (fewer counted: the
+            # estimate of what was offered runs low by a few hundred bytes a frame).
+            assert markers_past_stuck >= queue_messages // 2, markers_past_stuck
             # Bounded: a queue of 32 frames and the socket buffers, not the whole flood.
             assert rss_after - rss_before < 32 * 2**20
 
@@ -899,7 +976,10 @@ async def test_a_session_stuck_in_its_replay_does_not_hold_its_partition(
     then deleted: the partition must stop within the closing handshake's bound
     (2 s, the device never answers it), not when the send deadline runs out.
     """
-    sections = {"limits": {"send_timeout_s": 60.0}, "log": {"format": "json"}}
+    sections: dict[str, dict[str, Any]] = {
+        "limits": {"send_timeout_s": 60.0},
+        "log": {"format": "json"},
+    }
     with trio.fail_after(TEST_TIMEOUT_S):
         async with running_cluster(
             tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names, sections
@@ -910,11 +990,25 @@ async def test_a_session_stuck_in_its_replay_does_not_hold_its_partition(
             offsets = await trio.to_thread.run_sync(
                 lambda: produce_burst(kafka_bootstrap, topic, uma, total=3000, every=1)
             )
-            stalled = await open_stalled_websocket(
-                ws_url_of(cluster, "gw-0"), uma, resume=offsets[0] - 1
-            )
+            # The live tail past the burst before the device connects, so the
+            # whole burst is the replay's (on a busy machine, or with a long
+            # fetch wait, the tail may still be reading it otherwise). The
+            # owner commits where its tail is once a second.
+            group = f"{cluster_names.group_prefix}{k}"
+            with trio.fail_after(30):
+                while await committed_offset(kafka_bootstrap, group, topic) <= offsets[-1]:  # noqa: ASYNC110 - the broker's state
+                    await trio.sleep(0.1)
+            gateway_ws = ws_url_of(cluster, "gw-0")
+            stalled = await open_stalled_websocket(gateway_ws, uma, resume=offsets[0] - 1)
             async with stalled:
-                await trio.sleep(1.0)  # the replay fills the socket and waits
+                ws_port = urlsplit(gateway_ws).port
+                assert ws_port is not None
+                # The replay fills the socket and waits: the device's window is
+                # closed, the gateway's send queue holds the rest (the
+                # replay_done event below shows the replay was still under way).
+                with trio.fail_after(20):
+                    while kernel_queues(stalled, ("127.0.0.1", ws_port))[0] == 0:  # noqa: ASYNC110 - the kernel's queues
+                        await trio.sleep(0.02)
                 zk = KazooClient(hosts=zookeeper_hosts)
                 await trio.to_thread.run_sync(zk.start)
                 try:
@@ -936,6 +1030,309 @@ async def test_a_session_stuck_in_its_replay_does_not_hold_its_partition(
                     while not stopped_events():  # noqa: ASYNC110
                         await trio.sleep(0.05)
                 [stopped] = stopped_events()
+                # The replay was still under way when the partition stopped it.
+                with trio.fail_after(10):
+                    while not (done := events(cluster[0], "replay_done", uid=uma)):  # noqa: ASYNC110 - another process's log
+                        await trio.sleep(0.05)
+                [replay] = done
+                assert replay["records"] < len(offsets), replay
                 print(
-                    f"\npartition {k} stopped {stopped['ts'] - deleted_at:.2f} s after its lease node was deleted"
+                    f"\npartition {k} stopped {stopped['ts'] - deleted_at:.2f} s after its lease "
+                    f"node was deleted; its replay had sent {replay['records']} of {len(offsets)}"
                 )
+
+
+# --- group sends and the server API (CONTRACT v2 §5, §6) ------------------------------------
+
+SERVER_KEY = "server-key-" + "k" * 40
+
+
+def server_api_sections(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    key_file = tmp_path / "server-api.key"
+    key_file.write_text(SERVER_KEY + "\n")
+    return {"server_api": {"key_file": str(key_file)}}
+
+
+def _http_request(
+    method: str, url: str, body: bytes | None, headers: Mapping[str, str]
+) -> tuple[int, dict[str, str], Any]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        response = opener.open(request, timeout=20)
+    except urllib.error.HTTPError as error:
+        response = error
+    with response:
+        raw = response.read()
+        answer_headers = {k.lower(): v for k, v in response.headers.items()}
+        try:
+            return response.status, answer_headers, json.loads(raw)
+        except ValueError:
+            return response.status, answer_headers, raw
+
+
+async def publish(
+    gateway_url: str, doc: Any, *, key: str | None = SERVER_KEY, raw: bytes | None = None
+) -> tuple[int, dict[str, str], Any]:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    body = raw if raw is not None else json.dumps(doc).encode()
+    return await trio.to_thread.run_sync(
+        _http_request, "POST", gateway_url + "/api/publish", body, headers
+    )
+
+
+async def presence(
+    gateway_url: str, uids: list[str], *, key: str | None = SERVER_KEY
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    url = gateway_url + "/api/presence?" + urlencode([("uid", uid) for uid in uids])
+    status, _headers, doc = await trio.to_thread.run_sync(_http_request, "GET", url, None, headers)
+    return status, doc
+
+
+def end_offsets(bootstrap: str, topics: list[str]) -> list[int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-end-offsets"})
+    try:
+        return [consumer.get_watermark_offsets(TopicPartition(t, 0), timeout=10)[1] for t in topics]
+    finally:
+        consumer.close()
+
+
+def records_with_id(bootstrap: str, topics: list[str], msg_id: str) -> dict[str, int]:
+    """How many records carry ``msg_id``, per topic (topics read from the start)."""
+    counts: dict[str, int] = {}
+    ends = dict(zip(topics, end_offsets(bootstrap, topics), strict=True))
+    for topic in topics:
+        if ends[topic] == 0:
+            continue
+        for offset in range(ends[topic]):
+            _key, value = read_kafka_record(bootstrap, topic, offset)
+            if json.loads(value or b"{}").get("id") == msg_id:
+                counts[topic] = counts.get(topic, 0) + 1
+    return counts
+
+
+async def receive_one(client: ChatClient, msg_id: str) -> Message:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        while True:
+            message = await client.receive()
+            if message.id == msg_id:
+                return message
+
+
+async def test_a_group_send_reaches_each_recipient_once_and_offline_ones_by_resume(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    async with running_cluster(tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names) as (
+        cluster,
+        _owners,
+    ):
+        urls = [gw.http_url for gw in cluster.instances]
+        # Ten recipients over six partitions; four of them offline during the send.
+        to = [uid_in(k % 6, f"grp{n}") for n, k in enumerate(range(10))]
+        online, offline = to[:6], to[6:]
+        cursors: dict[str, int] = {}
+        for uid in offline:  # learn where each offline device stands, then leave
+            async with connect(urls, uid) as client:
+                assert client.cursor is not None
+                cursors[uid] = client.cursor
+        async with AsyncExitStack() as stack:
+            clients = {uid: await stack.enter_async_context(connect(urls, uid)) for uid in online}
+            sender = await stack.enter_async_context(connect(urls, "grp-sender"))
+            with trio.fail_after(TEST_TIMEOUT_S):
+                ack = await sender.send(to, {"text": "hello all"}, id="g1")
+            partitions = [a.partition for a in ack.acks]
+            assert (
+                len(partitions)
+                == len(set(partitions))
+                == len({partition_for(u, PARTITIONS) for u in to})
+            )
+            assert sorted(uid for a in ack.acks for uid in a.to) == sorted(to)
+            for a in ack.acks:
+                assert all(partition_for(uid, PARTITIONS) == a.partition for uid in a.to)
+            for uid, client in clients.items():
+                message = await receive_one(client, "g1")
+                assert (message.to, message.recipients, message.from_uid) == (
+                    uid,
+                    tuple(to),
+                    "grp-sender",
+                )
+                assert message.body == {"text": "hello all"}
+        # The offline devices come back: the message once each, by resume.
+        for uid in offline:
+            async with connect(urls, uid, resume=cursors[uid]) as client:
+                message = await receive_one(client, "g1")
+                assert message.to == uid and message.recipients == tuple(to)
+                # Nothing else with that id follows (one record per partition).
+                with trio.move_on_after(1.0):
+                    while True:
+                        assert (await client.receive()).id != "g1"
+        # One record per partition touched, none more.
+        topics = [f"{cluster_names.topic_prefix}{k}" for k in range(PARTITIONS)]
+        written = await trio.to_thread.run_sync(records_with_id, kafka_bootstrap, topics, "g1")
+        assert written == {f"{cluster_names.topic_prefix}{k}": 1 for k in partitions}
+
+
+async def test_publish_to_a_thousand_users_retries_dedupe_and_bad_requests_write_nothing(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    sections = server_api_sections(tmp_path)
+    async with running_cluster(
+        tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names, sections
+    ) as (cluster, _owners):
+        urls = [gw.http_url for gw in cluster.instances]
+        to = [f"pub{n}" for n in range(1000)]
+        async with AsyncExitStack() as stack:
+            online = {uid: await stack.enter_async_context(connect(urls, uid)) for uid in to[:3]}
+            request = {"to": to, "id": "notice-1", "from": "billing", "body": {"text": "invoice"}}
+            status, _headers, answer = await publish(urls[1], request)
+            assert status == 200, answer
+            assert answer["id"] == "notice-1"
+            assert sorted(uid for a in answer["acks"] for uid in a["to"]) == sorted(to)
+            assert len(answer["acks"]) == PARTITIONS
+            for uid, client in online.items():
+                message = await receive_one(client, "notice-1")
+                assert (message.from_uid, message.from_device, message.to) == (
+                    "billing",
+                    "server",
+                    uid,
+                )
+                assert message.recipients is None and message.body == {"text": "invoice"}
+            # The backend retries (it never saw the answer): clients drop the copy.
+            status, _headers, _answer = await publish(urls[2], request)
+            assert status == 200
+            for client in online.values():
+                with trio.fail_after(TEST_TIMEOUT_S):
+                    while client.duplicates_dropped == 0:  # noqa: ASYNC110 - set by the reader task
+                        await trio.sleep(0.02)
+                with trio.move_on_after(0.5):
+                    assert (await client.receive()).id != "notice-1"
+
+        topics = [f"{cluster_names.topic_prefix}{k}" for k in range(PARTITIONS)]
+        before = await trio.to_thread.run_sync(end_offsets, kafka_bootstrap, topics)
+        good = {"to": ["a1"], "id": "x", "body": 1}
+        bad_requests: list[tuple[dict[str, Any] | None, dict[str, Any], int, str | None]] = [
+            (None, {**good, "to": []}, 400, "to"),
+            (None, {**good, "to": [f"u{n}" for n in range(1001)]}, 400, "to"),
+            (None, {**good, "to": ["a1", "a1"]}, 400, "to"),
+            (None, {**good, "to": ["a b"]}, 400, "to"),
+            (None, {**good, "id": ""}, 400, "id"),
+            (None, {"to": ["a1"], "body": 1}, 400, "id"),
+            (None, {**good, "from": "no spaces"}, 400, "from"),
+            (None, {"to": ["a1"], "id": "x"}, 400, "body"),
+            (None, {**good, "body": "x" * 5000}, 413, None),
+        ]
+        for _headers_unused, doc, want_status, want_field in bad_requests:
+            status, _headers, answer = await publish(urls[0], doc)
+            assert status == want_status, (doc if len(str(doc)) < 200 else "...", answer)
+            assert answer.get("field") == want_field, answer
+        status, _headers, answer = await publish(urls[0], None, raw=b"{not json")
+        assert (status, answer["error"]) == (400, "bad_request")
+        for key in (None, "wrong-" + "k" * 40, "eyJhbGciOiJIUzI1NiJ9.e30.sig"):
+            status, _headers, answer = await publish(urls[0], good, key=key)
+            assert (status, answer) == (401, {"error": "unauthorized"})
+        after = await trio.to_thread.run_sync(end_offsets, kafka_bootstrap, topics)
+        assert after == before, "a refused publish writes nothing"
+
+        # The operator's command line does the same, reading the key from the config.
+        config = cluster.instances[0].config_path
+        command = [sys.executable, "-m", "linechatd", "publish", "--config", str(config)]
+        done = await trio.run_process(
+            [*command, "--to", "cli1,cli2", "--body", '{"text": "from the shell"}', "--json"],
+            capture_stdout=True,
+            check=False,
+        )
+        assert done.returncode == 0, done
+        answer = json.loads(done.stdout)
+        assert answer["status"] == 200 and len(answer["response"]["acks"]) >= 1
+        refused = await trio.run_process(
+            [*command, "--to", "cli1,cli1", "--body", "1"], capture_stderr=True, check=False
+        )
+        assert refused.returncode == 2 and b"listed twice" in refused.stderr
+
+
+async def test_presence_is_exact_from_any_instance_and_never_shows_ghosts(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    sections = merge_sections(
+        server_api_sections(tmp_path), {"zookeeper": {"session_timeout": 4.0}}
+    )
+    async with running_cluster(
+        tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names, sections
+    ) as (cluster, owners):
+        urls = [gw.http_url for gw in cluster.instances]
+        # Users owned by gw-0; presence is asked of gw-1 (not their owner).
+        alice = uid_owned_by(owners, "gw-0", "alice")
+        bob = uid_owned_by(owners, "gw-0", "bob")
+        carol = uid_owned_by(owners, "gw-2", "carol")
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(connect(urls, alice, device="phone"))
+            await stack.enter_async_context(connect(urls, alice, device="laptop"))
+            async with connect(urls, carol, device="web"):
+                status, doc = await presence(urls[1], [alice, bob, carol])
+                assert status == 200, doc
+                assert doc == {
+                    "presence": {
+                        alice: {"online": True, "devices": ["laptop", "phone"]},
+                        bob: {"online": False, "devices": []},
+                        carol: {"online": True, "devices": ["web"]},
+                    },
+                    "unknown": [],
+                }
+            # A closed socket is gone from presence at once (its owner answers, not a cache).
+            with trio.fail_after(TEST_TIMEOUT_S):
+                while True:
+                    _status, doc = await presence(urls[1], [carol])
+                    if doc["presence"].get(carol) == {"online": False, "devices": []}:
+                        break
+                    assert doc["presence"][carol]["devices"] == ["web"]
+                    await trio.sleep(0.02)
+            # The owner of alice dies: never a ghost. Her uid is unknown (or
+            # offline) until her devices reconnect to a live owner, and a
+            # device is listed only once its socket there is open.
+            cluster.by_id("gw-0").kill()
+            k = partition_for(alice, PARTITIONS)
+            with trio.fail_after(TEST_TIMEOUT_S):
+                while True:
+                    _status, doc = await presence(urls[1], [alice])
+                    entry = doc["presence"].get(alice)
+                    if entry is None:
+                        assert doc["unknown"] == [alice]
+                    elif entry["devices"]:
+                        assert set(entry["devices"]) <= {"laptop", "phone"}
+                        _s, _h, view = await http_get(urls[1] + "/api/partitions")
+                        owner = view["partitions"][k]["instance"]
+                        assert owner not in (None, "gw-0"), owner
+                        if entry["devices"] == ["laptop", "phone"]:
+                            break
+                    else:
+                        assert entry == {"online": False, "devices": []}
+                    await trio.sleep(0.05)
+        # Bad and unauthorised queries.
+        assert (await presence(urls[1], []))[0] == 400
+        assert (await presence(urls[1], ["a b"]))[0] == 400
+        assert (await presence(urls[1], [alice], key=None))[0] == 401
+        assert (await presence(urls[1], [alice], key="x" * 40))[0] == 401
+
+
+async def test_the_server_api_is_off_without_a_key(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    async with running_cluster(tmp_path, zookeeper_hosts, kafka_bootstrap, cluster_names) as (
+        cluster,
+        _owners,
+    ):
+        url = cluster[0].http_url
+        assert (await publish(url, {"to": ["a"], "id": "x", "body": 1}))[0::2] == (
+            404,
+            {"error": "disabled"},
+        )
+        assert await presence(url, ["a"]) == (404, {"error": "disabled"})
+        # Nor does the internal endpoint answer anyone.
+        status, _headers, _doc = await http_get(url + "/internal/presence?uid=a")
+        assert status == 404

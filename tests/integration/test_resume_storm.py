@@ -25,7 +25,7 @@ PER_USER = 10
 TEST_TIMEOUT_S = 60.0
 
 SECTIONS: dict[str, dict[str, Any]] = {
-    "zookeeper": {"session_timeout": 3.0},
+    "zookeeper": {"session_timeout": 10.0},
     "shutdown": {"grace_period_s": 1.0, "drain_stagger_s": 0.0},
 }
 
@@ -47,6 +47,13 @@ async def resume_one(ws_url: str, uid: str, resume: int, owed: list[int]) -> lis
             extra = await ws.get_message()
             raise AssertionError(f"{uid} got more than it was owed: {extra}")
     return got
+
+
+async def partition_next_offset(http_url: str) -> int:
+    """The offset after the last record the one partition's owner has delivered (-1: none yet)."""
+    status, _headers, doc = await http_get(http_url + "/api/status")
+    assert status == 200, doc
+    return max((p["next_offset"] for p in doc["partitions"]), default=-1)
 
 
 def metric(text: str, name: str) -> float:
@@ -76,8 +83,10 @@ async def test_a_reconnect_storm_shares_a_few_scans(
             owed = await trio.to_thread.run_sync(
                 produce_offline, kafka_bootstrap, topic, uids, PER_USER
             )
-            # Let the partition's own consumer pass them: they are history now.
-            await trio.sleep(0.5)
+            # Once the partition's own consumer has passed them, they are history.
+            end = max(offset for offsets in owed.values() for offset in offsets) + 1
+            while (await partition_next_offset(gateway.http_url)) < end:  # noqa: ASYNC110 - another process
+                await trio.sleep(0.05)
 
             results: dict[str, list[int]] = {}
             started = trio.current_time()

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import jwt
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 from confluent_kafka import Producer
 from cryptography import x509
@@ -75,7 +76,8 @@ async def one_gateway(
     """One instance that holds every partition (and stops quickly: nobody takes over)."""
     base: dict[str, dict[str, Any]] = {
         "shutdown": {"grace_period_s": 0.5, "drain_stagger_s": 0.0},
-        "zookeeper": {"session_timeout": 4.0},
+        # Nothing here kills an instance: a session timeout a loaded machine keeps.
+        "zookeeper": {"session_timeout": 10.0},
         "partitions": {"rebalance_pause_s": 0.0},
     }
     for table, values in (sections or {}).items():
@@ -94,8 +96,16 @@ async def one_gateway(
 
 
 def jwt_sections(secret_file: Path, **auth: Any) -> dict[str, dict[str, Any]]:
+    # These tests' tokens carry neither "aud" nor "iss": opted out explicitly.
     return {
-        "auth": {"mode": "jwt", "jwt_secret_file": str(secret_file), "jwt_leeway_s": 1.0, **auth}
+        "auth": {
+            "mode": "jwt",
+            "jwt_secret_file": str(secret_file),
+            "jwt_leeway_s": 1.0,
+            "allow_any_audience": True,
+            "allow_any_issuer": True,
+            **auth,
+        }
     }
 
 
@@ -475,7 +485,7 @@ async def test_auth_none_is_refused_on_a_public_listener(
     gw = GatewayProcess(config, http_url="http://127.0.0.1:1", instance_id="public")
     gw.start()
     try:
-        assert await gw.wait_exit(30) == 1
+        assert await gw.wait_exit(30) == 78  # a configuration fault: startup.EXIT_CONFIG
     finally:
         await gw.stop()
     log_text = gw.log_text()
@@ -677,7 +687,8 @@ async def test_hostile_connections_never_stop_the_listener() -> None:
                 await sock.connect(("127.0.0.1", port))
                 await sock.send(request)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        await trio.sleep(0.2)
+        # The listener has dealt with all of them: every task here waits on I/O or a timer.
+        await trio.testing.wait_all_tasks_blocked()
         async with ws_open(f"ws://127.0.0.1:{port}/ws?uid=alice") as ws:
             await ws.send_message("still here")
             assert await ws.get_message() == "still here"
@@ -902,9 +913,11 @@ async def test_rate_limit_then_close_without_slowing_other_users(
                 dropped = await policy_closes(gw) - closes_before
                 flood.terminate()
 
+        def median(values: list[float]) -> float:
+            return sorted(values)[len(values) // 2]
+
         def ms(values: list[float]) -> str:
-            ordered = sorted(values)
-            return f"median {ordered[len(ordered) // 2] * 1000:.1f} max {ordered[-1] * 1000:.1f}"
+            return f"median {median(values) * 1000:.1f} max {max(values) * 1000:.1f}"
 
         print(
             f"burst: {len(acked)} acked, {len(limited)} rate_limited; flood: {dropped:.0f} "
@@ -912,7 +925,14 @@ async def test_rate_limit_then_close_without_slowing_other_users(
             "of a core meanwhile"
         )
         print(f"alice->bob latency ms: baseline {ms(baseline)} | during flood {ms(during)}")
+        # The flood went on throughout the polite round ...
         assert dropped >= 1
+        # ... which got every message through, in order and never refused
+        # (polite_round checks), and not slowed: relative to its own baseline
+        # on this machine, with room for the flood's share of the CPU and for
+        # a loaded machine's scheduling (a stalled gateway takes seconds).
+        slowest_fair = max(10 * median(baseline), median(baseline) + 0.5)
+        assert median(during) <= slowest_fair, (ms(baseline), ms(during))
 
 
 async def policy_closes(gw: GatewayProcess) -> float:
@@ -1058,7 +1078,13 @@ async def test_handshake_timeout_drops_idle_sockets_while_users_connect(
     tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
 ) -> None:
     timeout_s = 2.0
-    sections = {"websocket": {"handshake_timeout_s": timeout_s}}
+    # Room for all 500 (the caps on unfinished handshakes are tested on their own).
+    sections = {
+        "websocket": {
+            "handshake_timeout_s": timeout_s,
+            "max_unfinished_handshakes_per_address": 1000,
+        }
+    }
     alice, bob = uids_in_one_partition(2, "slow")
     async with one_gateway(tmp_path, zookeeper_hosts, kafka_bootstrap, sections) as gw:
         port = int(gw.ws_url.rsplit(":", 1)[1].split("/")[0])
@@ -1180,3 +1206,144 @@ if __name__ == "__main__":
     # The flooding client of the rate-limit test, run as its own process.
     _, port_arg, uid_arg, to_arg, flooders_arg = sys.argv
     trio.run(flood_main, int(port_arg), uid_arg, to_arg, int(flooders_arg))
+
+
+# --- frame budget, per-uid limits, silence (CONTRACT.md §5) ------------------------------
+
+
+def masked_control_frame(opcode: int, payload: bytes = b"") -> bytes:
+    mask = secrets.token_bytes(4)
+    return (
+        bytes([0x80 | opcode, 0x80 | len(payload)])
+        + mask
+        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    )
+
+
+async def flood_and_count_pongs(port: int, uid: str, blob: bytes) -> tuple[int, int | None]:
+    """Send ``blob`` on a fresh socket; (JSON pongs and WebSocket pongs received, close code)."""
+    answers = 0
+    code: int | None = None
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(upgrade_request(port, f"/ws?uid={uid}"))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(4096)
+            assert data.startswith(b"HTTP/1.1 101"), data[:100]
+            data = data.partition(b"\r\n\r\n")[2]
+            try:
+                await stream.send_all(blob)
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+    # Unmasked server frames: count text pongs and control pongs, find the close.
+    while len(data) >= 2:
+        opcode, length = data[0] & 0x0F, data[1] & 0x7F
+        start = 2
+        if length == 126:
+            length, start = int.from_bytes(data[2:4], "big"), 4
+        payload, data = data[start : start + length], data[start + length :]
+        if opcode == 0x1 and b'"pong"' in payload:
+            answers += 1
+        elif opcode == 0xA:
+            answers += 1
+        elif opcode == 0x8 and len(payload) >= 2:
+            code = int.from_bytes(payload[:2], "big")
+    return answers, code
+
+
+async def test_a_frame_flood_is_closed_with_1008_within_its_budget(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
+) -> None:
+    # 20 frames/s, bursts of 40: JSON pings and WebSocket pings count alike.
+    sections = {"limits": {"max_frames_per_s": 20.0}}
+    async with one_gateway(tmp_path, zookeeper_hosts, kafka_bootstrap, sections) as gw:
+        port = int(gw.ws_url.rsplit(":", 1)[1].split("/")[0])
+        json_pings = b"".join(masked_text_frame('{"type":"ping"}') for _ in range(1000))
+        answered, code = await flood_and_count_pongs(port, "flood1", json_pings)
+        assert code == CloseCode.POLICY
+        # The burst (40), plus whatever refilled while the frames were read.
+        assert 40 <= answered <= 60, answered
+        control_pings = b"".join(masked_control_frame(0x9, b"p") for _ in range(1000))
+        answered, code = await flood_and_count_pongs(port, "flood2", control_pings)
+        assert code == CloseCode.POLICY
+        assert 40 <= answered <= 60, answered
+        # A client at its send rate never meets the budget.
+        async with ws_open(ws_url(gw, "calm")) as ws:
+            for i in range(30):
+                await ws.send_message(json.dumps({"type": "ping"}))
+                await next_frame(ws, "pong")
+                if i % 10 == 9:
+                    await trio.sleep(1.0)  # noqa: ASYNC251 - pacing the client, not synchronising
+
+
+async def test_the_send_rate_is_per_uid_across_devices_and_reconnects(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
+) -> None:
+    sections = {"limits": {"sends_per_second": 0.5, "send_burst": 4}}
+    sender, recipient = uids_in_one_partition(2, "perid")
+    async with one_gateway(tmp_path, zookeeper_hosts, kafka_bootstrap, sections) as gw:
+        answers: list[str] = []
+        for round_ in range(3):  # a fresh socket each time: reconnecting buys nothing
+            device = f"d{round_ % 2}"
+            async with ws_open(ws_url(gw, sender, device=device)) as ws:
+                for i in range(2):
+                    await ws.send_message(send_frame(f"r{round_}-{i}", recipient))
+                    answers.append((await next_frame_of(ws, {"ack", "error"}))["type"])
+        # 4 in the burst, then refused (at most one token refilled meanwhile).
+        assert answers[:4] == ["ack"] * 4, answers
+        assert answers[4:].count("error") >= 1, answers
+
+
+async def test_parallel_handshakes_of_one_uid_cannot_exceed_its_devices(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
+) -> None:
+    sections = {"limits": {"max_devices_per_uid": 2}}
+    async with one_gateway(tmp_path, zookeeper_hosts, kafka_bootstrap, sections) as gw:
+        port = int(gw.ws_url.rsplit(":", 1)[1].split("/")[0])
+        statuses: list[int] = []
+        streams: list[trio.SocketStream] = []
+
+        async def handshake(n: int) -> None:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            streams.append(stream)
+            await stream.send_all(upgrade_request(port, f"/ws?uid=many&device=d{n}"))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+            statuses.append(int(data.split(b" ", 2)[1]))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for n in range(12):
+                    nursery.start_soon(handshake, n)
+        for stream in streams:
+            await stream.aclose()
+        assert sorted(statuses).count(101) == 2, statuses
+        assert statuses.count(429) == 10, statuses
+
+
+async def test_a_silent_connection_is_closed_and_a_half_sent_message_times_out(
+    tmp_path: Path, zookeeper_hosts: str, kafka_bootstrap: str
+) -> None:
+    sections = {"limits": {"idle_timeout_s": 2.0, "partial_message_timeout_s": 1.0}}
+    async with one_gateway(tmp_path, zookeeper_hosts, kafka_bootstrap, sections) as gw:
+        async with ws_open(ws_url(gw, "quiet")) as ws:
+            assert await close_code(ws, timeout_s=20) == CloseCode.NORMAL
+        port = int(gw.ws_url.rsplit(":", 1)[1].split("/")[0])
+        # The first fragment of a text message (FIN clear), and never the rest.
+        payload = b'{"type":"ping"'
+        mask = secrets.token_bytes(4)
+        fragment = (
+            bytes([0x01, 0x80 | len(payload)])
+            + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        )
+        answered, code = await flood_and_count_pongs(port, "halfway", fragment)
+        assert (answered, code) == (0, CloseCode.POLICY)

@@ -184,7 +184,8 @@ class GatewayFailed(RuntimeError):
 class GatewayProcess:
     """``linechatd run --config PATH`` as a child process.
 
-    ``http_url`` defaults to ``http://`` + the config's ``http.listen``.
+    ``http_url`` defaults to ``http://`` + the config's ``http.listen``;
+    ``command`` to ``python -m linechatd`` of this interpreter.
     Spawn from the trio (main) thread: see localservices.spawn.
     """
 
@@ -197,8 +198,12 @@ class GatewayProcess:
         log_path: str | os.PathLike[str] | None = None,
         instance_id: str | None = None,
         env: Mapping[str, str] | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
         self.config_path = Path(config_path)
+        # What runs `linechatd`: this interpreter's package by default, or an
+        # installed entry point (the production install test).
+        self.command = list(command or [sys.executable, "-m", "linechatd"])
         config: dict[str, Any] = {}
         if http_url is None or ws_url is None or instance_id is None:
             config = tomllib.loads(self.config_path.read_text(encoding="utf-8"))
@@ -237,7 +242,7 @@ class GatewayProcess:
                 log_file.write(b"\n----- restarted -----\n")
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONUNBUFFERED"] = "1"  # a SIGKILLed gateway's log is still complete
-        argv = [sys.executable, "-m", "linechatd", "run", "--config", str(self.config_path)]
+        argv = [*self.command, "run", "--config", str(self.config_path)]
         self._process = spawn(argv, log_path=self.log_path, cwd=self.config_path.parent, env=env)
 
     # A deadline of our own (not the caller's fail_after) so that the failure carries the log.

@@ -165,6 +165,26 @@ async def wait_shares(
     )
 
 
+async def wait_balanced(
+    cluster: Cluster,
+    partitions: int,
+    *,
+    timeout: float = 60.0,  # noqa: ASYNC109
+) -> dict[str, dict[int, int]]:
+    """Every partition owned once, each running instance within one of an even share.
+
+    Equal weights and no caps assumed: the balancer then moves nothing more,
+    so a test's sessions are not closed with 1012 under its feet.
+    """
+    running = len(cluster.running())
+    low, high = partitions // running, math.ceil(partitions / running)
+
+    def balanced(view: dict[str, dict[int, int]]) -> bool:
+        return covers(partitions)(view) and all(low <= len(h) <= high for h in view.values())
+
+    return await wait_held(cluster, balanced, timeout=timeout)
+
+
 def covers(partitions: int) -> Callable[[dict[str, dict[int, int]]], bool]:
     """Every partition held by exactly one instance."""
 

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,15 @@ from linechatd.auth import (
     load_key,
 )
 from linechatd.config import AuthConfig, HostPort, parse_config
-from linechatd.startup import auth_exposure_problems, is_loopback
+from linechatd.startup import (
+    auth_exposure_problems,
+    cleartext_token_listeners,
+    is_loopback,
+    log_auth_warnings,
+)
 
 SECRET = b"s3cret-s3cret-s3cret-s3cret-s3cret-s3cret"  # 41 bytes
+JWT_CLAIMS = {"jwt_issuer": "https://idp.example", "jwt_audience": "chat"}
 
 FUZZ = settings(
     max_examples=400,
@@ -167,12 +174,44 @@ def test_not_before(tmp_path: Path) -> None:
     assert refused(auth, hs256(claims(nbf=now + 120))).status == 401
 
 
-def test_huge_expiry_is_capped_not_an_error(tmp_path: Path) -> None:
+def test_huge_expiry_is_refused_cleanly(tmp_path: Path) -> None:
     auth = authenticator(tmp_path)
-    for exp in (10**400, 1e308):
-        token = hs256(claims(exp=exp))
-        expires_at = auth.authenticate(token, "alice").expires_at
-        assert expires_at is not None and time.time() + 10**9 < expires_at <= 2.0**53
+    now = int(time.time())
+    for exp in (10**400, 1e308, 2**63):
+        for extra in ({}, {"iat": now}):
+            err = refused(auth, hs256(claims(exp=exp, **extra)))
+            assert (err.status, err.code) == (401, "unauthorized")
+    # As JSON text too: a number no float holds, and one that only fits as infinity.
+    for exp_text in ("1" + "0" * 400, "1e400"):
+        payload = b64url(f'{{"sub":"alice","exp":{exp_text}}}'.encode())
+        header = b64url(b'{"alg":"HS256","typ":"JWT"}')
+        signature = b64url(
+            hmac.new(SECRET, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+        )
+        assert refused(auth, f"{header}.{payload}.{signature}").status == 401
+
+
+def test_token_lifetime_is_capped(tmp_path: Path) -> None:
+    auth = authenticator(tmp_path, max_token_lifetime_s=3600.0, jwt_leeway_s=30.0)
+    now = int(time.time())
+    # exp - iat: the lifetime the issuer gave the token, whatever is left of it.
+    assert auth.authenticate(hs256(claims(iat=now - 100, exp=now + 3500)), "alice")
+    assert refused(auth, hs256(claims(iat=now - 100, exp=now + 3501))).status == 401
+    assert refused(auth, hs256(claims(iat=now - 7200, exp=now + 60))).status == 401
+    # Without iat: what is left of it, with the clock skew tolerated.
+    assert auth.authenticate(hs256(claims(exp=now + 3600)), "alice")
+    assert refused(auth, hs256(claims(exp=now + 3600 + 120))).status == 401
+    # The default cap is a day.
+    default = authenticator(tmp_path)
+    assert default.authenticate(hs256(claims(iat=now, exp=now + 86400)), "alice")
+    assert refused(default, hs256(claims(iat=now, exp=now + 86401))).status == 401
+
+
+def test_float_claims_within_the_lifetime_are_accepted(tmp_path: Path) -> None:
+    auth = authenticator(tmp_path, max_token_lifetime_s=3600.0)
+    now = time.time()
+    identity = auth.authenticate(hs256(claims(iat=now, exp=now + 600.5)), "alice")
+    assert identity.expires_at == pytest.approx(now + 600.5 + 30.0)
 
 
 def test_issuer_and_audience_when_configured(tmp_path: Path) -> None:
@@ -421,9 +460,90 @@ def test_auth_none_on_a_public_listener_can_be_allowed_explicitly(tmp_path: Path
     assert auth_exposure_problems(allowed, allowed) == []
     key = write(tmp_path, "jwt.key", SECRET)
     jwt_mode = config_with(
-        websocket={"listen": "0.0.0.0:8765"}, auth={"mode": "jwt", "jwt_secret_file": str(key)}
+        websocket={"listen": "0.0.0.0:8765"},
+        auth={"mode": "jwt", "jwt_secret_file": str(key), **JWT_CLAIMS},
     )
     assert auth_exposure_problems(jwt_mode, jwt_mode) == []
+
+
+def test_auth_none_behind_a_proxy_is_exposed_by_its_advertised_url() -> None:
+    # The documented nginx set-up: loopback listeners, public advertised URLs.
+    proxied = config_with(
+        http={"listen": "127.0.0.1:8080", "advertise": "https://chat.example.com"},
+        websocket={"listen": "127.0.0.1:8765", "advertise": "wss://chat.example.com/ws"},
+    )
+    [problem] = auth_exposure_problems(proxied, proxied)
+    assert (
+        "http.advertise = https://chat.example.com and "
+        "websocket.advertise = wss://chat.example.com/ws are reachable from other hosts"
+    ) in problem
+    ws_only = config_with(websocket={"advertise": "ws://10.0.0.5:8765/ws"})
+    [problem] = auth_exposure_problems(ws_only, ws_only)
+    assert "websocket.advertise = ws://10.0.0.5:8765/ws is reachable" in problem
+    local_names = config_with(
+        http={"advertise": "http://localhost:8080"},
+        websocket={"advertise": "ws://[::1]:8765/ws"},
+    )
+    assert auth_exposure_problems(local_names, local_names) == []
+    allowed = config_with(
+        websocket={"advertise": "wss://chat.example.com/ws"},
+        auth={"mode": "none", "allow_insecure_none": True},
+    )
+    assert auth_exposure_problems(allowed, allowed) == []
+
+
+@pytest.mark.parametrize(
+    ("tables", "expected"),
+    [
+        ({}, []),
+        # The WebSocket listener on a public address, advertised in clear text.
+        ({"websocket": {"listen": "0.0.0.0:8765"}}, ["websocket.advertise = ws://0.0.0.0:8765/ws"]),
+        # connection-url carries the token in its Authorization header.
+        (
+            {"http": {"listen": "0.0.0.0:8080", "advertise": "http://chat.example.com"}},
+            ["http.advertise = http://chat.example.com"],
+        ),
+        # Loopback listeners behind a proxy that forwards without TLS.
+        (
+            {"http": {"advertise": "http://chat.example.com:8080"}},
+            ["http.advertise = http://chat.example.com:8080"],
+        ),
+        # TLS in the proxy: nothing in clear.
+        (
+            {
+                "http": {"advertise": "https://chat.example.com"},
+                "websocket": {"advertise": "wss://chat.example.com/ws"},
+            },
+            [],
+        ),
+    ],
+)
+def test_cleartext_token_listeners(
+    tmp_path: Path, tables: dict[str, Any], expected: list[str]
+) -> None:
+    key = write(tmp_path, "jwt.key", SECRET)
+    config = config_with(auth={"mode": "jwt", "jwt_secret_file": str(key), **JWT_CLAIMS}, **tables)
+    assert cleartext_token_listeners(config) == expected
+
+
+def test_auth_warnings_are_logged_for_opt_outs_and_cleartext(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = write(tmp_path, "jwt.key", SECRET)
+    config = config_with(
+        auth={
+            "mode": "jwt",
+            "jwt_secret_file": str(key),
+            "allow_any_audience": True,
+            "allow_any_issuer": True,
+        },
+        http={"listen": "0.0.0.0:8080"},
+    )
+    with caplog.at_level(logging.WARNING, logger="linechatd.startup"):
+        log_auth_warnings(config)
+    events = [record.getMessage() for record in caplog.records]
+    assert events == ["jwt_audience_not_checked", "jwt_issuer_not_checked", "tokens_in_cleartext"]
+    assert caplog.records[2].listeners == ["http.advertise = http://0.0.0.0:8080"]  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------- fuzzing

@@ -15,6 +15,7 @@ from linechatd.balancer import (
     Plan,
     View,
     drain_stagger,
+    effective_members,
     equal_quotas,
     fair_shares,
     member_from_json,
@@ -362,3 +363,25 @@ def test_a_partition_dealt_to_nobody_is_taken_after_the_fallback_delay() -> None
     # No room under the ceiling share: still nothing.
     full = view_for("a", table, held, [9], free_for=[9.0], fallback_s=1.0, room=1)
     assert plan(full) == Plan()
+
+
+# -- the zombie owner: members that cannot reach Kafka -----------------------------------
+
+
+def test_members_that_cannot_reach_kafka_get_no_share_while_others_can() -> None:
+    members = {
+        "a": Member(),
+        "b": Member(kafka_ok=False),
+        "c": Member(),
+    }
+    shares = fair_shares(64, effective_members(members))
+    assert shares == {"a": 32, "b": 0, "c": 32}
+    # When nobody can reach Kafka, nothing moves on that account.
+    everyone_down = {k: Member(kafka_ok=False) for k in "abc"}
+    assert fair_shares(64, effective_members(everyone_down)) == fair_shares(64, everyone_down)
+
+
+def test_the_health_flag_is_read_from_registrations_and_defaults_to_healthy() -> None:
+    assert member_from_json(b'{"weight": 1, "kafka_ok": false}') == Member(kafka_ok=False)
+    assert member_from_json(b'{"weight": 2}') == Member(weight=2.0)  # an older instance
+    assert member_from_json(b'{"kafka_ok": "no"}').kafka_ok is True  # only false is false

@@ -52,6 +52,8 @@ class FakeGateway:
             if event is h11.NEED_DATA:
                 conn.receive_data(await stream.receive_some(65536))
                 continue
+            if isinstance(event, h11.ConnectionClosed):
+                return  # the client went away before asking anything
             if isinstance(event, h11.Request):
                 self.http_requests.append(event.target.decode())
                 if self.resets and event.target.startswith(b"/api/connection-url"):
@@ -199,7 +201,8 @@ async def test_drops_duplicates_by_offset_and_by_sender_id() -> None:
                     ("bob", "b", 2),
                     ("carol", "b", 4),
                 ]
-                assert client.duplicates_dropped == 2
+                assert client.duplicates_dropped == 1  # the resent "b"
+                assert client.offsets_repeated == 1  # offset 1 again
                 assert client.cursor == 4
 
 
@@ -433,3 +436,23 @@ async def test_a_reset_connection_url_request_is_retried_not_fatal() -> None:
             async with connect(fake.http_url, "alice", **fast()) as client:
                 assert client.state.value is State.CONNECTED
         assert fake.resets == 0
+
+
+async def test_the_client_pings_so_the_gateway_does_not_close_it_as_idle() -> None:
+    pings = trio.Event()
+
+    async def count_pings(request: trio_websocket.WebSocketRequest, query: dict[str, str]) -> None:
+        ws = await request.accept()
+        await ws.send_message(welcome(0))
+        seen = 0
+        while seen < 2:
+            if json.loads(await ws.get_message()) == {"type": "ping"}:
+                seen += 1
+        pings.set()
+        await trio.sleep_forever()
+
+    async with fake_gateway() as fake:
+        fake.scripts.append(count_pings)
+        async with connect(fake.http_url, "alice", **fast(ping_interval_s=0.05)):
+            with trio.fail_after(10):
+                await pings.wait()

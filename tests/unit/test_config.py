@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from linechatd.config import (
+    RELOAD,
     RESTART_REQUIRED_KEYS,
     Config,
     ConfigError,
@@ -15,8 +16,10 @@ from linechatd.config import (
     KafkaConfig,
     ZooKeeperConfig,
     check_config_file,
+    dotted_keys,
     load_config,
     parse_config,
+    read_token_file,
 )
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "linechatd.toml"
@@ -30,27 +33,39 @@ REQUIRED: dict[str, Any] = {
 DEFAULTS: dict[str, Any] = {
     "cluster.name": "default",
     "cluster.partitions": 64,
+    "cluster.environment": "development",
     "http.listen": HostPort("127.0.0.1", 8080),
     "http.advertise": "http://127.0.0.1:8080",
     "http.demo_page": False,
-    "http.admin_token_file": None,
     "http.tls_cert_file": None,
     "http.tls_key_file": None,
     "websocket.listen": HostPort("127.0.0.1", 8765),
     "websocket.advertise": "ws://127.0.0.1:8765/ws",
     "websocket.handshake_timeout_s": 10.0,
+    "websocket.max_unfinished_handshakes": 4096,
+    "websocket.max_unfinished_handshakes_per_address": 256,
+    "websocket.tcp_keepalive_idle_s": 45,
+    "websocket.tcp_keepalive_interval_s": 15,
+    "websocket.tcp_keepalive_count": 3,
+    "websocket.tcp_user_timeout_s": 90.0,
     "websocket.allowed_origins": (),
     "websocket.tls_cert_file": None,
     "websocket.tls_key_file": None,
+    "admin.token_file": None,
+    "admin.listen": None,
+    "admin.advertise": "",
     "zookeeper.session_timeout": 10.0,
     "zookeeper.connect_timeout_s": 30.0,
     "kafka.topic_prefix": "topic-",
     "kafka.group_prefix": "consumer-group-",
     "kafka.create_topics": True,
     "kafka.replication_factor": 1,
+    "kafka.min_insync_replicas": None,
+    "kafka.topic_retention_s": None,
     "kafka.produce_timeout_s": 5.0,
     "kafka.linger_ms": 1,
-    "kafka.fetch_wait_max_ms": 10,
+    "kafka.fetch_wait_max_ms": 50,
+    "kafka.unhealthy_release_s": 15.0,
     "auth.mode": "none",
     "auth.jwt_secret_file": None,
     "auth.jwt_algorithm": "HS256",
@@ -58,6 +73,9 @@ DEFAULTS: dict[str, Any] = {
     "auth.jwt_audience": None,
     "auth.jwt_leeway_s": 30.0,
     "auth.allow_insecure_none": False,
+    "auth.allow_any_audience": False,
+    "auth.allow_any_issuer": False,
+    "auth.max_token_lifetime_s": 86400.0,
     "limits.max_frame_bytes": 65536,
     "limits.bad_frames_per_minute": 10,
     "limits.outbound_queue_messages": 1024,
@@ -65,20 +83,32 @@ DEFAULTS: dict[str, Any] = {
     "limits.sends_per_second": 100.0,
     "limits.send_burst": 200,
     "limits.max_connections": 100000,
-    "limits.max_connections_per_address": 10000,
+    "limits.max_connections_per_address": 1000,
+    "limits.handshakes_per_second_per_address": 20.0,
+    "limits.handshake_burst_per_address": 200,
     "limits.max_devices_per_uid": 16,
+    "limits.max_frames_per_s": 200.0,
+    "limits.idle_timeout_s": 120.0,
+    "limits.partial_message_timeout_s": 10.0,
+    "limits.max_recipients": 100,
+    "server_api.key_file": None,
     "partitions.max_per_instance": 0,
     "partitions.weight": 1.0,
     "partitions.rebalance_pause_s": 0.2,
     "partitions.settle_s": 2.0,
     "replay.max_records": 100000,
     "replay.max_age_s": 604800.0,
+    "replay.resumes_per_minute_per_uid": 20.0,
+    "replay.resume_burst_per_uid": 20,
     "shutdown.grace_period_s": 30.0,
     "shutdown.drain_stagger_s": 0.5,
     "log.level": "info",
     "log.format": "logfmt",
 }
+# What jwt mode requires besides the key (or their explicit opt-outs).
+CLAIMS = {"jwt_issuer": "https://idp.example", "jwt_audience": "chat"}
 ALL_KEYS = [*DEFAULTS, "instance.id", "zookeeper.hosts", "kafka.bootstrap_servers"]
+TOKEN = "t" * 32
 
 
 def with_values(**tables: dict[str, Any]) -> dict[str, Any]:
@@ -127,15 +157,23 @@ def test_example_file_documents_every_key() -> None:
 def test_example_file_is_valid_with_the_jwt_examples_uncommented(tmp_path: Path) -> None:
     # The commented-out keys must be real keys with valid example values.
     text = EXAMPLE.read_text(encoding="utf-8")
-    text = re.sub(r"^# ((?:jwt_\w+|admin_token_file|id) = )", r"\1", text, flags=re.M)
+    text = re.sub(
+        r"^# ((?:jwt_\w+|token_file|listen|advertise|min_insync_replicas|topic_retention_s|id) = )",
+        r"\1",
+        text,
+        flags=re.M,
+    )
     text = text.replace('mode = "none"', 'mode = "jwt"')
     text = text.replace('"/etc/linechatd/jwt.key"', '"jwt.key"')
     (tmp_path / "jwt.key").write_bytes(b"secret\n")
-    (tmp_path / "admin.token").write_bytes(b"token\n")
+    (tmp_path / "admin.token").write_bytes(b"a" * 32 + b"\n")
     config = load_config(write(tmp_path, text))
     assert config.auth.mode == "jwt"
     assert config.auth.jwt_secret_file == tmp_path / "jwt.key"
     assert config.instance.id == "gw-1"
+    assert config.admin.token_file == tmp_path / "admin.token"
+    assert config.admin.listen == HostPort("127.0.0.1", 8081)
+    assert config.kafka.min_insync_replicas == 2
 
 
 def test_defaults() -> None:
@@ -257,27 +295,28 @@ def test_relative_paths_resolve_against_the_config_files_directory(
     config_dir = tmp_path / "etc"
     (config_dir / "keys").mkdir(parents=True)
     (config_dir / "keys" / "jwt.key").write_bytes(b"s3cret\n")
-    (config_dir / "admin.token").write_bytes(b"token\n")
+    (config_dir / "admin.token").write_text(TOKEN + "\n")
     path = write(
         config_dir,
         '[zookeeper]\nhosts = "127.0.0.1:2181"\n'
         '[kafka]\nbootstrap_servers = "127.0.0.1:9092"\n'
-        '[http]\nadmin_token_file = "admin.token"\n'
-        '[auth]\nmode = "jwt"\njwt_secret_file = "keys/jwt.key"\n',
+        '[admin]\ntoken_file = "admin.token"\n'
+        '[auth]\nmode = "jwt"\njwt_secret_file = "keys/jwt.key"\n'
+        'jwt_issuer = "https://idp.example"\njwt_audience = "chat"\n',
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     config = load_config(os.path.relpath(path, elsewhere))
     assert config.auth.jwt_secret_file == config_dir / "keys" / "jwt.key"
-    assert config.http.admin_token_file == config_dir / "admin.token"
+    assert config.admin.token_file == config_dir / "admin.token"
     assert config.auth.jwt_secret_file.is_absolute()
 
 
 def test_parse_config_resolves_paths_against_base_dir(tmp_path: Path) -> None:
     (tmp_path / "jwt.key").write_bytes(b"s")
     config = parse_config(
-        with_values(auth={"mode": "jwt", "jwt_secret_file": "jwt.key"}), base_dir=tmp_path
+        with_values(auth={"mode": "jwt", "jwt_secret_file": "jwt.key", **CLAIMS}), base_dir=tmp_path
     )
     assert config.auth.jwt_secret_file == tmp_path / "jwt.key"
 
@@ -286,18 +325,19 @@ def test_absolute_path_is_kept(tmp_path: Path) -> None:
     key = tmp_path / "jwt.key"
     key.write_bytes(b"s")
     config = parse_config(
-        with_values(auth={"mode": "jwt", "jwt_secret_file": str(key)}), base_dir=Path("/nowhere")
+        with_values(auth={"mode": "jwt", "jwt_secret_file": str(key), **CLAIMS}),
+        base_dir=Path("/nowhere"),
     )
     assert config.auth.jwt_secret_file == key
 
 
 def test_missing_file_is_reported(tmp_path: Path) -> None:
     data = with_values(
-        http={"admin_token_file": "nope.token"},
-        auth={"mode": "jwt", "jwt_secret_file": "nope.key"},
+        admin={"token_file": "nope.token"},
+        auth={"mode": "jwt", "jwt_secret_file": "nope.key", **CLAIMS},
     )
-    assert problems_of(data, base_dir=tmp_path) == [
-        f"http.admin_token_file: cannot read {str(tmp_path / 'nope.token')!r}: "
+    assert sorted(problems_of(data, base_dir=tmp_path)) == [
+        f"admin.token_file: cannot read {str(tmp_path / 'nope.token')!r}: "
         "No such file or directory",
         f"auth.jwt_secret_file: cannot read {str(tmp_path / 'nope.key')!r}: "
         "No such file or directory",
@@ -305,26 +345,45 @@ def test_missing_file_is_reported(tmp_path: Path) -> None:
 
 
 def test_directory_is_not_a_readable_file(tmp_path: Path) -> None:
-    problems = problems_of(with_values(http={"admin_token_file": "."}), base_dir=tmp_path)
+    problems = problems_of(with_values(admin={"token_file": "."}), base_dir=tmp_path)
     assert len(problems) == 1
-    assert problems[0].startswith("http.admin_token_file: cannot read ")
+    assert problems[0].startswith("admin.token_file: cannot read ")
 
 
 def test_empty_path_is_rejected(tmp_path: Path) -> None:
-    assert problems_of(with_values(http={"admin_token_file": ""}), base_dir=tmp_path) == [
-        "http.admin_token_file: must not be empty (leave the key out instead)"
+    assert problems_of(with_values(admin={"token_file": ""}), base_dir=tmp_path) == [
+        "admin.token_file: must not be empty (leave the key out instead)"
     ]
 
 
 def test_jwt_mode_requires_a_secret_file() -> None:
-    assert problems_of(with_values(auth={"mode": "jwt"})) == [
+    assert problems_of(with_values(auth={"mode": "jwt", **CLAIMS})) == [
         'auth.jwt_secret_file: required when auth.mode is "jwt"'
     ]
 
 
+def test_jwt_mode_requires_audience_and_issuer_or_their_explicit_opt_outs(tmp_path: Path) -> None:
+    (tmp_path / "jwt.key").write_bytes(b"s")
+    base = {"mode": "jwt", "jwt_secret_file": "jwt.key"}
+    problems = problems_of(with_values(auth=base), base_dir=tmp_path)
+    assert [p.split(":", 1)[0] for p in problems] == ["auth.jwt_audience", "auth.jwt_issuer"]
+    assert "auth.allow_any_audience = true" in problems[0]
+    assert "auth.allow_any_issuer = true" in problems[1]
+    only_aud = {**base, "jwt_audience": "chat"}
+    assert [p.split(":", 1)[0] for p in problems_of(with_values(auth=only_aud), tmp_path)] == [
+        "auth.jwt_issuer"
+    ]
+    opted_out = {**base, "allow_any_audience": True, "allow_any_issuer": True}
+    config = parse_config(with_values(auth=opted_out), base_dir=tmp_path)
+    assert config.auth.jwt_audience is None and config.auth.allow_any_audience
+    # "none" needs neither.
+    assert parse_config(with_values(auth={"mode": "none"})).auth.jwt_audience is None
+
+
 def test_jwt_mode_with_unreadable_secret_file_is_one_problem(tmp_path: Path) -> None:
     problems = problems_of(
-        with_values(auth={"mode": "jwt", "jwt_secret_file": "missing"}), base_dir=tmp_path
+        with_values(auth={"mode": "jwt", "jwt_secret_file": "missing", **CLAIMS}),
+        base_dir=tmp_path,
     )
     assert len(problems) == 1
     assert problems[0].startswith("auth.jwt_secret_file: cannot read ")
@@ -334,8 +393,9 @@ def test_jwt_mode_with_unreadable_secret_file_is_one_problem(tmp_path: Path) -> 
 
 
 def test_unknown_key() -> None:
+    # The contract's line, with the likely key after it.
     assert problems_of(with_values(websocket={"lisen": "127.0.0.1:1"})) == [
-        "websocket.lisen: unknown key"
+        "websocket.lisen: unknown key (did you mean 'listen'?)"
     ]
 
 
@@ -344,7 +404,9 @@ def test_unknown_table() -> None:
 
 
 def test_unknown_top_level_value() -> None:
-    assert problems_of({**REQUIRED, "partitions_count": 3}) == ["partitions_count: unknown key"]
+    assert problems_of({**REQUIRED, "partitions_count": 3}) == [
+        "partitions_count: unknown key (did you mean 'partitions'?)"
+    ]
 
 
 def test_unknown_nested_table() -> None:
@@ -624,7 +686,7 @@ def test_all_problems_at_once(tmp_path: Path) -> None:
     assert sorted(problems) == sorted(
         [
             "cluster.partitions: expected an integer, got string",
-            "websocket.lisen: unknown key",
+            "websocket.lisen: unknown key (did you mean 'listen'?)",
             "zookeeper.hosts: required",
         ]
     )
@@ -670,13 +732,20 @@ def test_restart_required_changes_ignores_live_keys() -> None:
     old = parse_config(REQUIRED)
     new = parse_config(
         with_values(
-            limits={"max_frame_bytes": 1024},
+            limits={"sends_per_second": 5.0},
             partitions={"weight": 2.0},
-            log={"level": "debug"},
-            zookeeper={"session_timeout": 20},
+            log={"level": "debug", "format": "json"},
+            websocket={"allowed_origins": ["https://chat.example.com"]},
         )
     )
     assert old.restart_required_changes(new) == []
+    assert old.changed_keys(new) == [
+        "websocket.allowed_origins",
+        "limits.sends_per_second",
+        "partitions.weight",
+        "log.level",
+        "log.format",
+    ]
 
 
 def test_restart_required_changes_lists_each_changed_key() -> None:
@@ -686,23 +755,173 @@ def test_restart_required_changes_lists_each_changed_key() -> None:
         "cluster.partitions": 8,
         "instance.id": "gw-other",
         "http.listen": "127.0.0.1:1",
+        "http.advertise": "http://gw.example.com:1",
         "websocket.listen": "127.0.0.1:2",
+        "websocket.advertise": "ws://gw.example.com:2/ws",
+        "websocket.handshake_timeout_s": 3.0,
+        "websocket.max_unfinished_handshakes": 100,
+        "websocket.max_unfinished_handshakes_per_address": 10,
+        "websocket.tcp_keepalive_idle_s": 30,
+        "websocket.tcp_keepalive_interval_s": 5,
+        "websocket.tcp_keepalive_count": 4,
+        "websocket.tcp_user_timeout_s": 60,
+        "admin.listen": "127.0.0.1:3",
+        "admin.advertise": "http://10.0.0.1:3",
         "zookeeper.hosts": "127.0.0.1:2182",
+        "zookeeper.session_timeout": 20.0,
+        "zookeeper.connect_timeout_s": 5.0,
         "kafka.bootstrap_servers": "127.0.0.1:9093",
         "kafka.topic_prefix": "t-",
         "kafka.group_prefix": "g-",
+        "kafka.create_topics": False,
+        "kafka.replication_factor": 3,
+        "kafka.min_insync_replicas": 2,
+        "kafka.topic_retention_s": 86400.0,
+        "kafka.produce_timeout_s": 7.0,
+        "kafka.linger_ms": 5,
+        "kafka.fetch_wait_max_ms": 200,
+        "limits.max_frame_bytes": 1024,
+        "limits.partial_message_timeout_s": 3.0,
     }
     assert list(changed) == list(RESTART_REQUIRED_KEYS)
     for key, value in changed.items():
         table, name = key.split(".")
         new = parse_config(with_values(**{table: {name: value}}))
-        assert old.restart_required_changes(new) == [key]
-        assert new.restart_required_changes(old) == [key]
+        # A listen address also moves the advertise url derived from it.
+        expected = (
+            [key, f"{table}.advertise"] if key in ("http.listen", "websocket.listen") else [key]
+        )
+        assert old.restart_required_changes(new) == expected
+        assert new.restart_required_changes(old) == expected
     everything = with_values()
     for key, value in changed.items():
         table, name = key.split(".")
         everything.setdefault(table, {})[name] = value
     assert old.restart_required_changes(parse_config(everything)) == list(RESTART_REQUIRED_KEYS)
+
+
+def test_every_key_says_whether_a_reload_applies_it() -> None:
+    assert set(RELOAD) == set(ALL_KEYS)
+    assert list(RELOAD) == dotted_keys(), "RELOAD follows the declaration order"
+
+
+def test_live_keys_are_taken_and_restart_keys_kept() -> None:
+    old = parse_config(REQUIRED)
+    new = parse_config(
+        with_values(
+            limits={"sends_per_second": 5.0, "max_frame_bytes": 1024},
+            websocket={"allowed_origins": ["https://a.example"], "handshake_timeout_s": 3.0},
+            log={"format": "json"},
+        )
+    )
+    applied = old.with_live_keys_of(new)
+    assert applied.limits.sends_per_second == 5.0
+    assert applied.websocket.allowed_origins == ("https://a.example",)
+    assert applied.log.format == "json"
+    assert applied.limits.max_frame_bytes == 65536
+    assert applied.websocket.handshake_timeout_s == 10.0
+    assert applied.websocket.advertise == old.websocket.advertise
+
+
+def _documented_reload(text: str) -> dict[str, str]:
+    """Key -> "live"/"restart", from the (live)/(restart) marks of the example file."""
+    marks: dict[str, str] = {}
+    table, block = "", []
+    for line in text.splitlines():
+        if match := re.fullmatch(r"\[(\w+)\]", line):
+            table, block = match[1], []
+        elif (match := re.fullmatch(r"#? ?(\w+) = .*", line)) and not line.startswith("# ("):
+            found = set(re.findall(r"\((live|restart)\)", " ".join(block)))
+            assert len(found) == 1, f"{table}.{match[1]}: marks {found}"
+            marks[f"{table}.{match[1]}"] = found.pop()
+            block = []
+        else:
+            block.append(line)
+    return marks
+
+
+def test_example_file_marks_each_key_as_the_table_says() -> None:
+    marks = _documented_reload(EXAMPLE.read_text(encoding="utf-8"))
+    assert marks == {key: reload.value for key, reload in RELOAD.items()}
+
+
+def test_operations_doc_table_matches_the_reload_table() -> None:
+    doc = (EXAMPLE.parents[1] / "docs" / "operations.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| [^|]* \| (live|restart)\b", doc, flags=re.M)
+    assert dict(rows) == {key: reload.value for key, reload in RELOAD.items()}
+
+
+def test_unknown_key_suggests_the_one_meant() -> None:
+    assert problems_of(with_values(zookeeper={"session_timeout_s": 5})) == [
+        "zookeeper.session_timeout_s: unknown key (did you mean 'session_timeout'?)"
+    ]
+    assert problems_of({**with_values(), "websockets": {}}) == [
+        "websockets: unknown key (did you mean 'websocket'?)"
+    ]
+    assert problems_of(with_values(limits={"zzz": 1})) == ["limits.zzz: unknown key"]
+
+
+def test_deprecated_admin_token_file_still_works(tmp_path: Path) -> None:
+    (tmp_path / "admin.token").write_text(TOKEN)
+    config = parse_config(with_values(http={"admin_token_file": "admin.token"}), base_dir=tmp_path)
+    assert config.admin.token_file == tmp_path / "admin.token"
+    assert config.deprecations == (
+        "http.admin_token_file: renamed to admin.token_file; the old name will stop working",
+    )
+    both = with_values(
+        http={"admin_token_file": "admin.token"}, admin={"token_file": "admin.token"}
+    )
+    assert problems_of(both, base_dir=tmp_path) == [
+        "http.admin_token_file: renamed to admin.token_file; set only admin.token_file"
+    ]
+
+
+@pytest.mark.parametrize(
+    "content,reason",
+    [
+        ("short", "at least 32 printable ASCII characters, got 5"),
+        ("a" * 20 + " " + "b" * 20, "without spaces"),
+        ("ä" * 40, "printable ASCII only"),
+        ("a" * 32 + "\n" + "b" * 32, "without spaces"),
+    ],
+)
+def test_admin_token_file_must_hold_a_usable_token(
+    tmp_path: Path, content: str, reason: str
+) -> None:
+    (tmp_path / "admin.token").write_text(content, encoding="utf-8")
+    [problem] = problems_of(with_values(admin={"token_file": "admin.token"}), base_dir=tmp_path)
+    assert problem.startswith("admin.token_file: ") and reason in problem
+
+
+def test_admin_token_is_the_stripped_line(tmp_path: Path) -> None:
+    (tmp_path / "admin.token").write_text(f"\n  {TOKEN}  \n\n")
+    assert read_token_file(tmp_path / "admin.token") == TOKEN
+
+
+def test_cluster_placeholder_in_kafka_prefixes() -> None:
+    config = parse_config(
+        with_values(
+            cluster={"name": "eu1"},
+            kafka={"topic_prefix": "{cluster}-topic-", "group_prefix": "{cluster}.cg-"},
+        )
+    )
+    assert config.kafka.topic_prefix == "eu1-topic-"
+    assert config.kafka.group_prefix == "eu1.cg-"
+    [problem] = problems_of(with_values(kafka={"topic_prefix": "{other}-"}))
+    assert problem.startswith("kafka.topic_prefix: must be 1-100 characters")
+
+
+def test_admin_url_never_names_a_proxy() -> None:
+    config = parse_config(
+        with_values(http={"listen": "0.0.0.0:8080", "advertise": "https://chat.example.com"})
+    )
+    assert config.admin_url == "http://127.0.0.1:8080"
+    config = parse_config(with_values(admin={"listen": "[::]:9000"}))
+    assert config.admin_url == "http://[::1]:9000"
+    config = parse_config(
+        with_values(admin={"listen": "127.0.0.1:9000", "advertise": "http://10.1.2.3:9000"})
+    )
+    assert config.admin_url == "http://10.1.2.3:9000"
 
 
 def test_value_by_unknown_key() -> None:

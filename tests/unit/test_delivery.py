@@ -47,6 +47,7 @@ def new_core(
         partitions=PARTITIONS,
         limits=CoreLimits(outbox_frames=outbox_frames, bad_frames_per_minute=bad_frames),
         send_bucket=TokenBucket(rate, burst, 0.0),
+        now=0.0,
     )
     core.start(live_from)
     return core
@@ -122,6 +123,7 @@ def test_the_outbox_is_bounded_in_characters_too() -> None:
         partitions=PARTITIONS,
         limits=CoreLimits(outbox_frames=1000, bad_frames_per_minute=10, outbox_bytes=100),
         send_bucket=TokenBucket(100, 200, 0.0),
+        now=0.0,
     )
     core.start(0)
     core.offer(None, "x" * 200)  # one big frame alone always fits
@@ -133,10 +135,11 @@ def test_the_outbox_is_bounded_in_characters_too() -> None:
 def test_a_send_becomes_a_record_for_the_recipients_partition() -> None:
     core = new_core()
     request = core.on_frame(send("m1", "carol"), 0.0, WALL_MS)
-    assert isinstance(request, ProduceRequest)
-    assert request.partition == partition_for("carol", PARTITIONS)
-    assert request.key == b"carol"
-    record = decode_record(request.value)
+    assert isinstance(request, ProduceRequest) and not request.group
+    [out] = request.records
+    assert out.partition == partition_for("carol", PARTITIONS)
+    assert out.key == b"carol" and out.to == ("carol",)
+    record = decode_record(out.value)
     # The sender is who authenticated, whatever the frame says.
     assert (record.from_uid, record.from_device, record.to, record.id) == (
         "alice",
@@ -147,6 +150,17 @@ def test_a_send_becomes_a_record_for_the_recipients_partition() -> None:
     assert record.ts == WALL_MS
 
 
+def test_sends_to_many_recipients_name_each_recipients_partition() -> None:
+    # More distinct recipients than the core remembers partitions for, twice over.
+    core = new_core(rate=1000.0, burst=1000)
+    uids = [f"u{n}" for n in range(150)] * 2
+    for n, uid in enumerate(uids):
+        request = core.on_frame(send(f"m{n}", to=uid), 0.0, WALL_MS)
+        assert request is not None
+        [record] = request.records
+        assert record.partition == partition_for(uid, PARTITIONS), uid
+
+
 def test_acks_go_out_in_send_order_whatever_order_reports_arrive_in() -> None:
     core = new_core()
     core.go_live()
@@ -155,7 +169,7 @@ def test_acks_go_out_in_send_order_whatever_order_reports_arrive_in() -> None:
         request = core.on_frame(send(f"m{n}"), 0.0, WALL_MS)
         assert request is not None
         report = FakeReport()
-        core.produced(request, report)
+        core.produced(request, [report])
         reports.append(report)
     reports[2].resolved, reports[2].offset = True, 12
     core.on_report()
@@ -180,6 +194,7 @@ def test_reading_stops_at_the_in_flight_bound() -> None:
         partitions=PARTITIONS,
         limits=CoreLimits(outbox_frames=100, bad_frames_per_minute=10, max_in_flight=2),
         send_bucket=TokenBucket(100, 200, 0.0),
+        now=0.0,
     )
     core.start(0)
     reports = []
@@ -187,7 +202,7 @@ def test_reading_stops_at_the_in_flight_bound() -> None:
         request = core.on_frame(send(f"m{n}"), 0.0, WALL_MS)
         assert request is not None
         reports.append(FakeReport())
-        core.produced(request, reports[-1])
+        core.produced(request, [reports[-1]])
     assert not core.reading_allowed
     reports[0].resolved = True
     core.on_report()
@@ -223,6 +238,65 @@ def test_bad_frames_are_answered_and_too_many_close_with_1008() -> None:
     for t in (0.0, 1.0, 61.5, 62.0):
         core.on_frame("{", t, WALL_MS)
     assert core.closing is None
+
+
+def test_the_frame_budget_allows_bursts_of_twice_the_rate_then_closes_with_1008() -> None:
+    core = SessionCore(
+        uid="alice",
+        device="d1",
+        resume=None,
+        partitions=PARTITIONS,
+        limits=CoreLimits(outbox_frames=100, bad_frames_per_minute=10, max_frames_per_s=10),
+        send_bucket=TokenBucket(100, 200, 0.0),
+        now=0.0,
+    )
+    core.start(0)
+    assert all(core.frame_arrived(0.0) for _ in range(20)), "a burst of twice the rate"
+    assert core.frame_arrived(0.1), "one more after a tenth of a second at 10/s"
+    assert not core.frame_arrived(0.1)
+    assert core.closing is not None and core.closing.code == CloseCode.POLICY
+    assert not core.frame_arrived(5.0), "a closing session reads nothing more"
+
+
+def test_a_client_at_its_send_rate_never_meets_the_frame_budget() -> None:
+    # Defaults: 100 sends/s (burst 200) against 200 frames/s (burst 400).
+    core = SessionCore(
+        uid="alice",
+        device="d1",
+        resume=None,
+        partitions=PARTITIONS,
+        limits=CoreLimits(outbox_frames=10_000, bad_frames_per_minute=10),
+        send_bucket=TokenBucket(100, 200, 0.0),
+        now=0.0,
+    )
+    core.start(0)
+    t = 0.0
+    for n in range(2000):  # 20 s at 100/s, plus a ping every 10 frames
+        t += 0.01
+        assert core.frame_arrived(t)
+        assert core.on_frame(send(f"m{n}"), t, WALL_MS) is not None
+        if n % 10 == 0:
+            assert core.frame_arrived(t)
+    assert core.closing is None
+
+
+def test_silence_closes_with_1000_at_the_idle_timeout() -> None:
+    core = SessionCore(
+        uid="alice",
+        device="d1",
+        resume=None,
+        partitions=PARTITIONS,
+        limits=CoreLimits(outbox_frames=100, bad_frames_per_minute=10, idle_timeout_s=60),
+        send_bucket=TokenBucket(100, 200, 0.0),
+        now=0.0,
+    )
+    core.start(0)
+    assert core.idle_deadline == 60.0
+    core.frame_arrived(30.0)
+    core.check_idle(89.0)
+    assert core.closing is None
+    core.check_idle(90.0)
+    assert core.closing is not None and core.closing.code == CloseCode.NORMAL
 
 
 def test_pings_are_answered_with_pongs() -> None:
@@ -309,7 +383,7 @@ class SessionCoreMachine(RuleBasedStateMachine):
         if request is not None:
             self.sent_ids.append(msg_id)
             report = FakeReport()
-            self.core.produced(request, report)
+            self.core.produced(request, [report])
             self.reports.append((msg_id, report))
 
     @rule(data=st.data())
@@ -363,3 +437,55 @@ class SessionCoreMachine(RuleBasedStateMachine):
 
 TestSessionCoreMachine = SessionCoreMachine.TestCase
 TestSessionCoreMachine.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+
+
+def test_a_group_send_writes_one_record_per_partition_and_one_ack_naming_each() -> None:
+    core = new_core()
+    core.go_live()
+    to = [f"user{n}" for n in range(10)]
+    frame = json.dumps({"type": "send", "id": "g1", "to": to, "body": {"t": 1}})
+    request = core.on_frame(frame, 0.0, WALL_MS)
+    assert isinstance(request, ProduceRequest) and request.group
+    partitions = {partition_for(uid, PARTITIONS) for uid in to}
+    assert len(request.records) == len(partitions), "one record per partition touched"
+    assert sorted(uid for r in request.records for uid in r.to) == sorted(to)
+    for record in request.records:
+        assert {partition_for(uid, PARTITIONS) for uid in record.to} == {record.partition}
+        stored = decode_record(record.value)
+        assert stored.to == record.to and stored.recipients == tuple(to)
+        assert stored.from_uid == "alice" and record.key == b"*"
+    reports = [FakeReport() for _ in request.records]
+    core.produced(request, reports)
+    for n, report in enumerate(reports):
+        report.resolved, report.offset = True, 100 + n
+        core.on_report()
+        if n < len(reports) - 1:
+            assert drain(core) == [], "acked only once every record is durable"
+    [ack] = drain(core)
+    assert ack["type"] == "ack" and ack["id"] == "g1"
+    assert [(a["partition"], a["offset"], a["to"]) for a in ack["acks"]] == [
+        (r.partition, 100 + n, list(r.to)) for n, r in enumerate(request.records)
+    ]
+
+
+def test_a_group_send_with_one_record_refused_is_unavailable_as_a_whole() -> None:
+    core = new_core()
+    core.go_live()
+    frame = json.dumps({"type": "send", "id": "g1", "to": ["a1", "b2", "c3"], "body": 1})
+    request = core.on_frame(frame, 0.0, WALL_MS)
+    assert request is not None
+    reports = [FakeReport(resolved=True, offset=5) for _ in request.records]
+    reports[-1].error = "Local: Message timed out"
+    core.produced(request, reports)
+    core.on_report()
+    [answer] = drain(core)
+    assert (answer["type"], answer["id"], answer["code"]) == ("error", "g1", "unavailable")
+
+
+def test_a_bad_recipient_list_writes_nothing() -> None:
+    core = new_core()
+    core.go_live()
+    frame = json.dumps({"type": "send", "id": "g1", "to": ["a", "a"], "body": 1})
+    assert core.on_frame(frame, 0.0, WALL_MS) is None
+    [answer] = drain(core)
+    assert (answer["code"], answer["id"]) == ("bad_recipient", "g1")

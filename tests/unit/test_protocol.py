@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from typing import Any
@@ -9,15 +10,22 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from linechatd.protocol import (
+    GROUP_RECORD_KEY,
     MAX_JSON_DEPTH,
+    MAX_JSON_MEMBERS,
     MAX_QUERY_CHARS,
     MAX_RECORD_BYTES,
     RECORD_VERSION,
     UID_PATTERN,
     ChatRecord,
+    GroupAck,
+    GroupRecord,
+    GroupSend,
     HandshakeError,
     HandshakeParams,
     LocalProtocolError,
+    Message,
+    PartitionAck,
     Ping,
     ProtocolError,
     RecordError,
@@ -25,15 +33,19 @@ from linechatd.protocol import (
     Send,
     decode_client_frame,
     decode_record,
+    decode_server_frame,
     encode_ack,
     encode_error,
+    encode_group_ack,
     encode_message,
     encode_pong,
     encode_record,
+    encode_send,
     encode_welcome,
     is_valid_uid,
     new_device_id,
     parse_handshake_query,
+    record_key,
 )
 
 FUZZ = settings(
@@ -265,6 +277,21 @@ def test_brackets_inside_strings_do_not_count() -> None:
     assert decode_client_frame(frame).body == body.replace('\\"', '"')  # type: ignore[union-attr]
 
 
+def test_members_are_capped_before_parsing() -> None:
+    ok = send_frame(id="m", to="bob", body=[1] * (MAX_JSON_MEMBERS - 10))
+    assert isinstance(decode_client_frame(ok), Send)
+    err = remote_error(send_frame(id="m", to="bob", body=[1] * (MAX_JSON_MEMBERS + 10)))
+    assert err.code == "bad_frame" and f"more than {MAX_JSON_MEMBERS} members" in err.message
+    err = remote_error(send_frame(id="m", to="bob", body={f"k{n}": n for n in range(5000)}))
+    assert err.code == "bad_frame"
+
+
+def test_commas_inside_strings_are_not_members() -> None:
+    text = "," * 20_000
+    frame = send_frame(id="m", to="bob", body=text)
+    assert decode_client_frame(frame).body == text  # type: ignore[union-attr]
+
+
 def test_many_flat_containers_are_fine() -> None:
     frame = send_frame(id="m", to="bob", body=[[] for _ in range(1000)])
     assert len(decode_client_frame(frame).body) == 1000  # type: ignore[union-attr]
@@ -310,12 +337,12 @@ def test_reject_bad_frames_without_id(frame: dict[str, Any], message: str) -> No
         (
             {"type": "send", "id": "m1", "to": 5, "body": 1},
             "bad_frame",
-            "field 'to' must be a string",
+            "field 'to' must be a uid or a list of uids",
         ),
         (
             {"type": "send", "id": "m1", "to": None, "body": 1},
             "bad_frame",
-            "field 'to' must be a string",
+            "field 'to' must be a uid or a list of uids",
         ),
         ({"type": "send", "id": "m1", "to": "bob"}, "bad_frame", "field 'body' is required"),
         (
@@ -625,7 +652,8 @@ def record_json(**changes: Any) -> bytes:
         (record_json(v="1"), "'v' must be an integer"),
         (record_json(v=True), "'v' must be an integer"),
         (record_json(v=1.0), "'v' must be an integer"),
-        (record_json(v=2), "unsupported record version 2"),
+        (record_json(v=2), "'to' must be a list of uids"),
+        (record_json(v=3), "unsupported record version 3"),
         (record_json(v=0), "unsupported record version 0"),
         (record_json(**{"from": ...}), "'from' is required"),
         (record_json(from_device=...), "'from_device' is required"),
@@ -976,3 +1004,105 @@ def test_fuzz_handshake_valid(uid: str, device: str | None, resume: int | None) 
         parts.append(f"resume={resume}")
     params = parse_handshake_query("&".join(parts), new_device_id=fixed_device)
     assert params == HandshakeParams(uid, device or "generated", None, resume)
+
+
+# -- group sends (CONTRACT v2 §5) and record version 2 ------------------------------------
+
+
+def test_a_group_send_decodes_with_its_recipients_in_order() -> None:
+    frame = decode_client_frame(send_frame(id="g1", to=["carol", "bob", "dave"], body={"t": 1}))
+    assert frame == GroupSend(id="g1", to=("carol", "bob", "dave"), body={"t": 1})
+
+
+@pytest.mark.parametrize(
+    ("to", "message"),
+    [
+        ([], "at least one recipient"),
+        ([f"u{n}" for n in range(101)], "names 101 recipients; at most 100"),
+        (["bob", "carol", "bob"], "'bob' is listed twice"),
+        (["bob", "no spaces"], "to[1] must be a uid"),
+        (["bob", 7], "to[1] must be a uid"),
+        (["bob", None], "to[1] must be a uid"),
+    ],
+)
+def test_a_bad_recipient_list_is_bad_recipient(to: list[Any], message: str) -> None:
+    err = remote_error(send_frame(id="g1", to=to, body=1))
+    assert (err.code, err.id) == ("bad_recipient", "g1")
+    assert message in err.message
+
+
+def test_the_recipient_limit_is_configurable() -> None:
+    frame = send_frame(id="g1", to=["a", "b", "c"], body=1)
+    assert isinstance(decode_client_frame(frame, max_recipients=3), GroupSend)
+    with pytest.raises(RemoteProtocolError, match="at most 2"):
+        decode_client_frame(frame, max_recipients=2)
+
+
+GROUP = GroupRecord(
+    from_uid="alice",
+    from_device="d1",
+    to=("carol", "bob"),
+    id="g1",
+    body={"text": "hi all"},
+    ts=1_700_000_000_000,
+    recipients=("bob", "carol", "dave"),
+)
+
+
+def test_group_records_round_trip_and_are_keyed_apart() -> None:
+    data = encode_record(GROUP)
+    assert json.loads(data)["v"] == 2
+    assert decode_record(data) == GROUP
+    assert record_key(GROUP) == GROUP_RECORD_KEY == b"*"
+    assert record_key(RECORD) == RECORD.to.encode()
+    published = dataclasses.replace(GROUP, from_device="server", recipients=None)
+    assert decode_record(encode_record(published)) == published
+    assert "recipients" not in json.loads(encode_record(published))
+    # Version 1 records are still read as they always were.
+    assert decode_record(encode_record(RECORD)) == RECORD
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"to": []}, "'to' must be a list of distinct uids"),
+        ({"to": ["bob", "bob"]}, "'to' must be a list of distinct uids"),
+        ({"to": "bob"}, "'to' must be a list of uids"),
+        ({"recipients": ["bob"]}, "'recipients' must be a list of uids holding every one of 'to'"),
+        ({"recipients": "bob"}, "'recipients' must be a list of uids"),
+    ],
+)
+def test_bad_group_records_are_refused(changes: dict[str, Any], message: str) -> None:
+    doc = json.loads(encode_record(GROUP))
+    doc.update(changes)
+    with pytest.raises(RecordError, match=re.escape(message)):
+        decode_record(json.dumps(doc).encode())
+
+
+def test_a_group_message_goes_to_each_recipient_with_the_whole_list() -> None:
+    for uid in GROUP.to:
+        frame = json.loads(encode_message(GROUP, 5, 42, uid))
+        assert frame["to"] == uid
+        assert frame["recipients"] == ["bob", "carol", "dave"]
+        assert (frame["partition"], frame["offset"], frame["from"]) == (5, 42, "alice")
+    with pytest.raises(LocalProtocolError):
+        encode_message(GROUP, 5, 42, "dave")  # dave's partition has its own record
+    published = json.loads(
+        encode_message(dataclasses.replace(GROUP, recipients=None), 5, 42, "bob")
+    )
+    assert "recipients" not in published
+    assert "recipients" not in json.loads(encode_message(RECORD, 5, 99))
+
+
+def test_the_client_reads_group_acks_and_recipients() -> None:
+    ack = decode_server_frame(
+        encode_group_ack("g1", [(3, 10, ["bob"]), (5, 42, ["carol", "dave"])])
+    )
+    assert ack == GroupAck(
+        "g1", (PartitionAck(3, 10, ("bob",)), PartitionAck(5, 42, ("carol", "dave")))
+    )
+    message = decode_server_frame(encode_message(GROUP, 5, 42, "bob"))
+    assert isinstance(message, Message) and message.recipients == ("bob", "carol", "dave")
+    assert encode_send("g1", ["a", "b"], 1) == '{"type":"send","id":"g1","to":["a","b"],"body":1}'
+    with pytest.raises(LocalProtocolError):
+        encode_send("g1", ["a", "a"], 1)

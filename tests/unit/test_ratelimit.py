@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from linechatd.ratelimit import StrikeCounter, TokenBucket
+from linechatd.ratelimit import StrikeCounter, TokenBucket, UidBuckets
 
 
 def test_a_full_bucket_allows_a_burst_then_refuses() -> None:
@@ -102,3 +102,35 @@ def test_a_burst_of_exactly_the_limit_is_tolerated(limit: int) -> None:
     counter = StrikeCounter(limit=limit)
     assert not any(counter.strike(0.0) for _ in range(limit))
     assert counter.strike(0.0)
+
+
+def test_a_uid_keeps_its_bucket_across_devices_and_reconnects() -> None:
+    buckets = UidBuckets(rate=1.0, burst=3)
+    first = buckets.bucket("alice", 0.0)
+    assert [first.allow(0.0) for _ in range(4)] == [True, True, True, False]
+    # A second device, or the same one reconnecting: the same, spent bucket.
+    again = buckets.bucket("alice", 0.5)
+    assert again is first and not again.allow(0.5)
+    assert buckets.bucket("bob", 0.5).allow(0.5)
+
+
+def test_uid_buckets_are_bounded_and_forget_only_what_changes_nothing() -> None:
+    buckets = UidBuckets(rate=1.0, burst=2, max_uids=3)
+    for uid in ("a", "b", "c"):
+        assert buckets.bucket(uid, 0.0).allow(0.0)
+    # At 10 s every bucket has refilled: the sweep forgets them, nothing is lost.
+    buckets.bucket("d", 10.0)
+    assert len(buckets) == 1
+    # Buckets still spending are kept while full ones go.
+    spent = buckets.bucket("e", 10.0)
+    spent.allow(10.0)
+    spent.allow(10.0)
+    buckets.bucket("f", 10.0)
+    buckets.bucket("g", 20.0)  # "d" and "f" refilled; "e" too by now (2 tokens at 1/s)
+    assert len(buckets) <= 3
+    assert buckets.bucket("g", 20.0) is not None
+    # When nothing has refilled, the least recently used go: memory stays bounded.
+    crowded = UidBuckets(rate=0.001, burst=1, max_uids=10)
+    for n in range(1000):
+        crowded.bucket(f"u{n}", float(n)).allow(float(n))
+        assert len(crowded) <= 10

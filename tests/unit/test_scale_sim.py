@@ -54,6 +54,13 @@ def test_every_scenario_keeps_one_owner_and_ends_balanced(seed: int) -> None:
     assert phases["zk-pause"].retaken == 24
     for name in ("cold-start", "drain", "crash"):
         assert phases[name].moved == phases[name].min_moves, name
+    # An owner cut from the broker keeps its partitions for unhealthy_release_s
+    # (a blip must not move them), then every one of them moves, once.
+    zombie = phases["zombie"]
+    assert zombie.extra["victims_held"] > 0
+    assert zombie.moved == zombie.extra["victims_held"]
+    assert zombie.balanced_after_s is not None
+    assert 15.0 <= zombie.balanced_after_s < 15.0 + 3.0
     # A crashed instance's partitions wait for its session to expire (T), no longer.
     crash = phases["crash"]
     assert crash.balanced_after_s is not None

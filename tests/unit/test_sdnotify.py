@@ -56,3 +56,13 @@ def test_watchdog_interval_only_for_this_process() -> None:
 
 def test_a_vanished_socket_is_not_an_error(tmp_path: Path) -> None:
     Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}).watchdog()
+
+
+def test_stopping_can_extend_the_stop_timeout(tmp_path: Path) -> None:
+    path = str(tmp_path / "notify.sock")
+    with _receiver(path) as sock:
+        notifier = Notifier({"NOTIFY_SOCKET": path})
+        notifier.stopping(extend_s=45.5)
+        assert sock.recv(1024) == b"STOPPING=1\nEXTEND_TIMEOUT_USEC=45500000"
+        notifier.stopping()
+        assert sock.recv(1024) == b"STOPPING=1"

@@ -17,9 +17,10 @@ import trio.testing
 
 from linechatd.auth import Identity
 from linechatd.config import parse_config
-from linechatd.kafka import DeliveryReceipt
+from linechatd.kafka import DeliveryReceipt, _resolve_all
 from linechatd.metrics import Metrics
 from linechatd.protocol import CloseCode, HandshakeParams
+from linechatd.ratelimit import TokenBucket
 from linechatd.session import Session
 from linechatd.websocket import ConnectionClosed
 
@@ -35,7 +36,11 @@ class FakeConnection:
     """The parts of websocket.Connection a session uses; ``stalled`` makes sends block."""
 
     def __init__(self) -> None:
+        self.frame_hook: Any = None
+        self.read_at = time.perf_counter()
         self.sent: list[dict[str, Any]] = []
+        # write_many_now() calls: system calls, on a real socket.
+        self.writes = 0
         self.stalled = False
         self.closed: tuple[int, str] | None = None
         self.closed_at: float | None = None
@@ -50,13 +55,14 @@ class FakeConnection:
     def unflushed(self) -> bool:
         return False
 
-    def write_now(self, text: str) -> None:
-        self.sent.append(json.loads(text))
+    def write_many_now(self, texts: list[str | bytes]) -> None:
+        self.writes += 1
+        self.sent.extend(json.loads(text) for text in texts)
 
     async def flush(self) -> None:
         pass
 
-    async def send(self, text: str) -> None:
+    async def send(self, text: str | bytes) -> None:
         if self.stalled:
             await trio.sleep_forever()
         self.sent.append(json.loads(text))
@@ -77,6 +83,13 @@ class FakeConnection:
     async def close(self, code: int, reason: str = "") -> None:
         self.closed = (int(code), reason)
         self.closed_at = trio.current_time()
+
+    @property
+    def closed_locally(self) -> bool:
+        return self.closed is not None
+
+    async def wait_peer_gone(self) -> None:
+        await trio.sleep_forever()
 
     async def aclose(self) -> None:
         pass
@@ -128,6 +141,7 @@ def make_session(
         identity=Identity("alice", expires_at),
         partition=3,
         ctx=ctx,  # type: ignore[arg-type]
+        send_bucket=TokenBucket(100, 200, trio.current_time()),
     )
     session.join(0)
     return session, producer
@@ -212,9 +226,9 @@ async def test_acks_follow_the_delivery_reports_in_send_order(
             conn.client_sends({"type": "send", "id": f"m{n}", "to": "bob", "body": n})
         await trio.testing.wait_all_tasks_blocked()
         assert len(producer.receipts) == 2
-        producer.receipts[1].resolve(None, 41)
+        hand_over(producer.receipts[1], 41)
         assert [f["type"] for f in conn.sent] == ["welcome"]
-        producer.receipts[0].resolve(None, 40)
+        hand_over(producer.receipts[0], 40)
         assert [(f["type"], f.get("id"), f.get("offset")) for f in conn.sent[1:]] == [
             ("ack", "m0", 40),
             ("ack", "m1", 41),
@@ -222,6 +236,36 @@ async def test_acks_follow_the_delivery_reports_in_send_order(
         conn.client_closes()
     assert conn.closed is None, "a peer that closed is not closed again"
     assert seat.left == [session]
+
+
+async def test_the_acks_of_one_hand_over_leave_in_one_write_and_are_timed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    conn = FakeConnection()
+    session, producer = make_session(conn)
+    seat = FakeSeat()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_until_closed, session, seat)
+        for n in range(3):
+            conn.client_sends({"type": "send", "id": f"m{n}", "to": "bob", "body": n})
+        await trio.testing.wait_all_tasks_blocked()
+        writes = conn.writes
+        _resolve_all([(receipt, None, 40 + n) for n, receipt in enumerate(producer.receipts)], 0.0)
+        assert conn.writes == writes + 1
+        assert [f.get("id") for f in conn.sent[-3:]] == ["m0", "m1", "m2"]
+        conn.client_closes()
+    samples = {
+        s.labels["stage"]: s.value
+        for family in session._ctx.metrics.residence.collect()
+        for s in family.samples
+        if s.name.endswith("_count")
+    }
+    assert samples == {"read_to_produce": 3, "report_to_ack": 3, "fetch_to_write": 0}
+
+
+def hand_over(receipt: DeliveryReceipt, offset: int) -> None:
+    """One delivery report, handed to trio as the producer's poll thread does."""
+    _resolve_all([(receipt, None, offset)], time.perf_counter())
 
 
 async def test_a_partition_that_stops_closes_its_sessions_with_1012(
