@@ -9,7 +9,7 @@ DEV_ARGS ?=
 # A hung test must not hang CI forever: the whole run gets this many seconds.
 TEST_TIMEOUT_S ?= 1800
 
-.PHONY: install dev test lint clean dist lock
+.PHONY: install dev test lint clean dist lock simulate
 
 install:
 	VENV=$(VENV) bash scripts/install.sh
@@ -24,7 +24,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy linechatd tests/support
+	$(VENV)/bin/mypy linechatd tests/support benchmarks/scale
 
 # A release: the wheel and the sdist (which carries requirements.lock, the
 # production install script, the units, the example configs and the docs).
@@ -62,6 +62,16 @@ bench-smoke: install
 bench-transport: install
 	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.transport --out $(BENCH_OUT)/transport.json
 
+# --- the control plane at scale, in virtual time (see docs/capacity.md) ------------------
+# `make simulate` runs 1,000 instances x 4,096 partitions through every scenario
+# (an hour or more of CPU on this machine) and writes scale-results/;
+#   make simulate SIM_ARGS='--instances 50 --partitions 256'   # about a minute
+SIM_ARGS ?=
+SIM_OUT ?= scale-results
+SIM_TIMEOUT_S ?= 21600
+
+simulate: install
+	timeout --foreground -k 30 $(SIM_TIMEOUT_S) $(VENV)/bin/python -m benchmarks.scale --out $(SIM_OUT) $(SIM_ARGS)
 # Group sends, server publishes and presence: records, CPU per recipient, latencies.
 bench-fanout: install
 	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.fanout $(BENCH_ARGS)

@@ -1,35 +1,99 @@
-"""The control plane: how many partitions this instance should hold, and moving towards it.
+"""The control plane: how many partitions each instance should hold, and moving there.
 
-Instances register under ``/linechat/<cluster>/instances/<id>`` (ephemeral,
-data = urls, weight, cap). Each computes the same fair share from that list
-and converges on its own: it takes free partitions while below its share and
-gives one back at a time while above it, pausing ``rebalance_pause_s`` between
-moves so that a joining instance gets its share within seconds and no
-partition stays ownerless for long.
+Instances register under ``/linechat/<cluster>/instances/<id>`` (membership.py:
+urls, weight, cap, draining, and the leases each holds). Every instance sees
+the same registrations (ownership.OwnershipCache) and applies the same rules,
+so they agree on who should do what without talking to each other:
+
+1. **Quotas** (``quotas``): each eligible (not draining) instance gets an exact
+   number of partitions, proportional to its weight, within its cap, summing
+   to the partition count whenever the caps allow. The partitions left over
+   by rounding down go one each to the largest fractional parts, ties broken
+   by ``rank_key`` (a stable hash of the instance id), so every instance
+   computes the same numbers, and a join or a leave only ever moves the
+   quotas in one direction (joins lower them, leaves raise them).
+2. **Designated takers** (``plan``): the free partitions, in ascending order,
+   are dealt out to the instances below their quota, in ``rank_key`` order,
+   each getting as many as it lacks. An instance takes the ones dealt to it
+   at once (many per ZooKeeper transaction), and no others: a freed partition
+   draws one create, not one per instance. A partition left free for
+   ``FALLBACK_AFTER_S`` (views disagree, caps) may be taken by any instance
+   still below its ceiling share (``fair_shares``), each after its own jitter.
+3. **Releases**: an instance above its quota gives back its whole surplus at
+   once, the partitions with the fewest sessions first (``pick_release``), but
+   only when the instances below quota lack more than the free partitions can
+   give; then it pauses ``rebalance_pause_s``.
+4. **A cold cluster settles first**: while more than half the partitions are
+   free and an instance joined less than ``settle_s`` ago, nobody takes any,
+   so a fleet starting at once deals the partitions out once, instead of the
+   first instances taking everything and handing most of it on.
+
+5. **The zombie owner**: an instance that cannot reach the broker says so in
+   its registration (``kafka_ok``). While any instance can, those that cannot
+   count with weight 0 (``effective_members``): they take nothing, and give
+   their partitions back once they have been cut off for
+   ``kafka.unhealthy_release_s`` while another could (a short blip must not
+   move every partition). When none can, nothing moves on that account.
+
+``plan`` is a pure function of a ``View`` (a snapshot of what this instance
+knows). A further rule is a change to who is eligible
+(``Registration.eligible``), to ``effective_members`` or to ``plan``, tested
+without ZooKeeper.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import trio
 from trio_util import AsyncValue, wait_any
 
+from .membership import Member, member_from_json
+from .ownership import OwnershipCache, rank_key
 from .partitions import EndReason, PartitionSupervisor
-from .zk import NodeExistsError, NoNodeError, SessionInfo, SessionState, ZooKeeperError
+from .zk import NodeError, SessionState, ZooKeeperError
 
 if TYPE_CHECKING:
     from .context import Context
 
+__all__ = [
+    "Balancer",
+    "DuplicateInstanceError",
+    "Member",
+    "Plan",
+    "View",
+    "drain_stagger",
+    "effective_members",
+    "equal_quotas",
+    "fair_shares",
+    "member_from_json",
+    "pick_release",
+    "plan",
+    "quotas",
+]
+
 log = logging.getLogger(__name__)
 
 IDLE_RECHECK_S = 1.0
+# Steps are at least this far apart: a burst of changes is planned once.
+MIN_STEP_INTERVAL_S = 0.02
+# Partitions taken per step (the transactions behind them hold CREATE_BATCH each).
+TAKE_PER_STEP = 64
+# A free partition nobody designated took: anyone with room tries after this
+# (plus up to as much again, a jitter of each instance's own).
+FALLBACK_AFTER_S = 1.0
+# A free partition dealt to an instance that does not take it (it crashed
+# and its registration lives until its session expires): after this many
+# fallback delays, anyone with room may.
+STUCK_FACTOR = 2
+# A partition whose create failed (its owner is not in our view yet) is left
+# alone for this long.
+BUSY_S = 2.0
 # How often a start retries registering while its id is taken.
 CLAIM_RETRY_S = 0.5
 ACQUIRED = "acquired"
@@ -40,17 +104,8 @@ class DuplicateInstanceError(Exception):
     """Another live instance of the cluster uses this instance's id."""
 
 
-@dataclass(frozen=True)
-class Member:
-    """One live instance as the balancer sees it."""
-
-    weight: float = 1.0
-    max_partitions: int = 0  # 0 = no cap
-    kafka_ok: bool = True  # it can reach the broker (as it reports in its registration)
-
-
 def effective_members(members: Mapping[str, Member]) -> dict[str, Member]:
-    """The members as the fair share counts them: while any of them can reach
+    """The members as the quotas count them: while any of them can reach
     Kafka, those that cannot get no share (an owner that cannot fetch nor
     produce serves nobody); when none can, nothing moves on that account."""
     if not any(m.kafka_ok for m in members.values()):
@@ -59,11 +114,12 @@ def effective_members(members: Mapping[str, Member]) -> dict[str, Member]:
 
 
 def fair_shares(partitions: int, members: Mapping[str, Member]) -> dict[str, int]:
-    """Each member's target: proportional to weight, rounded up, within its cap.
+    """Each member's ceiling share: proportional to weight, rounded up, within its cap.
 
     Rounding up makes the shares sum to at least ``partitions`` (when caps
     allow), so every partition can find an owner. A capped member's surplus is
-    spread over the others (water-filling).
+    spread over the others (water-filling). The most an instance takes when it
+    picks up a partition nobody was designated for.
     """
     shares: dict[str, int] = {}
     open_members = {m: v for m, v in members.items() if v.weight > 0}
@@ -88,116 +144,353 @@ def fair_shares(partitions: int, members: Mapping[str, Member]) -> dict[str, int
     return shares
 
 
+def quotas(partitions: int, members: Mapping[str, Member]) -> dict[str, int]:
+    """Each member's exact number of partitions (rule 1 of the module docstring).
+
+    Water-filling under the caps, then the floor of each proportional share,
+    then one more for the largest remainders, ties by ``rank_key``. Sums to
+    ``min(partitions, total capacity)``.
+    """
+    result = dict.fromkeys(members, 0)
+    open_members = {m: v for m, v in members.items() if v.weight > 0}
+    remaining = partitions
+    while open_members and remaining > 0:
+        total = sum(v.weight for v in open_members.values())
+        capped = [
+            m
+            for m, v in open_members.items()
+            if v.max_partitions and v.max_partitions < remaining * v.weight / total
+        ]
+        if not capped:
+            ideal = {m: remaining * v.weight / total for m, v in open_members.items()}
+            floors = {m: math.floor(x) for m, x in ideal.items()}
+            left = remaining - sum(floors.values())
+            order = sorted(open_members, key=lambda m: (floors[m] - ideal[m], rank_key(m), m))
+            for m in order[:left]:
+                floors[m] += 1
+            result.update(floors)
+            break
+        for m in capped:
+            cap = open_members.pop(m).max_partitions
+            result[m] = cap
+            remaining -= cap
+    return result
+
+
+def equal_quotas(partitions: int, order: Sequence[str]) -> dict[str, int]:
+    """``quotas`` of members with equal settings, already in rank order, without sorting:
+    the floor for each and one more for the first ``partitions % n``."""
+    if not order:
+        return {}
+    floor, extra = divmod(partitions, len(order))
+    return {m: floor + (1 if i < extra else 0) for i, m in enumerate(order)}
+
+
 def pick_release(candidates: Mapping[int, int]) -> int:
     """Which held partition to give back: the one with the fewest sessions."""
     return min(candidates, key=lambda k: (candidates[k], -k))
 
 
+@dataclass(frozen=True)
+class View:
+    """What one instance knows when it decides; ``plan`` is a pure function of it."""
+
+    me: str
+    quotas: Mapping[str, int]  # every eligible member's quota (me absent: I take none)
+    order: Sequence[str]  # the eligible members in rank order
+    held: Mapping[str, int]  # partitions each member holds (as the registrations say)
+    free: Sequence[int]  # partitions nobody holds, ascending
+    mine: Mapping[int, int]  # my partitions -> their sessions
+    # How long each of ``free`` has been free, and when one may be taken by an
+    # instance it was not dealt to: after ``fallback_s`` if it was dealt to
+    # nobody, after ``STUCK_FACTOR`` times that if its designated taker is slow.
+    free_for: Sequence[float] = ()
+    fallback_s: float = math.inf
+    room: int = 0  # my ceiling share: how many I may hold when taking such partitions
+    settling: bool = False  # a cold cluster still gaining members (rule 4)
+    take_per_step: int = TAKE_PER_STEP
+
+
+@dataclass(frozen=True)
+class Plan:
+    release: tuple[int, ...] = ()
+    take: tuple[int, ...] = ()
+
+
+def _deficit(view: View, member: str) -> int:
+    return max(0, view.quotas[member] - view.held.get(member, 0))
+
+
+def plan(view: View) -> Plan:
+    """This instance's next moves (rules 2 to 4 of the module docstring)."""
+    quota = view.quotas.get(view.me, 0)
+    held = len(view.mine)
+    if held > quota:
+        wanted = sum(_deficit(view, m) for m in view.order if m != view.me)
+        if wanted <= len(view.free):
+            return Plan()  # the free partitions cover every deficit: nobody needs mine
+        surplus = held - quota
+        order = sorted(view.mine, key=lambda k: (view.mine[k], -k))
+        return Plan(release=tuple(order[:surplus]))
+    if view.settling or not view.free:
+        return Plan()
+    # Deal the free partitions out: each instance below quota, in rank order,
+    # gets the next ones, as many as it lacks.
+    dealt = 0
+    mine: list[int] = []
+    for member in view.order:
+        if dealt >= len(view.free):
+            break
+        lacking = quota - held if member == view.me else _deficit(view, member)
+        if member == view.me:
+            mine = list(view.free[dealt : dealt + lacking])
+        dealt += max(0, lacking)
+    if not mine and held < view.room:
+        # Dealt to nobody (views disagree, caps), or its taker is slow: anyone with room.
+        mine = [
+            k
+            for i, (k, age) in enumerate(zip(view.free, view.free_for, strict=True))
+            if age >= view.fallback_s * (1 if i >= dealt else STUCK_FACTOR)
+        ][: view.room - held]
+    return Plan(take=tuple(mine[: view.take_per_step]))
+
+
 class Balancer:
     def __init__(
-        self,
-        ctx: Context,
-        supervisor: PartitionSupervisor,
-        kafka_healthy: AsyncValue[bool] | None = None,
+        self, ctx: Context, supervisor: PartitionSupervisor, *, rng: random.Random | None = None
     ) -> None:
         self._ctx = ctx
         self._supervisor = supervisor
-        # Whether this instance can reach the broker (published in its registration).
-        self._kafka_healthy = kafka_healthy if kafka_healthy is not None else AsyncValue(True)
-        # Trio clock: since when it cannot (None while it can).
-        self._unhealthy_since: float | None = None
-        self.members: AsyncValue[dict[str, Member]] = AsyncValue({})
-        self._member_ids: AsyncValue[tuple[str, ...]] = AsyncValue(())
+        self._registrar = supervisor.registrar
         self._reconfigured = AsyncValue(0)
-        self._random = random.Random()
-        # (session generation, data) of our registration as last written.
-        self._registered: tuple[int, bytes] | None = None
-        self._id_in_use_warned: int | None = None
-        self._members_known = trio.Event()
+        rng = rng or random.Random()
+        # This instance's share of the fallback jitter, in [1, 2) times the delay.
+        self._fallback_s = FALLBACK_AFTER_S * (1 + rng.random())
+        self._busy: dict[int, float] = {}  # partition -> until when its create is not retried
+        # (members version, quotas, eligible members in rank order), per change of the members.
+        self._quotas: tuple[tuple[int, object], dict[str, int], list[str]] | None = None
+        self._last_join = -math.inf  # trio clock: the last time an instance joined
+        self._members_seen = 0
+        # Trio clock: since when this instance cannot reach the broker while another
+        # can (None otherwise). An outage of the broker for everyone never starts it.
+        self._stranded_since: float | None = None
 
     def reconfigure(self) -> None:
         """The partition share settings changed (SIGHUP): re-register and re-balance."""
         self._reconfigured.value += 1
 
-    def target(self) -> int:
-        ctx = self._ctx
-        members = dict(self.members.value)
-        members[ctx.info.instance] = self._me()
-        return fair_shares(ctx.partitions, effective_members(members))[ctx.info.instance]
-
     def _me(self) -> Member:
-        cfg = self._ctx.config.value.partitions
-        return Member(
-            weight=cfg.weight,
-            max_partitions=cfg.max_per_instance,
-            kafka_ok=self._kafka_healthy.value,
-        )
+        return self._registrar.member()
 
-    def _zombie(self) -> bool:
-        """Unable to reach Kafka for ``kafka.unhealthy_release_s`` while another member can."""
-        since = self._unhealthy_since
-        if since is None or not any(m.kafka_ok for m in self.members.value.values()):
+    def _zombie(self, healthy: bool) -> bool:
+        """Unable to reach Kafka, for ``kafka.unhealthy_release_s``, while another member can.
+
+        Counted only while another can: when the broker comes back after an
+        outage for everyone, the instances see it a moment apart, and the
+        last to see it must not take itself for a zombie.
+        """
+        me = self._ctx.info.instance
+        stranded = not healthy and any(
+            m.kafka_ok for name, m in self._ctx.cache.eligible().items() if name != me
+        )
+        now = trio.current_time()
+        if not stranded:
+            self._stranded_since = None
             return False
+        if self._stranded_since is None:
+            self._stranded_since = now
         release_after = self._ctx.config.value.kafka.unhealthy_release_s
-        return trio.current_time() - since >= release_after
+        return now - self._stranded_since >= release_after
 
-    # -- registration ---------------------------------------------------------
+    def _eligible(self) -> dict[str, Member]:
+        """The eligible members as this instance should count them: itself with its own
+        current settings (its registration may not show them yet)."""
+        ctx = self._ctx
+        members = dict(ctx.cache.eligible())
+        if not ctx.draining.is_set():
+            members[ctx.info.instance] = self._me()
+        else:
+            members.pop(ctx.info.instance, None)
+        return members
 
-    def _registration(self) -> bytes:
-        me = self._me()
-        return self._ctx.info.to_json(
-            weight=me.weight, max_partitions=me.max_partitions, kafka_ok=me.kafka_ok
+    def quota_table(self) -> tuple[dict[str, int], list[str]]:
+        """Every eligible member's quota and their rank order, once per change of the members."""
+        ctx = self._ctx
+        me, draining = self._me(), ctx.draining.is_set()
+        version = (ctx.cache.members_changed.value, (me, draining))
+        if self._quotas is not None and self._quotas[0] == version:
+            return self._quotas[1], self._quotas[2]
+        cached = ctx.cache.eligible()
+        if (
+            not draining
+            and me == Member()
+            and ctx.info.instance in cached
+            and all(m == Member() for m in cached.values())
+        ):
+            order = [m for _key, m in ctx.cache.ranked()]
+            table = equal_quotas(ctx.partitions, order)
+        else:
+            table = quotas(ctx.partitions, effective_members(self._eligible()))
+            order = sorted(table, key=lambda m: (rank_key(m), m))
+        self._quotas = (version, table, order)
+        return table, order
+
+    def target(self) -> int:
+        """How many partitions this instance should hold."""
+        return self.quota_table()[0].get(self._ctx.info.instance, 0)
+
+    # -- the loop -------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Balancer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        ctx = self._ctx
+        # This instance has just joined (its registration may not be in the view yet).
+        self._last_join = trio.current_time()
+        task_status.started(self)
+        last_step = -math.inf
+        while not ctx.draining.is_set():
+            await trio.sleep_until(last_step + MIN_STEP_INTERVAL_S)
+            last_step = trio.current_time()
+            try:
+                move = await self._step()
+            except (ZooKeeperError, NodeError) as exc:
+                log.warning("balancer_step_failed", extra={"error": str(exc)})
+                move = None
+            if move == ACQUIRED:
+                continue
+            if move == RELEASED:
+                # Gives the takers a moment before this instance looks again.
+                await trio.sleep(ctx.config.value.partitions.rebalance_pause_s)
+                continue
+            with trio.move_on_after(self._idle_timeout()):
+                await wait_any(
+                    ctx.cache.changed.wait_transition,
+                    ctx.cache.members_changed.wait_transition,
+                    ctx.zk.session.wait_transition,
+                    self._reconfigured.wait_transition,
+                    self._registrar.kafka_healthy.wait_transition,
+                    ctx.draining.wait,
+                )
+        # Draining: drain() gives the partitions back.
+
+    def _idle_timeout(self) -> float:
+        """Until the next moment a partition may become ours by the fallback rule."""
+        cache = self._ctx.cache
+        wait = IDLE_RECHECK_S
+        now = trio.current_time()
+        if self._settling():
+            settle_s = self._ctx.config.value.partitions.settle_s
+            wait = min(wait, self._last_join + settle_s - now)
+        elif cache.free_count:
+            settle_s = self._ctx.config.value.partitions.settle_s
+            oldest = max(min(cache.free_since(k) for k in cache.free()), self._last_join + settle_s)
+            # The next fallback moment not yet passed (undesignated, then stuck).
+            for factor in (1, STUCK_FACTOR):
+                due = oldest + self._fallback_s * factor - now
+                if due > 0:
+                    wait = min(wait, due)
+                    break
+        return max(MIN_STEP_INTERVAL_S, wait)
+
+    def _settling(self) -> bool:
+        """Rule 4: a cold cluster (most partitions free) that gained an instance lately."""
+        ctx = self._ctx
+        members = len(ctx.cache.members())
+        if ctx.cache.registration(ctx.info.instance) is None:
+            members += 1  # ourselves, registered but not seen yet
+        now = trio.current_time()
+        if members > self._members_seen:
+            self._last_join = now
+        self._members_seen = members
+        settle_s = ctx.config.value.partitions.settle_s
+        return 2 * ctx.cache.free_count > ctx.partitions and now < self._last_join + settle_s
+
+    def view(self) -> View:
+        """A snapshot of what this instance knows, for ``plan``."""
+        ctx, sup = self._ctx, self._supervisor
+        cache = ctx.cache
+        now = trio.current_time()
+        self._busy = {k: t for k, t in self._busy.items() if t > now}
+        table, order = self.quota_table()
+        free: list[int] = []
+        free_for: list[float] = []
+        room = 0
+        if cache.free_count:
+            free = sorted(k for k in cache.free() if k not in self._busy)
+            # Counted from when a partition could be taken at all: not while a
+            # cold cluster was settling (rule 4).
+            eligible_since = self._last_join + ctx.config.value.partitions.settle_s
+            free_for = [now - max(cache.free_since(k), eligible_since) for k in free]
+            if free_for and max(free_for) >= self._fallback_s:
+                room = fair_shares(ctx.partitions, effective_members(self._eligible())).get(
+                    ctx.info.instance, 0
+                )
+        counts = {r.partition: r.session_count for r in sup.runtimes()}
+        mine = {k: counts.get(k, 0) for k in self._registrar.leases} | counts
+        return View(
+            me=ctx.info.instance,
+            quotas=table,
+            order=order,
+            held=_HeldView(cache, ctx.info.instance, len(mine)),
+            free=free,
+            mine=mine,
+            free_for=free_for,
+            fallback_s=self._fallback_s,
+            room=room,
+            settling=self._settling(),
         )
 
-    async def _refresh_members(self) -> None:
-        # Polled, not watched: a member's weight or cap changes its node's
-        # data, which a children watch does not report.
-        ctx = self._ctx
-        members: dict[str, Member] = {}
-        for member_id in self._member_ids.value:
-            try:
-                data, _stat = await ctx.zk.get(ctx.paths.instance(member_id))
-            except NoNodeError:
-                continue
-            members[member_id] = member_from_json(data)
-        self.members.value = members
-
-    async def _ensure_registered(self, info: SessionInfo) -> bool:
-        """Register (or update) this instance's node; False while another session holds it."""
-        ctx = self._ctx
-        me = ctx.info.instance
-        data = self._registration()
-        if self._registered == (info.generation, data) and me in self._member_ids.value:
-            return True
-        path = ctx.paths.instance(me)
-        try:
-            await ctx.zk.create(path, data, ephemeral=True, makepath=True)
-            log.info("instance_registered", extra={"path": path})
-            self._registered = (info.generation, data)
-            return True
-        except NodeExistsError:
-            pass
-        try:
-            current, stat = await ctx.zk.get(path)
-        except NoNodeError:
-            return False  # gone meanwhile: the next attempt creates it
-        if stat.ephemeral_owner == info.session_id:
-            if current != data:
-                await ctx.zk.set(path, data)
-                log.info("instance_registration_updated", extra={"path": path})
-            self._registered = (info.generation, data)
-            return True
-        # An earlier incarnation's session (a crash moments ago) or a duplicate id.
-        if self._id_in_use_warned != info.generation:
-            self._id_in_use_warned = info.generation
-            log.warning(
-                "instance_id_in_use",
+    async def _step(self) -> str | None:
+        """One round: register, resume or free leftovers, then act on the plan."""
+        ctx, sup = self._ctx, self._supervisor
+        info = ctx.zk.session.value
+        if info.state is not SessionState.CONNECTED:
+            return None
+        healthy = self._registrar.kafka_healthy.value
+        zombie = self._zombie(healthy)
+        if not await self._registrar.ensure(info):
+            return None
+        # An instance that cannot reach Kafka takes no partition; it gives its
+        # own up only once that has lasted unhealthy_release_s and another can
+        # (rule 5).
+        may_take = healthy
+        may_give = healthy or zombie
+        # Leases this session still holds but does not run (they survived a
+        # SUSPENDED connection, or a transaction whose answer came too late):
+        # re-take them while under quota, else free them.
+        leftovers = sup.leftovers()
+        if leftovers:
+            room = self.target() - len(sup.held()) if may_take else 0
+            resumed = await sup.resume(dict(sorted(leftovers.items())[: max(0, room)]))
+            surplus = {k: lease.epoch for k, lease in sorted(leftovers.items())[max(0, room) :]}
+            for k in await self._registrar.remove_leases(surplus):
+                log.info("lease_released", extra={"partition": k, "epoch": surplus[k]})
+            return ACQUIRED if resumed else RELEASED
+        if self._settling() and len(sup.held()) <= self.target():
+            return None  # rule 4: nothing to take yet, and nothing to give back
+        decided = plan(self.view())
+        if decided.release and may_give:
+            log.info(
+                "partition_rebalance_release" if healthy else "partition_unhealthy_release",
                 extra={
-                    "path": path,
-                    "hint": "waiting for the old session to expire; ids must be unique",
+                    "partitions": list(decided.release),
+                    "held": len(sup.held()),
+                    "target": self.target(),
                 },
             )
-        return False
+            reason = EndReason.RELEASED if healthy else EndReason.KAFKA_UNREACHABLE
+            await sup.release(decided.release, reason)
+            return RELEASED
+        if decided.take and may_take:
+            taken = await sup.acquire(decided.take)
+            until = trio.current_time() + BUSY_S
+            for k in set(decided.take) - set(taken):
+                self._busy[k] = until
+            return ACQUIRED if taken else None
+        return None
+
+    # -- drain ----------------------------------------------------------------
 
     async def claim_registration(self, *, wait_s: float) -> None:
         """Register before serving; DuplicateInstanceError if the id stays taken ``wait_s``.
@@ -213,9 +506,9 @@ class Balancer:
             info = ctx.zk.session.value
             if info.state is SessionState.CONNECTED:
                 try:
-                    if await self._ensure_registered(info):
+                    if await self._registrar.ensure(info):
                         return
-                except ZooKeeperError as exc:
+                except (ZooKeeperError, NodeError) as exc:
                     log.warning("instance_registration_failed", extra={"error": str(exc)})
             if trio.current_time() >= deadline:
                 raise DuplicateInstanceError(
@@ -226,104 +519,6 @@ class Balancer:
             with trio.move_on_after(CLAIM_RETRY_S):
                 await ctx.zk.session.wait_transition()
 
-    # -- the loop -------------------------------------------------------------
-
-    async def run(
-        self, *, task_status: trio.TaskStatus[Balancer] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        ctx = self._ctx
-        async with trio.open_nursery() as nursery:
-            # Never waits for ZooKeeper here: the watch copes with a missing
-            # node and a lost connection by itself, and the first
-            # registration creates the path.
-            nursery.start_soon(ctx.zk.watch_children, ctx.paths.instances, self._on_members)
-            task_status.started(self)
-            # Shares computed without the member list would grab everything.
-            await self._members_known.wait()
-            while not ctx.draining.is_set():
-                try:
-                    move = await self._step()
-                except (ZooKeeperError, NoNodeError, NodeExistsError) as exc:
-                    log.warning("balancer_step_failed", extra={"error": str(exc)})
-                    move = None
-                if move == ACQUIRED:
-                    # Free partitions are taken without a pause: every moment
-                    # one has no owner its users cannot connect.
-                    continue
-                if move is not None:
-                    # A release: one at a time, so the others can pick it up
-                    # and the instance never sheds everything at once.
-                    await trio.sleep(ctx.config.value.partitions.rebalance_pause_s)
-                    continue
-                with trio.move_on_after(IDLE_RECHECK_S):
-                    await wait_any(
-                        ctx.cache.changed.wait_transition,
-                        self.members.wait_transition,
-                        self._member_ids.wait_transition,
-                        ctx.zk.session.wait_transition,
-                        self._reconfigured.wait_transition,
-                        self._kafka_healthy.wait_transition,
-                        ctx.draining.wait,
-                    )
-            # Draining: the watch of members stays on for drain().
-
-    def _on_members(self, children: list[str]) -> None:
-        self._member_ids.value = tuple(sorted(children))
-        self._members_known.set()
-
-    async def _step(self) -> str | None:
-        """One move towards the target: ACQUIRED, RELEASED or None."""
-        ctx, sup = self._ctx, self._supervisor
-        info = ctx.zk.session.value
-        if info.state is not SessionState.CONNECTED:
-            return None
-        healthy = self._kafka_healthy.value
-        if healthy:
-            self._unhealthy_since = None
-        elif self._unhealthy_since is None:
-            self._unhealthy_since = trio.current_time()
-        await self._ensure_registered(info)
-        await self._refresh_members()
-        target = self.target()
-        held = sup.held()
-        # An instance that cannot reach Kafka takes no partition; it gives its
-        # own up only once that has lasted unhealthy_release_s and another can
-        # (a short blip must not move every partition).
-        may_take = healthy
-        may_give = healthy or self._zombie()
-        owners = ctx.cache.snapshot()
-        # Leases this session still holds but does not run (they survived a
-        # SUSPENDED connection, or a create whose answer came too late):
-        # re-take them while under target, else free them.
-        for k, owner in enumerate(owners):
-            if owner is not None and owner.session_id == info.session_id and k not in held:
-                if len(held) < target and may_take:
-                    if await sup.acquire(k):
-                        return ACQUIRED
-                    continue
-                if await ctx.zk.delete_if_mine(ctx.paths.owner(k)):
-                    log.info("lease_released", extra={"partition": k, "epoch": owner.epoch})
-                return RELEASED
-        if len(held) < target and may_take:
-            free = [k for k, owner in enumerate(owners) if owner is None]
-            self._random.shuffle(free)
-            for k in free[:3]:
-                if await sup.acquire(k):
-                    return ACQUIRED
-            return None
-        if len(held) > target and may_give:
-            counts = {r.partition: r.session_count for r in sup.runtimes()}
-            k = pick_release(counts)
-            log.info(
-                "partition_rebalance_release" if healthy else "partition_unhealthy_release",
-                extra={"partition": k, "held": len(held), "target": target},
-            )
-            await sup.release(k, EndReason.RELEASED if healthy else EndReason.KAFKA_UNREACHABLE)
-            return RELEASED
-        return None
-
-    # -- drain ----------------------------------------------------------------
-
     async def drain(self, *, stagger_s: float) -> None:
         """Give every partition back, one at a time while another instance can take them.
 
@@ -333,33 +528,41 @@ class Balancer:
         ctx, sup = self._ctx, self._supervisor
         ctx.draining.set()
         me = ctx.info.instance
+        # The others stop counting this instance (it takes no share) while its
+        # leases stay listed until each is handed over.
         try:
-            await ctx.zk.delete_if_mine(ctx.paths.instance(me))
-        except ZooKeeperError:
+            await self._registrar.set_draining()
+        except (ZooKeeperError, NodeError):
             pass
         # held() re-read each time: a lease still being acquired when the
         # drain began is given back too.
         while held := sup.held():
-            if ctx.zk.connected and not await self._anyone_else():
+            if ctx.zk.connected and not any(m != me for m in ctx.cache.eligible()):
                 log.info("drain_nobody_left", extra={"partitions": len(held)})
-                async with trio.open_nursery() as nursery:
-                    for k in held:
-                        nursery.start_soon(sup.release, k, EndReason.DRAIN)
+                await sup.release(list(held), EndReason.DRAIN)
                 continue
             k = held[0]
             log.info("partition_drain_release", extra={"partition": k})
-            await sup.release(k, EndReason.DRAIN)
+            await sup.release([k], EndReason.DRAIN)
             await trio.sleep(stagger_s)
 
-    async def _anyone_else(self) -> bool:
-        """Is another live (registered, so not draining) instance there to take partitions?"""
-        try:
-            await self._refresh_members()
-        except (ZooKeeperError, NoNodeError) as exc:
-            log.warning("drain_members_failed", extra={"error": str(exc)})
-            return True  # unknown: keep the staggered hand-over
-        me = self._ctx.info.instance
-        return any(m != me for m in self.members.value)
+
+class _HeldView(Mapping[str, int]):
+    """The members' partition counts from the cache, with this instance's own count."""
+
+    def __init__(self, cache: OwnershipCache, me: str, mine: int) -> None:
+        self._cache = cache
+        self._me = me
+        self._mine = mine
+
+    def __getitem__(self, member: str) -> int:
+        return self._mine if member == self._me else self._cache.held_by(member)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._cache.members())
+
+    def __len__(self) -> int:
+        return len(self._cache.members())
 
 
 # The share of the grace period that staggered drain releases may take; the
@@ -374,18 +577,3 @@ def drain_stagger(configured_s: float, grace_s: float, held: int) -> float:
     if held <= 1:
         return configured_s
     return min(configured_s, grace_s * DRAIN_STAGGER_SHARE / (held - 1))
-
-
-def member_from_json(data: bytes) -> Member:
-    """A registration's share settings; anything unreadable counts as the defaults."""
-    try:
-        doc = json.loads(data)
-        weight = float(doc.get("weight", 1.0))
-        cap = int(doc.get("max_partitions", 0))
-        # Instances older than the health flag do not say: taken as healthy.
-        kafka_ok = doc.get("kafka_ok", True) is not False
-    except (ValueError, TypeError, AttributeError):
-        return Member()
-    if not (math.isfinite(weight) and weight >= 0) or cap < 0:
-        return Member()
-    return Member(weight=weight, max_partitions=cap, kafka_ok=kafka_ok)

@@ -548,6 +548,8 @@ class PartitionsConfig:
     max_per_instance: int = _setting(0, _integer(0))
     weight: float = _setting(1.0, _number(0, 1000))
     rebalance_pause_s: float = _setting(0.2, _number(0, 60))
+    # A cold cluster (most partitions free) waits for instances to stop joining this long.
+    settle_s: float = _setting(2.0, _number(0, 60))
 
 
 @dataclass(frozen=True)
@@ -731,6 +733,7 @@ RELOAD: Final[Mapping[str, Reload]] = {
     "partitions.max_per_instance": _LIVE,
     "partitions.weight": _LIVE,
     "partitions.rebalance_pause_s": _LIVE,
+    "partitions.settle_s": _LIVE,
     "replay.max_records": _LIVE,
     "replay.max_age_s": _LIVE,
     "replay.resumes_per_minute_per_uid": _LIVE,

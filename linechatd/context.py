@@ -12,7 +12,7 @@ from .config import Config
 from .kafka import GroupOffsetsPool, KafkaAdmin, KafkaFetcher, KafkaProducer
 from .metrics import Metrics
 from .ownership import InstanceInfo, OwnershipCache, ZkPaths
-from .zk import ZooKeeper
+from .zk import ZooKeeperClient
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Context:
     auth: AsyncValue[Authenticator]
     info: InstanceInfo
     paths: ZkPaths
-    zk: ZooKeeper
+    zk: ZooKeeperClient
     cache: OwnershipCache
     producer: KafkaProducer
     # The one consumer fetching every held partition's topic.

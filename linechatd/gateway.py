@@ -59,7 +59,15 @@ from .startup import (
     startup_error,
 )
 from .tls import ListenerTLS, TLSFilesError
-from .zk import NodeExistsError, NoNodeError, ZooKeeper, ZooKeeperError, ZooKeeperUnavailable
+from .zk import (
+    Create,
+    NodeExistsError,
+    NoNodeError,
+    ZooKeeper,
+    ZooKeeperClient,
+    ZooKeeperError,
+    ZooKeeperUnavailable,
+)
 
 __all__ = ["Gateway", "Instance", "StartupError", "run_from_config", "startup_error"]
 
@@ -220,7 +228,7 @@ async def _start_infrastructure(
 
     async def cluster_recorded() -> None:
         try:
-            await _ensure_cluster(zk, paths, config)
+            await ensure_cluster(zk, paths, config)
         except ZooKeeperError as exc:
             raise ZooKeeperUnavailable(str(exc)) from None
 
@@ -286,8 +294,14 @@ def _kafka_naming(config: Config) -> dict[str, str]:
     }
 
 
-async def _ensure_cluster(zk: ZooKeeper, paths: ZkPaths, config: Config) -> None:
-    """Record the partition count on first start; refuse a different one later."""
+async def ensure_cluster(zk: ZooKeeperClient, paths: ZkPaths, config: Config) -> None:
+    """Record the partition count on first start; refuse a different one later.
+
+    Read first: a fleet restarting together then costs the ensemble reads, not
+    a failed create per instance. The instance that creates the cluster also
+    creates the partitions' parent nodes, so that no lease transaction fails
+    for want of one.
+    """
     # Before recording anything: a refused newcomer must not leave a record
     # that would then refuse the cluster it collided with.
     await _refuse_shared_topics(zk, paths, config)
@@ -299,41 +313,63 @@ async def _ensure_cluster(zk: ZooKeeper, paths: ZkPaths, config: Config) -> None
         "kafka": _kafka_naming(config),
     }
     try:
-        await zk.create(paths.meta, json.dumps(doc).encode(), makepath=True)
-        log.info(
-            "cluster_created", extra={"cluster": config.cluster.name, "partitions": partitions}
-        )
-    except NodeExistsError:
         data, stat = await zk.get(paths.meta)
+    except NoNodeError:
         try:
-            recorded_doc = json.loads(data)
-            recorded = int(recorded_doc["partitions"])
-        except (ValueError, KeyError, TypeError):
-            raise StartupError(
-                f"{paths.meta} in ZooKeeper holds no partition count: {data[:100]!r}"
-            ) from None
-        if recorded != partitions:
-            raise ConfigurationError(
-                f"cluster.partitions: this instance is configured with {partitions} partitions, "
-                f"but cluster {config.cluster.name!r} was created with {recorded}; "
-                f"set cluster.partitions = {recorded} (the count is fixed for a cluster's lifetime)"
-            ) from None
-        if recorded_doc.get("kafka") != _kafka_naming(config):
-            # The names as of now (the first start after an upgrade, or a
-            # deliberate change of prefixes): what other clusters compare with.
-            recorded_doc["kafka"] = _kafka_naming(config)
-            try:
-                await zk.set(paths.meta, json.dumps(recorded_doc).encode(), version=stat.version)
-            except ZooKeeperError:
-                pass  # another instance updated it meanwhile
+            await zk.create(paths.meta, json.dumps(doc).encode(), makepath=True)
+        except NodeExistsError:
+            data, stat = await zk.get(paths.meta)
+        else:
+            log.info(
+                "cluster_created", extra={"cluster": config.cluster.name, "partitions": partitions}
+            )
+            await zk.ensure_path(paths.partitions)
+            await _create_partition_nodes(zk, paths, partitions)
+            return
+    try:
+        recorded_doc = json.loads(data)
+        recorded = int(recorded_doc["partitions"])
+    except (ValueError, KeyError, TypeError):
+        raise StartupError(
+            f"{paths.meta} in ZooKeeper holds no partition count: {data[:100]!r}"
+        ) from None
+    if recorded != partitions:
+        raise ConfigurationError(
+            f"cluster.partitions: this instance is configured with {partitions} partitions, "
+            f"but cluster {config.cluster.name!r} was created with {recorded}; "
+            f"set cluster.partitions = {recorded} (the count is fixed for a cluster's lifetime)"
+        ) from None
+    if recorded_doc.get("kafka") != _kafka_naming(config):
+        # The names as of now (the first start after an upgrade, or a
+        # deliberate change of prefixes): what other clusters compare with.
+        recorded_doc["kafka"] = _kafka_naming(config)
+        try:
+            await zk.set(paths.meta, json.dumps(recorded_doc).encode(), version=stat.version)
+        except ZooKeeperError:
+            pass  # another instance updated it meanwhile
     await zk.ensure_path(paths.partitions)
+
+
+# Parent nodes created per transaction when a cluster is created.
+_PARENTS_PER_TRANSACTION = 512
+
+
+async def _create_partition_nodes(zk: ZooKeeperClient, paths: ZkPaths, partitions: int) -> None:
+    for start in range(0, partitions, _PARENTS_PER_TRANSACTION):
+        batch = range(start, min(partitions, start + _PARENTS_PER_TRANSACTION))
+        try:
+            await zk.multi([Create(paths.partition(k)) for k in batch])
+        except NodeExistsError:
+            # Some exist already (an earlier attempt got this far): one by one.
+            for k in batch:
+                await zk.ensure_path(paths.partition(k))
 
 
 def _brokers(bootstrap: str) -> set[str]:
     return {item.lower() for item in bootstrap.split(",")}
 
 
-async def _refuse_shared_topics(zk: ZooKeeper, paths: ZkPaths, config: Config) -> None:
+async def _refuse_shared_topics(zk: ZooKeeperClient, paths: ZkPaths, config: Config) -> None:
     """Two clusters on one Kafka with the same topic names would read each other's messages."""
     try:
         clusters = await zk.get_children(ROOT)
@@ -402,11 +438,12 @@ class Instance:
         self.tls = tls
         self.notifier = notifier
         self.config_path = config_path
-        self.supervisor = PartitionSupervisor(ctx)
-        # Whether the instance can use the broker: the balancer publishes it
-        # to the others and gives no partitions to an instance that cannot.
+        # Whether the instance can use the broker: its registration publishes
+        # it to the others, and the balancer gives no partitions to an
+        # instance that cannot.
         self.kafka_healthy = AsyncValue(True)
-        self.balancer = Balancer(ctx, self.supervisor, self.kafka_healthy)
+        self.supervisor = PartitionSupervisor(ctx, self.kafka_healthy)
+        self.balancer = Balancer(ctx, self.supervisor)
         self.connections = ConnectionCounter()
         self.server_api = serverapi.ServerApi(ctx, self.supervisor.runtime)
         # Checked before anything was started; replaced by a reload.

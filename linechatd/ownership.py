@@ -1,25 +1,29 @@
-"""Who owns which partition: ZooKeeper paths, lease node data, and the watched cache.
+"""Who owns which partition: ZooKeeper paths, lease node data, and the watched view.
 
 A partition's owner is the session that created the ephemeral node
 ``/linechat/<cluster>/partitions/<k>/owner``. Its data names the owner; its
 ``czxid`` (the zxid of the transaction that created it) is the ownership
 *epoch*: ZooKeeper assigns zxids in one total order, so every new lease on a
-partition has a larger epoch than every earlier one.
+partition has a larger epoch than every earlier one. The owner also lists the
+lease in its registration, in the same transaction (membership.py); the view
+every instance keeps is built from the registrations.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import bisect
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections import Counter
 from dataclasses import dataclass
 
 import trio
 from trio_util import AsyncValue
 
-from .zk import NodeStat, ZooKeeper
+from .hashing import stable_hash
+from .membership import InstanceInfo, Member, Registration, parse_registration
+from .zk import NodeStat, ZooKeeperClient
 
 log = logging.getLogger(__name__)
 
@@ -54,41 +58,6 @@ class ZkPaths:
 
     def instance(self, instance_id: str) -> str:
         return f"{self.instances}/{instance_id}"
-
-
-@dataclass(frozen=True)
-class InstanceInfo:
-    """What an instance advertises about itself (lease data and registration)."""
-
-    instance: str
-    ws_url: str
-    http_url: str
-    # Where `linechatd status`/`drain` reach the admin endpoints ("" from an
-    # instance older than the field: use http_url).
-    admin_url: str = ""
-
-    def to_json(self, **extra: object) -> bytes:
-        doc: dict[str, object] = {
-            "instance": self.instance,
-            "ws_url": self.ws_url,
-            "http_url": self.http_url,
-        }
-        if self.admin_url:
-            doc["admin_url"] = self.admin_url
-        doc.update(extra)
-        return json.dumps(doc, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> InstanceInfo | None:
-        try:
-            doc = json.loads(data)
-            fields = doc["instance"], doc["ws_url"], doc["http_url"]
-        except (ValueError, TypeError, KeyError):
-            return None
-        admin_url = doc.get("admin_url", "")
-        if not all(isinstance(f, str) for f in (*fields, admin_url)):
-            return None
-        return cls(*fields, admin_url=admin_url)
 
 
 @dataclass(frozen=True)
@@ -133,6 +102,11 @@ def partition_view(k: int, owner: Owner | None) -> dict[str, object]:
     return {"partition": k, **owner.as_dict()}
 
 
+def rank_key(member: str) -> int:
+    """An instance's place in the order every instance agrees on (the uid hash of its id)."""
+    return stable_hash(member)
+
+
 def lease_data(info: InstanceInfo) -> bytes:
     return info.to_json(acquired_at_ms=int(time.time() * 1000))
 
@@ -150,65 +124,195 @@ def owner_from_node(data: bytes | None, stat: NodeStat | None) -> Owner | None:
 
 
 class OwnershipCache:
-    """A watched, client-side copy of every partition's owner.
+    """Every partition's owner and every live instance, as the registrations say.
 
-    Serves connection-url lookups without a ZooKeeper round trip. It may lag
-    behind ZooKeeper by a watch notification; correctness never depends on it
-    being current (the handshake checks the instance's own live leases).
+    Fed by one watch of the ``instances`` directory (its children and each
+    one's data, see ``ZooKeeperClient.watch_children_data``): each registration
+    lists the leases of its instance (membership.py), written in the same
+    transaction as the lease nodes themselves, so this view never needs a
+    watch per partition. Serves connection-url lookups without a ZooKeeper
+    round trip and the balancer's picture of the cluster. It may lag behind
+    ZooKeeper by a watch notification; correctness never depends on it being
+    current (the handshake checks the instance's own live leases).
+
+    Every update costs in proportion to what changed: the free partitions and
+    each member's count of partitions are kept up to date, never recomputed.
     """
 
-    def __init__(self, zk: ZooKeeper, paths: ZkPaths, partitions: int) -> None:
+    def __init__(self, zk: ZooKeeperClient, paths: ZkPaths, partitions: int) -> None:
         self._zk = zk
         self._paths = paths
-        self._owners: list[AsyncValue[Owner | None]] = [AsyncValue(None) for _ in range(partitions)]
+        # Who owns each partition in this view (a member id), and the others that
+        # list it too, transiently (a registration read before its update).
+        self._owner: list[str | None] = [None] * partitions
+        self._rivals: dict[int, set[str]] = {}
+        self._registrations: dict[str, Registration] = {}
+        self._sessions: dict[str, int] = {}
+        self._held: Counter[str] = Counter()
+        self._free: set[int] = set(range(partitions))
         # When each partition was last seen losing its owner (trio clock).
         self._free_since: dict[int, float] = {}
-        self.changed = AsyncValue(0)  # bumps on every change, for watchers of the whole map
+        self._started = math.inf  # when run() began
+        self._eligible: dict[str, Member] | None = None
+        # The eligible members in their stable order (rank_key), kept sorted as they change.
+        self._ranked: list[tuple[int, str]] = []
+        self.changed = AsyncValue(0)  # bumps whenever an owner changes
+        self.members_changed = AsyncValue(0)  # an instance came, went, or changed its settings
 
     @property
     def partitions(self) -> int:
-        return len(self._owners)
+        return len(self._owner)
+
+    # -- partitions ---------------------------------------------------------------
 
     def owner(self, k: int) -> Owner | None:
-        return self._owners[k].value
+        member = self._owner[k]
+        if member is None:
+            return None
+        registration = self._registrations[member]
+        lease = registration.leases[k]
+        return Owner(
+            info=registration.info,
+            epoch=lease.epoch,
+            since_ms=lease.since_ms,
+            session_id=self._sessions[member],
+        )
+
+    def snapshot(self) -> list[Owner | None]:
+        return [self.owner(k) for k in range(self.partitions)]
+
+    def free(self) -> set[int]:
+        """The partitions nobody lists (a copy)."""
+        return set(self._free)
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    def free_since(self, k: int) -> float:
+        """Since when (trio clock) partition ``k`` has been free in this view (inf while
+        owned); one never seen owned counts from the moment this view started."""
+        if self._owner[k] is not None:
+            return math.inf
+        return self._free_since.get(k, self._started)
 
     def ownerless_for(self, k: int) -> float | None:
         """Seconds since partition ``k`` was seen losing its owner (None: never seen owned)."""
         since = self._free_since.get(k)
         return None if since is None else trio.current_time() - since
 
-    def snapshot(self) -> list[Owner | None]:
-        return [v.value for v in self._owners]
+    # -- instances ------------------------------------------------------------------
 
-    async def wait_owner(self, k: int, predicate: Callable[[Owner | None], bool]) -> Owner | None:
-        return await self._owners[k].wait_value(predicate)
+    def registration(self, member: str) -> Registration | None:
+        return self._registrations.get(member)
 
-    def _update(self, k: int, data: bytes | None, stat: NodeStat | None) -> None:
-        owner = owner_from_node(data, stat)
-        if owner != self._owners[k].value:
-            if owner is None:
-                self._free_since[k] = trio.current_time()
-            self._owners[k].value = owner
+    def held_by(self, member: str) -> int:
+        """How many partitions ``member`` holds in this view."""
+        return self._held[member]
+
+    def eligible(self) -> dict[str, Member]:
+        """The live instances that take a share (not draining), with their settings."""
+        if self._eligible is None:
+            self._eligible = {
+                m: r.member for m, r in sorted(self._registrations.items()) if r.eligible
+            }
+        return self._eligible
+
+    def members(self) -> list[str]:
+        return sorted(self._registrations)
+
+    def ranked(self) -> list[tuple[int, str]]:
+        """The eligible members as (rank_key, id), in that order (do not modify)."""
+        return self._ranked
+
+    # -- updates --------------------------------------------------------------------
+
+    def _on_registration(self, member: str, data: bytes | None, stat: NodeStat | None) -> None:
+        old = self._registrations.get(member)
+        new: Registration | None = None
+        if data is not None and stat is not None:
+            new = parse_registration(data, stat)
+            if new is None:
+                # Unreadable: an instance all the same, with the default settings.
+                new = Registration(InstanceInfo(member, "", ""))
+        old_leases = old.leases if old is not None else {}
+        new_leases = new.leases if new is not None else {}
+        moved = False
+        for k in old_leases.keys() - new_leases.keys():
+            moved |= self._drop(member, k)
+        if new is None:
+            self._registrations.pop(member, None)
+            self._sessions.pop(member, None)
+        else:
+            assert stat is not None
+            self._registrations[member] = new
+            self._sessions[member] = stat.ephemeral_owner
+            for k, lease in new_leases.items():
+                if 0 <= k < self.partitions and old_leases.get(k) != lease:
+                    moved |= self._claim(member, k)
+        was = old is not None and old.eligible
+        now = new is not None and new.eligible
+        if was != now:
+            entry = (rank_key(member), member)
+            if now:
+                bisect.insort(self._ranked, entry)
+            else:
+                self._ranked.pop(bisect.bisect_left(self._ranked, entry))
+        if old is None or new is None or (old.member, old.eligible) != (new.member, new.eligible):
+            self._eligible = None
+            self.members_changed.value += 1
+        if moved:
             self.changed.value += 1
 
+    def _epoch(self, member: str, k: int) -> int:
+        return self._registrations[member].leases[k].epoch
+
+    def _claim(self, member: str, k: int) -> bool:
+        """``member`` lists ``k``; the newest lease wins. True if the owner changed."""
+        current = self._owner[k]
+        if current == member:
+            return False
+        if current is None:
+            self._free.discard(k)
+            self._set_owner(k, member)
+            return True
+        if self._epoch(member, k) > self._epoch(current, k):
+            self._rivals.setdefault(k, set()).add(current)
+            self._held[current] -= 1
+            self._set_owner(k, member)
+            return True
+        self._rivals.setdefault(k, set()).add(member)
+        return False
+
+    def _drop(self, member: str, k: int) -> bool:
+        """``member`` no longer lists ``k``. True if the owner changed."""
+        rivals = self._rivals.get(k)
+        if self._owner[k] != member:
+            if rivals is not None:
+                rivals.discard(member)
+                if not rivals:
+                    del self._rivals[k]
+            return False
+        self._held[member] -= 1
+        if rivals:
+            best = max(rivals, key=lambda m: self._epoch(m, k))
+            rivals.discard(best)
+            if not rivals:
+                del self._rivals[k]
+            self._set_owner(k, best)
+        else:
+            self._owner[k] = None
+            self._free.add(k)
+            self._free_since[k] = trio.current_time()
+        return True
+
+    def _set_owner(self, k: int, member: str) -> None:
+        self._owner[k] = member
+        self._held[member] += 1
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Watch every partition's lease node; ``started`` once each has been read."""
-        async with trio.open_nursery() as nursery:
-            # All first reads in flight at once: thousands of partitions must
-            # not cost thousands of sequential round trips at startup.
-            pending = self.partitions
-            all_read = trio.Event()
-
-            async def watch(k: int) -> None:
-                nonlocal pending
-                await nursery.start(
-                    self._zk.watch_data, self._paths.owner(k), functools.partial(self._update, k)
-                )
-                pending -= 1
-                if pending == 0:
-                    all_read.set()
-
-            for k in range(self.partitions):
-                nursery.start_soon(watch, k)
-            await all_read.wait()
-            task_status.started()
+        """Watch the registrations; ``started`` once every one has been read."""
+        self._started = trio.current_time()
+        await self._zk.watch_children_data(
+            self._paths.instances, self._on_registration, task_status=task_status
+        )

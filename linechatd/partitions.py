@@ -22,18 +22,19 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import trio
 from trio_util import AsyncValue
 
 from .kafka import CommitsPaused, KafkaUnavailable, TopicFeed
-from .ownership import lease_data
+from .membership import Lease
 from .protocol import RecordError, decode_record, message_frame
 from .ratelimit import UidBuckets
+from .registrar import Registrar
 from .replay import ReplayHub
-from .zk import NodeExistsError, NodeStat, NoNodeError, SessionState, ZooKeeperError
+from .zk import NodeStat, NoNodeError, SessionState, ZooKeeperError
 
 if TYPE_CHECKING:
     from .context import Context
@@ -89,12 +90,16 @@ class EndedBeforeStart(Exception):
 class PartitionRuntime:
     """Everything this instance runs for partition ``partition`` under one lease."""
 
-    def __init__(self, partition: int, epoch: int, ctx: Context, *, generation: int) -> None:
+    def __init__(
+        self, partition: int, epoch: int, ctx: Context, *, generation: int, registrar: Registrar
+    ) -> None:
         self.partition = partition
         self.epoch = epoch
         self.generation = generation  # the ZooKeeper session that holds the lease
+        self._registrar = registrar
         self.state = AsyncValue(PartitionState.STARTING)
         self.end_reason: EndReason | None = None
+        self.gives_back = True  # a graceful end deletes the lease node (see stop())
         self.serving_since: float | None = None  # wall clock, once SERVING
         self._ctx = ctx
         self.topic = ctx.topic(partition)
@@ -128,8 +133,14 @@ class PartitionRuntime:
     def session_count(self) -> int:
         return sum(len(s) for s in self.sessions.values())
 
-    def stop(self, reason: EndReason) -> None:
-        """End this subtree (the first reason given wins); returns at once."""
+    def stop(self, reason: EndReason, *, give_back: bool = True) -> None:
+        """End this subtree (the first reason given wins); returns at once.
+
+        ``give_back=False``: a graceful end leaves the lease node to the caller,
+        which gives several back in one transaction once they all stopped.
+        """
+        if self.end_reason is None:
+            self.gives_back = give_back
         self._stopping(reason)
         self._scope.cancel(reason=f"partition {self.partition}: {reason.value}")
 
@@ -270,14 +281,20 @@ class PartitionRuntime:
                     "offset": self.next_offset,
                 },
             )
-        if graceful and ctx.zk.connected:
-            try:
-                if await ctx.zk.delete_if_mine(ctx.paths.owner(k)):
+        if not ctx.zk.connected:
+            return
+        try:
+            if graceful and self.gives_back:
+                # The lease node and its line in our registration go in one transaction.
+                if await self._registrar.remove_leases({k: self.epoch}):
                     log.info("lease_released", extra={"partition": k, "epoch": self.epoch})
-            except (ZooKeeperError, NoNodeError) as exc:
-                # The node dies with the session at the latest; until then the
-                # balancer finds it (ours, not running) and deletes or re-takes it.
-                log.warning("lease_delete_failed", extra={"partition": k, "error": str(exc)})
+            elif reason is EndReason.LEASE_LOST:
+                # The node is gone or another's: only our registration still lists it.
+                await self._registrar.forget_lease(k)
+        except (ZooKeeperError, NoNodeError) as exc:
+            # The node dies with the session at the latest; until then the
+            # balancer finds it (ours, not running) and deletes or re-takes it.
+            log.warning("lease_delete_failed", extra={"partition": k, "error": str(exc)})
 
     async def _hold_lease(self, confirmed: trio.Event) -> None:
         """Return (ending the subtree) once the lease cannot be trusted.
@@ -448,11 +465,13 @@ class PartitionRuntime:
 class PartitionSupervisor:
     """Owns the ``partitions`` nursery: takes leases and runs their subtrees."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, kafka_healthy: AsyncValue[bool] | None = None) -> None:
         self._ctx = ctx
+        # The registration publishes whether this instance can reach the broker.
+        self.registrar = Registrar(ctx, kafka_healthy)
         self._runtimes: dict[int, PartitionRuntime] = {}
         self._nursery: trio.Nursery | None = None
-        self._lock = trio.Lock()  # one lease change at a time keeps the logic simple
+        self._lock = trio.Lock()  # one batch of lease changes at a time keeps the logic simple
 
     def runtime(self, k: int) -> PartitionRuntime | None:
         """The serving subtree of partition ``k``, if this instance holds its lease."""
@@ -464,6 +483,11 @@ class PartitionSupervisor:
 
     def runtimes(self) -> list[PartitionRuntime]:
         return [self._runtimes[k] for k in sorted(self._runtimes)]
+
+    def leftovers(self) -> dict[int, Lease]:
+        """Leases this session holds but runs no subtree for (they survived a SUSPENDED
+        connection, or a write whose answer came too late)."""
+        return {k: v for k, v in self.registrar.leases.items() if k not in self._runtimes}
 
     def _count(self) -> None:
         self._ctx.metrics.partitions_held.set(len(self._runtimes))
@@ -481,62 +505,103 @@ class PartitionSupervisor:
                 # subtree still says why it ended and hands its lease back.
                 self.stop_all(EndReason.SHUTDOWN)
 
-    async def acquire(self, k: int) -> bool:
-        """Try to take partition ``k``'s lease and start its subtree."""
+    async def acquire(self, partitions: Sequence[int]) -> list[int]:
+        """Take the leases of ``partitions`` and start their subtrees; the ones now serving.
+
+        The lease nodes are created a batch per transaction (with their lines in
+        our registration); the subtrees start side by side.
+        """
         ctx = self._ctx
         async with self._lock:
-            if k in self._runtimes or self._nursery is None or ctx.draining.is_set():
-                return False
+            wanted = [k for k in partitions if k not in self._runtimes]
             before = ctx.zk.session.value
-            if before.state is not SessionState.CONNECTED:
-                return False
-            path = ctx.paths.owner(k)
+            if (
+                not wanted
+                or self._nursery is None
+                or ctx.draining.is_set()
+                or before.state is not SessionState.CONNECTED
+            ):
+                return []
             asked_at = trio.current_time()
-            ownerless_for = ctx.cache.ownerless_for(k)
+            gaps = {k: ctx.cache.ownerless_for(k) for k in wanted}
             try:
-                stat = await ctx.zk.create(
-                    path, lease_data(ctx.info), ephemeral=True, makepath=True
-                )
-            except NodeExistsError:
-                # Ours if this session made it: a lost create reply, or a lease
-                # that survived a SUSPENDED connection.
-                try:
-                    _data, stat = await ctx.zk.get(path)
-                except NoNodeError:
-                    return False
-            except ZooKeeperError as exc:
-                # The create may still land later: the balancer then finds the
-                # node (ours, not running) and re-takes or deletes it.
-                log.warning("lease_create_failed", extra={"partition": k, "error": str(exc)})
-                return False
+                created = await self.registrar.create_leases(wanted)
+            except (ZooKeeperError, NoNodeError) as exc:
+                # The transaction may still land later: the registration then lists
+                # the leases (ours, not running) and the balancer re-takes or frees them.
+                log.warning("lease_create_failed", extra={"partitions": wanted, "error": str(exc)})
+                return []
             session = ctx.zk.session.value
             if (
                 session.state is not SessionState.CONNECTED
                 or session.generation != before.generation
-                or stat.ephemeral_owner != session.session_id
             ):
-                # Another owner's node, or our session became untrustworthy
-                # while we asked: never start a subtree on such a lease.
-                return False
-            runtime = PartitionRuntime(k, stat.czxid, ctx, generation=session.generation)
+                # Our session became untrustworthy while we asked: never start
+                # a subtree on such a lease.
+                return []
+            return await self._start(created, session.generation, asked_at, gaps)
+
+    async def resume(self, leases: Mapping[int, Lease]) -> list[int]:
+        """Start subtrees for leases this session already holds (``leftovers``)."""
+        ctx = self._ctx
+        async with self._lock:
+            session = ctx.zk.session.value
+            if self._nursery is None or ctx.draining.is_set() or not self.registrar.registered:
+                return []
+            mine: dict[int, Lease] = {}
+            for k, lease in leases.items():
+                if k in self._runtimes:
+                    continue
+                stat = await ctx.zk.exists(ctx.paths.owner(k))
+                if (
+                    stat is not None
+                    and stat.ephemeral_owner == session.session_id
+                    and stat.czxid == lease.epoch
+                ):
+                    mine[k] = lease
+                else:
+                    await self.registrar.forget_lease(k)
+            return await self._start(mine, session.generation, trio.current_time(), {})
+
+    async def _start(
+        self,
+        leases: Mapping[int, Lease],
+        generation: int,
+        asked_at: float,
+        gaps: Mapping[int, float | None],
+    ) -> list[int]:
+        ctx, nursery = self._ctx, self._nursery
+        assert nursery is not None
+        started: list[int] = []
+
+        async def start(k: int, lease: Lease) -> None:
+            runtime = PartitionRuntime(
+                k, lease.epoch, ctx, generation=generation, registrar=self.registrar
+            )
             self._runtimes[k] = runtime
             try:
-                await self._nursery.start(self._run_runtime, runtime)
+                await nursery.start(self._run_runtime, runtime)
             except KafkaUnavailable:
-                return False
+                return
             except EndedBeforeStart as exc:
                 log.info("partition_start_abandoned", extra={"partition": k, "reason": str(exc)})
-                return False
+                return
             except Exception:
                 log.exception("partition_start_failed", extra={"partition": k})
-                return False
+                return
             ctx.metrics.lease_acquisitions.inc()
             started_in = trio.current_time() - asked_at
             ctx.metrics.lease_start.observe(started_in)
+            ownerless_for = gaps.get(k)
             if ownerless_for is not None:
                 ctx.metrics.handover_gap.observe(ownerless_for + started_in)
-            self._count()
-            return True
+            started.append(k)
+
+        async with trio.open_nursery() as starting:
+            for k, lease in sorted(leases.items()):
+                starting.start_soon(start, k, lease)
+        self._count()
+        return sorted(started)
 
     async def _run_runtime(
         self, runtime: PartitionRuntime, *, task_status: trio.TaskStatus[None]
@@ -554,13 +619,32 @@ class PartitionSupervisor:
                 del self._runtimes[runtime.partition]
             self._count()
 
-    async def release(self, k: int, reason: EndReason = EndReason.RELEASED) -> None:
-        """End partition ``k``'s subtree and give its lease back; wait until done."""
-        runtime = self._runtimes.get(k)
-        if runtime is None:
+    async def release(self, partitions: Sequence[int], reason: EndReason) -> None:
+        """End these partitions' subtrees side by side and give their leases back in one
+        transaction (the others see them all free at once); wait until done."""
+        ctx = self._ctx
+        runtimes = [r for k in partitions if (r := self._runtimes.get(k)) is not None]
+        for runtime in runtimes:
+            runtime.stop(reason, give_back=False)
+        for runtime in runtimes:
+            await runtime.state.wait_value(PartitionState.STOPPED)
+        # Those that ended for this reason (not, say, a lost lease meanwhile).
+        leases = {
+            r.partition: r.epoch for r in runtimes if r.end_reason is reason and not r.gives_back
+        }
+        if not leases or not ctx.zk.connected:
             return
-        runtime.stop(reason)
-        await runtime.state.wait_value(PartitionState.STOPPED)
+        try:
+            released = await self.registrar.remove_leases(leases)
+        except (ZooKeeperError, NoNodeError) as exc:
+            # The nodes die with the session at the latest; until then the
+            # balancer finds them (ours, not running) and deletes or re-takes them.
+            log.warning(
+                "lease_delete_failed", extra={"partitions": sorted(leases), "error": str(exc)}
+            )
+            return
+        for k in released:
+            log.info("lease_released", extra={"partition": k, "epoch": leases[k]})
 
     def stop_all(self, reason: EndReason) -> None:
         for runtime in list(self._runtimes.values()):

@@ -46,13 +46,14 @@ kazoo: once it is back, a surviving session keeps its leases.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import trio
 from kazoo.client import KazooClient, KazooState
@@ -62,6 +63,8 @@ from kazoo.exceptions import (
     ConnectionLoss,
     KazooException,
     OperationTimeoutError,
+    RolledBackError,
+    RuntimeInconsistency,
     SessionExpiredError,
 )
 from kazoo.exceptions import NodeExistsError as _KazooNodeExists
@@ -71,13 +74,18 @@ from kazoo.protocol.states import ZnodeStat
 from trio_util import AsyncValue, wait_any
 
 __all__ = [
+    "Create",
+    "Delete",
     "NodeError",
     "NodeExistsError",
     "NodeStat",
     "NoNodeError",
+    "Op",
     "SessionInfo",
+    "SetData",
     "SessionState",
     "ZooKeeper",
+    "ZooKeeperClient",
     "ZooKeeperError",
     "ZooKeeperUnavailable",
 ]
@@ -97,7 +105,13 @@ _NO_CONTACT = (
     AuthFailedError,
     OperationTimeoutError,
 )
+# What a failed transaction says of its operations that did not fail themselves.
+_ROLLED_BACK = (RolledBackError, RuntimeInconsistency)
 _RETRY_MIN_S = 0.05
+# Reads in flight at once when a watch of many nodes (re-)reads them.
+_READ_BATCH = 64
+# A watched directory is listed again at most this often (see watch_children_data).
+_LIST_EVERY_S = 0.25
 # kazoo's level below DEBUG, and the start of the record it logs at that level
 # when a session is created (see _KazooLogger).
 _KAZOO_BLATHER = 5
@@ -137,10 +151,42 @@ class NodeStat:
     ctime_ms: int  # creation time, ms since the epoch
     version: int  # data version, for conditional writes
     ephemeral_owner: int  # the session that owns an ephemeral node; 0 for a persistent one
+    mtime_ms: int = 0  # time of the last change of the data, ms since the epoch
 
     @classmethod
     def of(cls, stat: ZnodeStat) -> NodeStat:
-        return cls(stat.czxid, stat.mzxid, stat.ctime, stat.version, stat.ephemeralOwner)
+        return cls(
+            stat.czxid, stat.mzxid, stat.ctime, stat.version, stat.ephemeralOwner, stat.mtime
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Create:
+    """A ``multi`` operation: create a node (no parents: they must exist)."""
+
+    path: str
+    data: bytes = b""
+    ephemeral: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """A ``multi`` operation: delete a node (at ``version``, or any with -1)."""
+
+    path: str
+    version: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class SetData:
+    """A ``multi`` operation: replace a node's data (at ``version``, or any with -1)."""
+
+    path: str
+    data: bytes
+    version: int = -1
+
+
+Op = Create | Delete | SetData
 
 
 class ZooKeeperUnavailable(ZooKeeperError):
@@ -172,6 +218,73 @@ class _Link:
     state: KazooState | None  # None before the first connection
     session_id: int | None
     connects: int  # bumps on every (re)connection
+
+
+class ZooKeeperClient(Protocol):
+    """What the rest of linechatd may use of a ZooKeeper session.
+
+    :class:`ZooKeeper` (kazoo, real servers) is the product's one
+    implementation; benchmarks/scale/simzk.py is an in-memory one for the
+    scale simulator. mypy checks both against this protocol, so the two
+    cannot drift apart. Semantics are those documented on :class:`ZooKeeper`.
+    """
+
+    session: AsyncValue[SessionInfo]
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def session_id(self) -> int | None: ...
+
+    @property
+    def session_timeout_s(self) -> float: ...
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = ...) -> None: ...
+
+    async def create(
+        self, path: str, data: bytes = b"", *, ephemeral: bool = False, makepath: bool = False
+    ) -> NodeStat: ...
+
+    async def ensure_path(self, path: str) -> None: ...
+
+    async def get(self, path: str) -> tuple[bytes, NodeStat]: ...
+
+    async def exists(self, path: str) -> NodeStat | None: ...
+
+    async def get_children(self, path: str) -> list[str]: ...
+
+    async def set(self, path: str, data: bytes, *, version: int = -1) -> NodeStat: ...
+
+    async def delete(self, path: str, *, version: int = -1) -> None: ...
+
+    async def delete_if_mine(self, path: str) -> bool: ...
+
+    async def multi(self, ops: Sequence[Op]) -> list[NodeStat | None]: ...
+
+    async def watch_data(
+        self,
+        path: str,
+        callback: Callable[[bytes | None, NodeStat | None], None],
+        *,
+        task_status: trio.TaskStatus[None] = ...,
+    ) -> None: ...
+
+    async def watch_children(
+        self,
+        path: str,
+        callback: Callable[[list[str]], None],
+        *,
+        task_status: trio.TaskStatus[None] = ...,
+    ) -> None: ...
+
+    async def watch_children_data(
+        self,
+        path: str,
+        callback: Callable[[str, bytes | None, NodeStat | None], None],
+        *,
+        task_status: trio.TaskStatus[None] = ...,
+    ) -> None: ...
 
 
 def _session_hex(session_id: int | None) -> str | None:
@@ -585,7 +698,15 @@ class ZooKeeper:
         return self._client, self._token
 
     async def _call(self, method: str, *args: Any, shield: bool = False, **kwargs: Any) -> Any:
-        """Run one of kazoo's ``*_async`` calls and await its result.
+        """Run one of kazoo's ``*_async`` calls and await its result (see ``_submit``)."""
+        return await self._submit(
+            method, lambda client: getattr(client, method)(*args, **kwargs), shield=shield
+        )
+
+    async def _submit(
+        self, method: str, send: Callable[[KazooClient], Any], *, shield: bool = False
+    ) -> Any:
+        """Send one request with ``send(client)`` (a kazoo AsyncResult) and await its result.
 
         Raises NoNodeError and NodeExistsError (callers decide on them) and
         ZooKeeperError for everything else, connection loss included.
@@ -605,7 +726,7 @@ class ZooKeeper:
                 pass
 
         link, sent_at = self._link.value, trio.current_time()
-        result = getattr(client, method)(*args, **kwargs)
+        result = send(client)
         result.rawlink(on_done)
         # An answer later than a session timeout is of no use to anyone (and
         # a request queued while disconnected might wait for ever).
@@ -690,6 +811,39 @@ class ZooKeeper:
         except NoNodeError:
             return False
 
+    async def multi(self, ops: Sequence[Op]) -> list[NodeStat | None]:
+        """Apply ``ops`` in one transaction: all of them, or none.
+
+        Every node the transaction writes gets its one zxid (a created node's
+        ``czxid`` is the ``mzxid`` a SetData of the same transaction returns).
+        Returns per operation the node's new stat for SetData, None for the
+        others. Raises NoNodeError or NodeExistsError when the first operation
+        that failed failed so (nothing was applied), ZooKeeperError otherwise.
+        """
+
+        def send(client: KazooClient) -> Any:
+            transaction = client.transaction()
+            for op in ops:
+                if isinstance(op, Create):
+                    transaction.create(op.path, op.data, ephemeral=op.ephemeral)
+                elif isinstance(op, Delete):
+                    transaction.delete(op.path, version=op.version)
+                else:
+                    transaction.set_data(op.path, op.data, version=op.version)
+            return transaction.commit_async()
+
+        results = await self._submit("multi", send, shield=True)
+        failures = [r for r in results if isinstance(r, Exception)]
+        if failures:
+            # The failed operation's own error; the others only say "rolled back".
+            cause = next((f for f in failures if not isinstance(f, _ROLLED_BACK)), failures[0])
+            if isinstance(cause, _KazooNoNode):
+                raise NoNodeError(f"multi: {cause!r}")
+            if isinstance(cause, _KazooNodeExists):
+                raise NodeExistsError(f"multi: {cause!r}")
+            raise ZooKeeperError(f"multi: {type(cause).__name__}")
+        return [NodeStat.of(r) if isinstance(r, ZnodeStat) else None for r in results]
+
     # -- watches -----------------------------------------------------------
 
     def _watcher(self, fired: trio.Event) -> Callable[[object], None]:
@@ -711,6 +865,9 @@ class ZooKeeper:
             fired.wait,
             lambda: self._link.wait_value(lambda lk: lk.connects != link.connects),
         )
+
+    async def _reconnected(self, connects: int) -> None:
+        await self._link.wait_value(lambda lk: lk.connects != connects)
 
     async def _backoff(self, delay: float) -> float:
         await self._link.wait_value(lambda lk: lk.state == KazooState.CONNECTED)
@@ -767,6 +924,134 @@ class ZooKeeper:
 
         await self._watch(read, lambda children: callback(list(children)), task_status)
 
+    async def watch_children_data(
+        self,
+        path: str,
+        callback: Callable[[str, bytes | None, NodeStat | None], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Watch ``path``'s children and each child's data, all with this one task.
+
+        ``callback(child, data, stat)`` for each child once read and after every
+        change of its data; ``(child, None, None)`` once it is gone. ``started``
+        once every child of the first listing was delivered. Kazoo fires every
+        watcher when a connection drops (none survives it), so everything is
+        read again after a reconnection; reads of many children are pipelined,
+        ``_READ_BATCH`` at a time, so a thousand children cost a few round trips.
+        A new child is seen within ``_LIST_EVERY_S``: the listing, the whole
+        directory each time, is read again at most that often; a child's data
+        or its deletion is seen at once.
+        """
+        token = self._token
+        assert token is not None
+        known: dict[str, tuple[int, int]] = {}  # child -> (czxid, mzxid) delivered last
+        dirty: set[str] = set()
+        listing = True  # the list of children must be read again
+        wake = trio.Event()
+        watchers: dict[str | None, Callable[[object], None]] = {}
+
+        def mark(child: str | None) -> None:
+            nonlocal listing
+            if child is None:
+                listing = True
+            else:
+                dirty.add(child)
+            wake.set()
+
+        def watcher(child: str | None) -> Callable[[object], None]:
+            # One callable per node, reused: kazoo keeps a set of them per path.
+            found = watchers.get(child)
+            if found is None:
+
+                def found(_event: object, child: str | None = child) -> None:
+                    try:  # a kazoo thread: hand over only
+                        token.run_sync_soon(mark, child)
+                    except trio.RunFinishedError:
+                        pass
+
+                watchers[child] = found
+            return found
+
+        async def read_child(child: str, results: dict[str, Any]) -> None:
+            # Failures stay out of ``results`` (read again): a sibling's failure
+            # must not cancel the reads in flight.
+            try:
+                data, raw = await self._call("get_async", f"{path}/{child}", watch=watcher(child))
+                results[child] = (data, NodeStat.of(raw))
+            except NoNodeError:
+                results[child] = None
+            except ZooKeeperError:
+                pass
+
+        def forget(child: str) -> None:
+            if known.pop(child, None) is not None:
+                callback(child, None, None)
+            watchers.pop(child, None)
+
+        started = False
+        listed_at = -math.inf
+        delay = _RETRY_MIN_S
+        while True:
+            wake = trio.Event()
+            link = self._link.value
+            try:
+                if listing:
+                    if started:
+                        # Each listing is the whole directory: in a storm of joins,
+                        # one every _LIST_EVERY_S covers them all.
+                        await trio.sleep_until(listed_at + _LIST_EVERY_S)
+                    listing = False
+                    listed_at = trio.current_time()
+                    try:
+                        children = set(
+                            await self._call("get_children_async", path, watch=watcher(None))
+                        )
+                    except NoNodeError:
+                        if await self._call("exists_async", path, watch=watcher(None)):
+                            listing = True
+                            continue
+                        children = set()
+                    for child in set(known) - children:
+                        forget(child)
+                    dirty |= children - set(known)
+                    dirty &= children
+                batch = sorted(dirty)[:_READ_BATCH]
+                dirty.difference_update(batch)
+                results: dict[str, Any] = {}
+                async with trio.open_nursery() as nursery:
+                    for child in batch:
+                        nursery.start_soon(read_child, child, results)
+                for child, result in sorted(results.items()):
+                    if result is None:
+                        forget(child)
+                        listing = True  # gone between the listing and the read
+                        continue
+                    data, stat = result
+                    view = (stat.czxid, stat.mzxid)
+                    if known.get(child) != view:
+                        known[child] = view
+                        callback(child, data, stat)
+                unread = [c for c in batch if c not in results]
+                if unread:
+                    dirty.update(unread)
+                    raise ZooKeeperError(f"{path}: {len(unread)} children not read")
+            except (KazooException, ZooKeeperError):
+                listing = True
+                delay = await self._backoff(delay)
+                continue
+            delay = _RETRY_MIN_S
+            if listing or dirty:
+                continue
+            if not started:
+                started = True
+                task_status.started()
+            await wait_any(wake.wait, functools.partial(self._reconnected, link.connects))
+            if self._link.value.connects != link.connects:
+                # A new connection: no watch of the old one survives.
+                listing = True
+                dirty |= set(known)
+
     async def _watch(
         self,
         read: Callable[[Callable[[object], None]], Awaitable[tuple[object, Any] | None]],
@@ -801,3 +1086,8 @@ class ZooKeeper:
                 started = True
                 task_status.started()
             await self._wait_rearm(fired, link)
+
+
+if TYPE_CHECKING:
+    # The product's adapter satisfies the protocol (mypy checks this line).
+    _: type[ZooKeeperClient] = ZooKeeper

@@ -9,10 +9,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
+import pytest
 import trio
+from support.cluster import ClusterNames
+from trio_util import AsyncValue
 
-from linechatd.zk import SessionState, ZooKeeper
+from linechatd.zk import (
+    Create,
+    Delete,
+    NodeExistsError,
+    NodeStat,
+    NoNodeError,
+    SessionState,
+    SetData,
+    ZooKeeper,
+    ZooKeeperError,
+)
 
 # Long enough that a loaded machine's own stalls (a second or so of no CPU for
 # the heartbeat thread) stay far from T/2 = 3 s; the stall under test is 1.6 x T/2.
@@ -74,3 +88,82 @@ async def test_the_session_timeout_the_server_granted_is_the_one_used(
         nursery.cancel_scope.cancel()
     assert granted == 60.0
     assert zk.suspect_after_s == 30.0
+
+
+async def test_a_transaction_is_all_or_nothing_and_has_one_zxid(
+    zookeeper_hosts: str, cluster_names: ClusterNames
+) -> None:
+    root = f"/linechat/{cluster_names.cluster}"
+    zk = ZooKeeper(zookeeper_hosts, session_timeout_s=SESSION_TIMEOUT_S, connect_timeout_s=10)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(WAIT_S):
+            await nursery.start(zk.run)
+            await zk.ensure_path(f"{root}/p/1")
+            await zk.ensure_path(f"{root}/p/2")
+            await zk.create(f"{root}/reg", b"r0", ephemeral=True)
+            results = await zk.multi(
+                [Create(f"{root}/p/1/owner", b"a", ephemeral=True), SetData(f"{root}/reg", b"r1")]
+            )
+            assert results[0] is None
+            reg = results[1]
+            assert reg is not None
+            lease = await zk.exists(f"{root}/p/1/owner")
+            assert lease is not None
+            # The lease's epoch and since are what the registration's stat says.
+            assert lease.czxid == reg.mzxid
+            assert lease.ctime_ms == reg.mtime_ms
+            assert lease.ephemeral_owner == zk.session_id
+            with pytest.raises(NodeExistsError):
+                await zk.multi(
+                    [
+                        Create(f"{root}/p/2/owner", b"a", ephemeral=True),
+                        Create(f"{root}/p/1/owner", b"a", ephemeral=True),
+                        SetData(f"{root}/reg", b"r2"),
+                    ]
+                )
+            assert await zk.exists(f"{root}/p/2/owner") is None
+            assert (await zk.get(f"{root}/reg"))[0] == b"r1"
+            with pytest.raises(NoNodeError):
+                await zk.multi([Create(f"{root}/p/3/owner", b"a"), SetData(f"{root}/reg", b"x")])
+            with pytest.raises(ZooKeeperError):  # a stale version
+                await zk.multi([Delete(f"{root}/p/1/owner", version=5)])
+            await zk.multi([Delete(f"{root}/p/1/owner", version=0), SetData(f"{root}/reg", b"r3")])
+            assert await zk.exists(f"{root}/p/1/owner") is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_directory_watch_follows_children_and_their_data(
+    zookeeper_hosts: str, cluster_names: ClusterNames
+) -> None:
+    root = f"/linechat/{cluster_names.cluster}/dir"
+    writer = ZooKeeper(zookeeper_hosts, session_timeout_s=SESSION_TIMEOUT_S, connect_timeout_s=10)
+    reader = ZooKeeper(zookeeper_hosts, session_timeout_s=SESSION_TIMEOUT_S, connect_timeout_s=10)
+    seen: dict[str, bytes | None] = {}
+    calls = AsyncValue(0)
+
+    def on_child(child: str, data: bytes | None, _stat: NodeStat | None) -> None:
+        seen[child] = data
+        calls.value += 1
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        with trio.fail_after(WAIT_S):
+            await calls.wait_value(lambda _n: predicate())
+
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(WAIT_S):
+            await nursery.start(writer.run)
+            await nursery.start(reader.run)
+            await writer.ensure_path(root)
+            for i in range(150):  # more than one batch of pipelined reads
+                await writer.create(f"{root}/c{i:03d}", f"v{i}".encode())
+            await nursery.start(reader.watch_children_data, root, on_child)
+        assert len(seen) == 150 and seen["c007"] == b"v7" and calls.value == 150
+        await writer.set(f"{root}/c007", b"new")
+        await until(lambda: seen["c007"] == b"new")
+        await writer.delete(f"{root}/c008")
+        await until(lambda: "c008" in seen and seen["c008"] is None)
+        await writer.create(f"{root}/zz", b"late", ephemeral=True)
+        await until(lambda: seen.get("zz") == b"late")
+        # Only what changed was delivered.
+        assert calls.value == 153
+        nursery.cancel_scope.cancel()

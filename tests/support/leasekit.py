@@ -34,7 +34,7 @@ Event = dict[str, Any]
 # What every ownership test adds to the gateways' configuration.
 FAST_SECTIONS: dict[str, dict[str, Any]] = {
     "log": {"format": "json"},
-    "partitions": {"rebalance_pause_s": 0.05},
+    "partitions": {"rebalance_pause_s": 0.05, "settle_s": 0.2},
     # A whole cluster stopping at once waits the grace period for a taker that
     # never comes; keep that short.
     "shutdown": {"grace_period_s": 1.0, "drain_stagger_s": 0.0},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 
 import pytest
 from hypothesis import given
@@ -11,13 +12,18 @@ from hypothesis import strategies as st
 
 from linechatd.balancer import (
     Member,
+    Plan,
+    View,
     drain_stagger,
     effective_members,
+    equal_quotas,
     fair_shares,
     member_from_json,
     pick_release,
+    plan,
+    quotas,
 )
-from linechatd.ownership import InstanceInfo, ZkPaths, owner_from_node, partition_view
+from linechatd.ownership import InstanceInfo, ZkPaths, owner_from_node, partition_view, rank_key
 from linechatd.zk import NodeStat
 
 # -- fair_shares ------------------------------------------------------------------
@@ -224,6 +230,139 @@ def test_drain_stagger_never_exceeds_either_bound(
     stagger = drain_stagger(configured, grace, held)
     assert 0 <= stagger <= configured
     assert stagger * max(0, held - 1) <= grace * 2 / 3 + 1e-9 or held <= 1
+
+
+# -- quotas -------------------------------------------------------------------------
+
+
+def ranked(members: Mapping[str, Member]) -> list[str]:
+    return sorted(members, key=lambda m: (rank_key(m), m))
+
+
+def test_quotas_sum_to_the_partitions_and_differ_by_at_most_one() -> None:
+    members = {f"gw-{i}": Member() for i in range(1000)}
+    table = quotas(4096, members)
+    assert sum(table.values()) == 4096
+    assert sorted(set(table.values())) == [4, 5]
+    # The 96 extra partitions go to the first members in rank order.
+    assert [m for m in ranked(members) if table[m] == 5] == ranked(members)[:96]
+
+
+def test_quotas_with_weights_and_caps() -> None:
+    members = {"gw-0": Member(weight=2.0), "gw-1": Member(), "gw-2": Member(max_partitions=1)}
+    assert quotas(7, members) == {"gw-0": 4, "gw-1": 2, "gw-2": 1}
+    capped = {"a": Member(max_partitions=2), "b": Member(max_partitions=3)}
+    assert quotas(8, capped) == {"a": 2, "b": 3}
+    assert quotas(8, {"a": Member(weight=0.0), "b": Member()}) == {"a": 0, "b": 8}
+    assert quotas(8, {}) == {}
+
+
+@given(partitions=st.integers(min_value=1, max_value=4096), members=members_strategy)
+def test_quota_invariants(partitions: int, members: dict[str, Member]) -> None:
+    table = quotas(partitions, members)
+    assert set(table) == set(members)
+    capacity = sum((m.max_partitions or partitions) for m in members.values() if m.weight > 0)
+    assert sum(table.values()) == min(partitions, capacity)
+    ceiling = fair_shares(partitions, members)
+    for name, member in members.items():
+        assert 0 <= table[name] <= ceiling[name]
+        if member.max_partitions:
+            assert table[name] <= member.max_partitions
+        if member.weight == 0:
+            assert table[name] == 0
+
+
+@given(
+    partitions=st.integers(min_value=1, max_value=4096),
+    names=st.sets(st.text("abcdefghij", min_size=1, max_size=4), min_size=1, max_size=40),
+    newcomer=st.text("klmnop", min_size=1, max_size=4),
+)
+def test_equal_quotas_move_one_way_when_an_instance_joins(
+    partitions: int, names: set[str], newcomer: str
+) -> None:
+    before = {m: Member() for m in names}
+    after = before | {newcomer: Member()}
+    old, new = quotas(partitions, before), quotas(partitions, after)
+    # A join only ever lowers quotas, so it only makes instances give back.
+    assert all(new[m] <= old[m] for m in before)
+    # And the fast path for equal members agrees with the general one.
+    assert equal_quotas(partitions, ranked(after)) == new
+
+
+# -- plan ---------------------------------------------------------------------------
+
+
+def view_for(
+    me: str,
+    table: Mapping[str, int],
+    held: Mapping[str, int],
+    free: list[int],
+    mine: Mapping[int, int] | None = None,
+    **kw: object,
+) -> View:
+    return View(
+        me=me,
+        quotas=table,
+        order=ranked({m: Member() for m in table}),
+        held=held,
+        free=free,
+        mine=mine if mine is not None else {k: 0 for k in range(held.get(me, 0))},
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@given(
+    partitions=st.integers(min_value=1, max_value=300),
+    names=st.sets(st.text("abcdefgh", min_size=1, max_size=3), min_size=1, max_size=12),
+    data=st.data(),
+)
+def test_free_partitions_are_dealt_to_exactly_one_taker_each(
+    partitions: int, names: set[str], data: st.DataObject
+) -> None:
+    members = {m: Member() for m in names}
+    table = quotas(partitions, members)
+    # Some partitions held (each member at most its quota), the rest free.
+    held = {m: data.draw(st.integers(0, table[m])) for m in names}
+    free = list(range(sum(held.values()), partitions))
+    taken: list[int] = []
+    for m in names:
+        decided = plan(view_for(m, table, held, free, take_per_step=partitions))
+        assert decided.release == ()
+        assert len(decided.take) <= table[m] - held[m]
+        taken += decided.take
+    # Nobody takes what another takes, and together they take every free one.
+    assert len(taken) == len(set(taken))
+    assert sorted(taken) == free
+
+
+def test_a_surplus_is_given_back_only_when_someone_lacks_partitions() -> None:
+    table = {"a": 2, "b": 2}
+    held = {"a": 3, "b": 1}
+    sessions = {0: 5, 1: 0, 2: 3}
+    # b lacks one and nothing is free: a gives back its emptiest partition.
+    decided = plan(view_for("a", table, held, [], mine=sessions))
+    assert decided == Plan(release=(1,))
+    # b lacks one, and one is free: b takes that, a keeps its three.
+    assert plan(view_for("a", table, {"a": 3, "b": 1}, [7], mine=sessions)) == Plan()
+    assert plan(view_for("b", table, held, [7])) == Plan(take=(7,))
+
+
+def test_nothing_is_taken_while_a_cold_cluster_settles() -> None:
+    table = {"a": 4}
+    assert plan(view_for("a", table, {"a": 0}, [0, 1, 2, 3], settling=True)) == Plan()
+
+
+def test_a_partition_dealt_to_nobody_is_taken_after_the_fallback_delay() -> None:
+    # Everyone at quota (views disagree): partition 9 is dealt to nobody.
+    table = {"a": 1, "b": 1}
+    held = {"a": 1, "b": 1}
+    young = view_for("a", table, held, [9], free_for=[0.5], fallback_s=1.0, room=2)
+    assert plan(young) == Plan()
+    old = view_for("a", table, held, [9], free_for=[1.5], fallback_s=1.0, room=2)
+    assert plan(old) == Plan(take=(9,))
+    # No room under the ceiling share: still nothing.
+    full = view_for("a", table, held, [9], free_for=[9.0], fallback_s=1.0, room=1)
+    assert plan(full) == Plan()
 
 
 # -- the zombie owner: members that cannot reach Kafka -----------------------------------

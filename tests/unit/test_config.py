@@ -95,6 +95,7 @@ DEFAULTS: dict[str, Any] = {
     "partitions.max_per_instance": 0,
     "partitions.weight": 1.0,
     "partitions.rebalance_pause_s": 0.2,
+    "partitions.settle_s": 2.0,
     "replay.max_records": 100000,
     "replay.max_age_s": 604800.0,
     "replay.resumes_per_minute_per_uid": 20.0,
