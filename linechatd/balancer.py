@@ -96,6 +96,9 @@ STUCK_FACTOR = 2
 BUSY_S = 2.0
 # How often a start retries registering while its id is taken.
 CLAIM_RETRY_S = 0.5
+# Below quota with nothing to take for this long: read every registration
+# again (a lost notification may have left the view stale), at most this often.
+STUCK_REFRESH_S = 5.0
 ACQUIRED = "acquired"
 RELEASED = "released"
 
@@ -271,6 +274,10 @@ class Balancer:
         self._quotas: tuple[tuple[int, object], dict[str, int], list[str]] | None = None
         self._last_join = -math.inf  # trio clock: the last time an instance joined
         self._members_seen = 0
+        # Trio clock: since when this instance has been below its quota with
+        # nothing it may take (None otherwise), and when it may refresh its view next.
+        self._wanting_since: float | None = None
+        self._next_refresh = -math.inf
         # Trio clock: since when this instance cannot reach the broker while another
         # can (None otherwise). An outage of the broker for everyone never starts it.
         self._stranded_since: float | None = None
@@ -469,7 +476,9 @@ class Balancer:
             return ACQUIRED if resumed else RELEASED
         if self._settling() and len(sup.held()) <= self.target():
             return None  # rule 4: nothing to take yet, and nothing to give back
-        decided = plan(self.view())
+        view = self.view()
+        decided = plan(view)
+        await self._check_stuck(view, decided, may_take)
         if decided.release and may_give:
             log.info(
                 "partition_rebalance_release" if healthy else "partition_unhealthy_release",
@@ -491,6 +500,41 @@ class Balancer:
         return None
 
     # -- drain ----------------------------------------------------------------
+
+    async def _check_stuck(self, view: View, decided: Plan, may_take: bool) -> None:
+        """Below quota, able to take, and nothing to take for ``STUCK_REFRESH_S``: the
+        view is read again from ZooKeeper. Holders give their surplus back within
+        ``rebalance_pause_s`` of seeing an instance lack, so waiting this long means
+        a change this instance has not seen (or a member that cannot release)."""
+        now = trio.current_time()
+        wanting = (
+            may_take
+            and not decided.take
+            and not view.settling
+            and len(view.mine) < view.quotas.get(view.me, 0)
+        )
+        if not wanting:
+            self._wanting_since = None
+            return
+        if self._wanting_since is None:
+            self._wanting_since = now
+        if now - self._wanting_since < STUCK_REFRESH_S or now < self._next_refresh:
+            return
+        self._next_refresh = now + STUCK_REFRESH_S
+        stale = await self._ctx.cache.refresh()
+        # A stale entry is worth a warning (a notification went missing); a
+        # refresh that found none is the normal wait for a slow holder.
+        log.log(
+            logging.WARNING if stale else logging.INFO,
+            "ownership_view_refreshed",
+            extra={
+                "held": len(view.mine),
+                "target": view.quotas.get(view.me, 0),
+                "free": len(view.free),
+                "waited_s": round(now - self._wanting_since, 1),
+                "stale": stale,
+            },
+        )
 
     async def claim_registration(self, *, wait_s: float) -> None:
         """Register before serving; DuplicateInstanceError if the id stays taken ``wait_s``.

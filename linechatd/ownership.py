@@ -23,7 +23,7 @@ from trio_util import AsyncValue
 
 from .hashing import stable_hash
 from .membership import InstanceInfo, Member, Registration, parse_registration
-from .zk import NodeStat, ZooKeeperClient
+from .zk import NodeStat, NoNodeError, ZooKeeperClient
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,34 @@ class OwnershipCache:
     def _set_owner(self, k: int, member: str) -> None:
         self._owner[k] = member
         self._held[member] += 1
+
+    async def refresh(self) -> list[str]:
+        """Read every registration again, outside the watch; the members whose view differed.
+
+        For an instance whose view looks stuck (the balancer's check): a
+        notification lost on a connection that dropped would otherwise leave
+        an entry stale until that registration changes again. Costs one read
+        per instance; raises ZooKeeperError or NodeError as the reads do.
+        """
+        path = self._paths.instances
+        try:
+            children = set(await self._zk.get_children(path))
+        except NoNodeError:
+            children = set()
+        stale: list[str] = []
+        for member in sorted(children | set(self._registrations)):
+            data: bytes | None
+            stat: NodeStat | None
+            try:
+                data, stat = await self._zk.get(f"{path}/{member}")
+            except NoNodeError:
+                data, stat = None, None
+            old = self._registrations.get(member)
+            new = None if data is None else parse_registration(data, stat)
+            if old != new:
+                stale.append(member)
+                self._on_registration(member, data, stat)
+        return stale
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Watch the registrations; ``started`` once every one has been read."""
