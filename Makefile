@@ -63,12 +63,15 @@ bench-transport: install
 	timeout --foreground -k 30 900 $(VENV)/bin/python -m benchmarks.transport --out $(BENCH_OUT)/transport.json
 
 # --- the control plane at scale, in virtual time (see docs/capacity.md) ------------------
-# `make simulate` runs 1,000 instances x 4,096 partitions through every scenario
-# (an hour or more of CPU on this machine) and writes scale-results/;
-#   make simulate SIM_ARGS='--instances 50 --partitions 256'   # about a minute
-SIM_ARGS ?=
+# `make simulate` runs 200 instances x 1,024 partitions through the scenarios of
+# docs/capacity.md (about 6 minutes) and writes scale-results/;
+#   make simulate SIM_ARGS='--instances 50 --partitions 256'    # every scenario, about 2 minutes
+#   make simulate SIM_ARGS='--instances 1000 --partitions 4096 --scenarios cold-start,grow,drain,crash,zk-pause,reload,isolate,zombie'
+#                                                               # hours (the cold start alone: 15 CPU-minutes)
+SIM_ARGS ?= --instances 200 --partitions 1024 --rolling-limit 20 \
+	--scenarios cold-start,grow,drain,crash,zk-pause,reload,isolate,zombie,rolling-restart
 SIM_OUT ?= scale-results
-SIM_TIMEOUT_S ?= 21600
+SIM_TIMEOUT_S ?= 43200
 
 simulate: install
 	timeout --foreground -k 30 $(SIM_TIMEOUT_S) $(VENV)/bin/python -m benchmarks.scale --out $(SIM_OUT) $(SIM_ARGS)
