@@ -503,9 +503,10 @@ class Balancer:
 
     async def _check_stuck(self, view: View, decided: Plan, may_take: bool) -> None:
         """Below quota, able to take, and nothing to take for ``STUCK_REFRESH_S``: the
-        view is read again from ZooKeeper. Holders give their surplus back within
-        ``rebalance_pause_s`` of seeing an instance lack, so waiting this long means
-        a change this instance has not seen (or a member that cannot release)."""
+        registrations of the members above their quota are read again. Holders give
+        their surplus back within ``rebalance_pause_s`` of seeing an instance lack,
+        so waiting this long means a change this instance has not seen, or a holder
+        that may not give yet (a zombie's grace, a staggered drain)."""
         now = trio.current_time()
         wanting = (
             may_take
@@ -521,7 +522,13 @@ class Balancer:
         if now - self._wanting_since < STUCK_REFRESH_S or now < self._next_refresh:
             return
         self._next_refresh = now + STUCK_REFRESH_S
-        stale = await self._ctx.cache.refresh()
+        # Those this view says hold more than their quota are the ones that
+        # should be giving partitions back: read them (not all N) again.
+        cache = self._ctx.cache
+        holders = [
+            m for m in cache.members() if m != view.me and cache.held_by(m) > view.quotas.get(m, 0)
+        ]
+        stale = await cache.refresh(holders)
         # A stale entry is worth a warning (a notification went missing); a
         # refresh that found none is the normal wait for a slow holder.
         log.log(

@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import trio
@@ -310,21 +311,25 @@ class OwnershipCache:
         self._owner[k] = member
         self._held[member] += 1
 
-    async def refresh(self) -> list[str]:
-        """Read every registration again, outside the watch; the members whose view differed.
+    async def refresh(self, members: Iterable[str] | None = None) -> list[str]:
+        """Read registrations again, outside the watch; the members whose view differed.
 
         For an instance whose view looks stuck (the balancer's check): a
         notification lost on a connection that dropped would otherwise leave
-        an entry stale until that registration changes again. Costs one read
-        per instance; raises ZooKeeperError or NodeError as the reads do.
+        an entry stale until that registration changes again. Reads the
+        directory listing, then ``members`` (None: all of them) and any
+        member the listing shows arrived or gone; one read each. Raises
+        ZooKeeperError or NodeError as the reads do.
         """
         path = self._paths.instances
         try:
             children = set(await self._zk.get_children(path))
         except NoNodeError:
             children = set()
+        known = set(self._registrations)
+        wanted = children | known if members is None else set(members) | (children ^ known)
         stale: list[str] = []
-        for member in sorted(children | set(self._registrations)):
+        for member in sorted(wanted):
             data: bytes | None
             stat: NodeStat | None
             try:

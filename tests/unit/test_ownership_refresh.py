@@ -43,11 +43,15 @@ async def test_refresh_replaces_stale_entries_and_reports_them(
         cache._on_registration("gw-1", registration("gw-1", four), stat)
         assert cache.free() == set() and cache.held_by("gw-1") == 4
 
-        assert await cache.refresh() == ["gw-1"]
+        assert await cache.refresh(["gw-1"]) == ["gw-1"], "the member named is read"
         assert cache.free() == {2, 3} and cache.held_by("gw-1") == 2
-        # An instance that is gone (its deletion unseen) goes from the view too.
+        # An instance that is gone (its deletion unseen) goes from the view even
+        # when not named: the listing shows it missing.
         cache._on_registration("gw-9", registration("gw-9", {3: Lease(8, 2)}), stat)
         assert cache.free() == {2}
-        assert await cache.refresh() == ["gw-9"]
+        assert await cache.refresh([]) == ["gw-9"]
         assert cache.members() == ["gw-1"] and cache.free() == {2, 3}
+        # With no names, every registration is read.
+        cache._on_registration("gw-1", registration("gw-1", four), stat)
+        assert await cache.refresh() == ["gw-1"] and cache.free() == {2, 3}
         nursery.cancel_scope.cancel()
