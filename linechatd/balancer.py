@@ -99,6 +99,8 @@ CLAIM_RETRY_S = 0.5
 # Below quota with nothing to take for this long: read every registration
 # again (a lost notification may have left the view stale), at most this often.
 STUCK_REFRESH_S = 5.0
+# Still below quota this long: every registration is read, at most this often.
+STUCK_FULL_REFRESH_S = 20.0
 ACQUIRED = "acquired"
 RELEASED = "released"
 
@@ -278,6 +280,7 @@ class Balancer:
         # nothing it may take (None otherwise), and when it may refresh its view next.
         self._wanting_since: float | None = None
         self._next_refresh = -math.inf
+        self._next_full_refresh = -math.inf
         # Trio clock: since when this instance cannot reach the broker while another
         # can (None otherwise). An outage of the broker for everyone never starts it.
         self._stranded_since: float | None = None
@@ -499,8 +502,6 @@ class Balancer:
             return ACQUIRED if taken else None
         return None
 
-    # -- drain ----------------------------------------------------------------
-
     async def _check_stuck(self, view: View, decided: Plan, may_take: bool) -> None:
         """Below quota, able to take, and nothing to take for ``STUCK_REFRESH_S``: the
         registrations of the members above their quota are read again. Holders give
@@ -523,19 +524,30 @@ class Balancer:
             return
         self._next_refresh = now + STUCK_REFRESH_S
         # Those this view says hold more than their quota are the ones that
-        # should be giving partitions back: read them (not all N) again.
+        # should be giving partitions back: read them (not all N) again. And
+        # this instance's own registration when the view credits it with
+        # partitions it does not hold (as if its previous session's were there).
         cache = self._ctx.cache
-        holders = [
+        suspects = [
             m for m in cache.members() if m != view.me and cache.held_by(m) > view.quotas.get(m, 0)
         ]
-        stale = await cache.refresh(holders)
-        # A stale entry is worth a warning (a notification went missing); a
-        # refresh that found none is the normal wait for a slow holder.
+        credited = cache.held_by(view.me)
+        if credited != len(view.mine):
+            suspects.append(view.me)
+        # Waiting longer than any holder should: read them all, now and then.
+        full = now - self._wanting_since >= STUCK_FULL_REFRESH_S and now >= self._next_full_refresh
+        if full:
+            self._next_full_refresh = now + STUCK_FULL_REFRESH_S
+        stale = await cache.refresh(None if full else suspects)
+        # A view found behind is worth a warning (a notification late or lost);
+        # a refresh that found nothing is the normal wait for a slow holder.
         log.log(
             logging.WARNING if stale else logging.INFO,
             "ownership_view_refreshed",
             extra={
                 "held": len(view.mine),
+                "credited": credited,
+                "all": full,
                 "target": view.quotas.get(view.me, 0),
                 "free": len(view.free),
                 "waited_s": round(now - self._wanting_since, 1),
@@ -569,6 +581,8 @@ class Balancer:
                 )
             with trio.move_on_after(CLAIM_RETRY_S):
                 await ctx.zk.session.wait_transition()
+
+    # -- drain ----------------------------------------------------------------
 
     async def drain(self, *, stagger_s: float) -> None:
         """Give every partition back, one at a time while another instance can take them.
