@@ -258,8 +258,6 @@ class ZooKeeperClient(Protocol):
 
     async def delete(self, path: str, *, version: int = -1) -> None: ...
 
-    async def delete_if_mine(self, path: str) -> bool: ...
-
     async def multi(self, ops: Sequence[Op]) -> list[NodeStat | None]: ...
 
     async def watch_data(
@@ -796,20 +794,6 @@ class ZooKeeper:
 
     async def delete(self, path: str, *, version: int = -1) -> None:
         await self._call("delete_async", path, version=version, shield=True)
-
-    async def delete_if_mine(self, path: str) -> bool:
-        """Delete an ephemeral node only if the current, trusted session owns it."""
-        owner = self.session_id
-        if owner is None:
-            return False
-        try:
-            stat = await self.exists(path)
-            if stat is None or stat.ephemeral_owner != owner:
-                return False
-            await self.delete(path, version=stat.version)
-            return True
-        except NoNodeError:
-            return False
 
     async def multi(self, ops: Sequence[Op]) -> list[NodeStat | None]:
         """Apply ``ops`` in one transaction: all of them, or none.

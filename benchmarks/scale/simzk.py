@@ -969,19 +969,6 @@ class SimZooKeeper:
     async def delete(self, path: str, *, version: int = -1) -> None:
         await self._request(_Op.DELETE, path, version=version)
 
-    async def delete_if_mine(self, path: str) -> bool:
-        owner = self.session_id
-        if owner is None:
-            return False
-        try:
-            stat = await self.exists(path)
-            if stat is None or stat.ephemeral_owner != owner:
-                return False
-            await self.delete(path, version=stat.version)
-            return True
-        except NoNodeError:
-            return False
-
     async def multi(self, ops: Sequence[Op]) -> list[NodeStat | None]:
         results: list[NodeStat | None] = await self._request(_Op.MULTI, "", ops=list(ops))
         return results
