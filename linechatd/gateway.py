@@ -249,7 +249,7 @@ async def _start_infrastructure(
         fetch_wait_max_ms=config.kafka.fetch_wait_max_ms,
     )
     await infra.start(fetcher.run)
-    cache = OwnershipCache(zk, paths, config.cluster.partitions)
+    cache = OwnershipCache(zk, paths, config.cluster.partitions, instance=config.instance.id)
     await infra.start(cache.run)
     # Threads blocked in the group offsets' and replay readers' librdkafka
     # calls (a probe and a scan per partition may poll at once, as after a

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -24,11 +24,16 @@ from trio_util import AsyncValue
 
 from .hashing import stable_hash
 from .membership import InstanceInfo, Member, Registration, parse_registration
-from .zk import NodeStat, NoNodeError, ZooKeeperClient
+from .viewlog import Change, Gone, ViewFollower, ViewPublisher
+from .zk import NodeStat, NoNodeError, ZooKeeperClient, ZooKeeperError
 
 log = logging.getLogger(__name__)
 
 ROOT = "/linechat"
+# A starting instance waits this long for the view log before it reads the
+# registrations itself (a publisher that died is replaced only once its
+# session has ended).
+FOLLOW_WAIT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,11 @@ class ZkPaths:
 
     def instance(self, instance_id: str) -> str:
         return f"{self.instances}/{instance_id}"
+
+    @property
+    def view(self) -> str:
+        """The view log's root (viewlog.py)."""
+        return f"{self.root}/view"
 
 
 @dataclass(frozen=True)
@@ -127,11 +137,12 @@ def owner_from_node(data: bytes | None, stat: NodeStat | None) -> Owner | None:
 class OwnershipCache:
     """Every partition's owner and every live instance, as the registrations say.
 
-    Fed by one watch of the ``instances`` directory (its children and each
-    one's data, see ``ZooKeeperClient.watch_children_data``): each registration
-    lists the leases of its instance (membership.py), written in the same
-    transaction as the lease nodes themselves, so this view never needs a
-    watch per partition. Serves connection-url lookups without a ZooKeeper
+    Fed by the view log (viewlog.py): one elected instance watches the
+    registrations and publishes their changes, every instance (that one too)
+    reads the log. Each registration lists the leases of its instance
+    (membership.py), written in the same transaction as the lease nodes
+    themselves, so this view never needs a watch per partition, and thanks to
+    the log not one per instance either. Serves connection-url lookups without a ZooKeeper
     round trip and the balancer's picture of the cluster. It may lag behind
     ZooKeeper by a watch notification; correctness never depends on it being
     current (the handshake checks the instance's own live leases).
@@ -140,15 +151,21 @@ class OwnershipCache:
     each member's count of partitions are kept up to date, never recomputed.
     """
 
-    def __init__(self, zk: ZooKeeperClient, paths: ZkPaths, partitions: int) -> None:
+    def __init__(
+        self, zk: ZooKeeperClient, paths: ZkPaths, partitions: int, *, instance: str = ""
+    ) -> None:
         self._zk = zk
         self._paths = paths
+        self._instance = instance
         # Who owns each partition in this view (a member id), and the others that
         # list it too, transiently (a registration read before its update).
         self._owner: list[str | None] = [None] * partitions
         self._rivals: dict[int, set[str]] = {}
         self._registrations: dict[str, Registration] = {}
         self._sessions: dict[str, int] = {}
+        # The mzxid of each registration applied: a change read late (the log
+        # lags a direct read) never replaces a newer one.
+        self._mzxid: dict[str, int] = {}
         self._held: Counter[str] = Counter()
         self._free: set[int] = set(range(partitions))
         # When each partition was last seen losing its owner (trio clock).
@@ -159,6 +176,10 @@ class OwnershipCache:
         self._ranked: list[tuple[int, str]] = []
         self.changed = AsyncValue(0)  # bumps whenever an owner changes
         self.members_changed = AsyncValue(0)  # an instance came, went, or changed its settings
+        self.publisher = ViewPublisher(
+            zk, paths.view, paths.instances, instance=instance, position=self._position
+        )
+        self.follower = ViewFollower(zk, paths.view, apply=self.apply_change, reset=self.apply_full)
 
     @property
     def partitions(self) -> int:
@@ -228,7 +249,29 @@ class OwnershipCache:
 
     # -- updates --------------------------------------------------------------------
 
+    def apply_change(self, member: str, change: Change) -> None:
+        """One change read from the view log."""
+        if isinstance(change, Gone):
+            # Only the session it names: a newer one may be here already.
+            if self._sessions.get(member) == change.session:
+                self._on_registration(member, None, None)
+        else:
+            self._on_registration(member, change.data, change.stat())
+
+    def apply_full(self, changes: Mapping[str, Change]) -> None:
+        """A full entry of the view log: every registration there is."""
+        for member in sorted(self._registrations.keys() - changes.keys()):
+            self._on_registration(member, None, None)
+        for member, change in changes.items():
+            self.apply_change(member, change)
+
     def _on_registration(self, member: str, data: bytes | None, stat: NodeStat | None) -> None:
+        if stat is not None:
+            if stat.mzxid < self._mzxid.get(member, -1):
+                return
+            self._mzxid[member] = stat.mzxid
+        else:
+            self._mzxid.pop(member, None)
         old = self._registrations.get(member)
         new: Registration | None = None
         if data is not None and stat is not None:
@@ -344,8 +387,37 @@ class OwnershipCache:
         return stale
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Watch the registrations; ``started`` once every one has been read."""
+        """Run for view publisher and follow the view log; ``started`` once a view is in place.
+
+        That is the publisher's full entry, or, with no publisher within
+        ``FOLLOW_WAIT_S`` (the last one died and its session has not ended
+        yet), every registration read directly.
+        """
         self._started = trio.current_time()
-        await self._zk.watch_children_data(
-            self._paths.instances, self._on_registration, task_status=task_status
-        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.publisher.run)
+            nursery.start_soon(self.follower.run)
+            following = self.follower.following
+            with trio.move_on_after(FOLLOW_WAIT_S):
+                await following.wait_value(True)
+            if not following.value:
+                log.info("view_log_absent", extra={"waited_s": FOLLOW_WAIT_S})
+            delay = 0.05
+            while not following.value:
+                try:
+                    await self.refresh()
+                    break
+                except ZooKeeperError as exc:
+                    log.warning("view_refresh_failed", extra={"error": str(exc)})
+                with trio.move_on_after(delay):
+                    await following.wait_value(True)
+                delay = min(2.0, delay * 2)
+            task_status.started()
+
+    def _position(self) -> int | None:
+        """This instance's place among the eligible members (None: not in the view)."""
+        if not self._ranked:
+            return 0  # nothing known yet (a cold cluster): no order to keep
+        entry = (rank_key(self._instance), self._instance)
+        at = bisect.bisect_left(self._ranked, entry)
+        return at if at < len(self._ranked) and self._ranked[at] == entry else None

@@ -100,7 +100,7 @@ class SimInstance:
             info=info,
             paths=paths,
             zk=self.zk,
-            cache=OwnershipCache(self.zk, paths, settings.partitions),
+            cache=OwnershipCache(self.zk, paths, settings.partitions, instance=instance),
             # Never used by the control plane (sessions produce, not partitions).
             producer=cast(Any, None),
             fetcher=cast(Any, FakeFetcher(instance, observer, settings.kafka)),

@@ -85,7 +85,10 @@ def test_fifty_instances_and_256_partitions() -> None:
         assert result.moved <= result.min_moves, (result.name, result.moved, result.min_moves)
     cold = phases["cold-start"]
     assert cold.moved == 256
-    # One directory watch per instance (its children and each registration) and
-    # one watch per lease, not one per partition per instance.
-    assert cold.watches_end == 50 * (50 + 1) + 256
+    # Per instance the view log's listing and the publisher node (the view
+    # publisher: not always, its own watch fired when it created the node);
+    # the publisher's watches of the instances directory and of each
+    # registration; one per lease. Not one per registration per instance.
+    publisher = 50 + 1
+    assert 50 + 49 + publisher + 256 <= cold.watches_end <= 2 * 50 + publisher + 256
     assert phases["zk-pause"].moved == 0

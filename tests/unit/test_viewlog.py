@@ -1,0 +1,299 @@
+"""The view log: one publisher reads the registrations, every view follows its log.
+
+Against the simulated ZooKeeper, in virtual time: views agree with the
+registrations, a burst of changes costs the followers a few entries, a late
+follower starts from a full entry, a follower that missed compacted entries
+starts again from the newest full, and a new publisher takes over when the
+old one's session ends.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+from trio_util import wait_any
+
+from benchmarks.scale.simzk import SimEnsemble, SimZooKeeper
+from linechatd.membership import InstanceInfo, Lease, Registration
+from linechatd.ownership import FOLLOW_WAIT_S, OwnershipCache, ZkPaths
+from linechatd.viewlog import (
+    EntryName,
+    Gone,
+    Published,
+    ViewFollower,
+    decode_entry,
+    encode_entry,
+)
+from linechatd.zk import NodeStat
+
+T = 10.0
+PATHS = ZkPaths("c")
+PARTITIONS = 64
+
+
+def registration(member: str, leases: dict[int, Lease]) -> bytes:
+    info = InstanceInfo(member, f"ws://{member}/ws", f"http://{member}")
+    return Registration(info, leases=leases).to_json()
+
+
+@asynccontextmanager
+async def ensemble() -> AsyncIterator[tuple[SimEnsemble, trio.Nursery]]:
+    server = SimEnsemble(seed=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        yield server, nursery
+        nursery.cancel_scope.cancel()
+
+
+async def session(server: SimEnsemble, nursery: trio.Nursery, name: str) -> SimZooKeeper:
+    zk = SimZooKeeper(server, session_timeout_s=T, name=name)
+    await nursery.start(zk.run)
+    return zk
+
+
+async def view(server: SimEnsemble, nursery: trio.Nursery, name: str) -> OwnershipCache:
+    zk = await session(server, nursery, name)
+    cache = OwnershipCache(zk, PATHS, PARTITIONS, instance=name)
+    await nursery.start(cache.run)
+    return cache
+
+
+def owners(cache: OwnershipCache) -> list[str | None]:
+    return [None if o is None else o.instance for o in cache.snapshot()]
+
+
+async def agree(caches: list[OwnershipCache], expected: list[str | None]) -> None:
+    """Until every view says ``expected`` (bounded)."""
+    with trio.fail_after(30):
+        while any(owners(c) != expected for c in caches):
+            await wait_any(*(c.changed.wait_transition for c in caches))
+
+
+def test_entries_round_trip_and_garbage_is_refused() -> None:
+    changes = {
+        "gw-1": Published(registration("gw-1", {3: Lease(7, 9)}), 5, 7, 9, 0x11),
+        "gw-2": Gone(0x12),
+    }
+    assert decode_entry(encode_entry(changes)) == changes
+    for garbage in (b"", b"{}", encode_entry({})[:-3], b"x\x9c" + b"\0" * 8):
+        with pytest.raises(ValueError, match="not a view log entry"):
+            decode_entry(garbage)
+    name = EntryName(0x1A2B, 42, full=True)
+    assert EntryName.parse(str(name)) == name
+    assert EntryName.parse(str(EntryName(5, 0))) == EntryName(5, 0)
+    for foreign in ("", "x", "00ff-12-part", "zz-1", "1-2-3-full"):
+        assert EntryName.parse(foreign) is None
+    assert EntryName(1, 9) < EntryName(2, 0) < EntryName(2, 1)
+
+
+async def test_every_view_follows_the_registrations_through_one_publisher(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with ensemble() as (server, nursery):
+        writer = await session(server, nursery, "writer")
+        caches = [await view(server, nursery, f"gw-{i}") for i in range(3)]
+        elected = [c for c in caches if c.publisher.elected.value]
+        assert len(elected) == 1, "exactly one publisher"
+        # Only the publisher watches the registrations.
+        assert server.stats.watches_held <= 2 * len(caches) + 1
+
+        await writer.create(
+            PATHS.instance("gw-a"), registration("gw-a", {0: Lease(5, 1)}), makepath=True
+        )
+        expected: list[str | None] = [None] * PARTITIONS
+        expected[0] = "gw-a"
+        await agree(caches, expected)
+
+        # A burst: 40 changes of one registration within one interval reach the
+        # followers as a handful of entries, not forty.
+        before = [c.follower.entries_read for c in caches]
+        leases: dict[int, Lease] = {0: Lease(5, 1)}
+        for k in range(1, 41):
+            leases[k] = Lease(100 + k, 1)
+            await writer.set(PATHS.instance("gw-a"), registration("gw-a", leases))
+        expected[1:41] = ["gw-a"] * 40
+        await agree(caches, expected)
+        for cache, was in zip(caches, before, strict=True):
+            read = cache.follower.entries_read - was
+            assert 1 <= read <= 6, f"{cache.publisher}: {read} entries for a burst of 40"
+
+        await writer.delete(PATHS.instance("gw-a"))
+        await agree(caches, [None] * PARTITIONS)
+        nursery.cancel_scope.cancel()
+
+
+async def test_compaction_and_a_late_follower_start_from_a_full_entry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with ensemble() as (server, nursery):
+        writer = await session(server, nursery, "writer")
+        first = await view(server, nursery, "gw-0")
+        expected: list[str | None] = [None] * PARTITIONS
+        for round_ in range(30):
+            leases = {k: Lease(1000 + round_, 1) for k in range(round_ % 8, 8)}
+            data = registration("gw-a", leases)
+            if round_ == 0:
+                await writer.create(PATHS.instance("gw-a"), data, makepath=True)
+            else:
+                await writer.set(PATHS.instance("gw-a"), data)
+            expected = ["gw-a" if k in leases else None for k in range(PARTITIONS)]
+            await agree([first], expected)  # one entry per change
+        log = await writer.get_children(f"{PATHS.view}/log")
+        names = sorted(EntryName.parse(n) for n in log)
+        assert all(n is not None for n in names)
+        # Compacted: far fewer than 31 entries kept, a full one among the first two
+        # (the delta written with it may come first).
+        assert len(names) < 20 and any(n is not None and n.full for n in names[:2]), log
+
+        late = await view(server, nursery, "gw-9")
+        assert owners(late) == expected
+        assert late.follower.entries_read <= len(names)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_follower_that_missed_compacted_entries_starts_again_from_the_full(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The follower's rules alone, against a log written by hand."""
+    async with ensemble() as (server, nursery):
+        zk = await session(server, nursery, "hand")
+        log_path = f"{PATHS.view}/log"
+        await zk.ensure_path(log_path)
+        applied: list[tuple[str, object]] = []
+        resets: list[set[str]] = []
+        follower = ViewFollower(
+            zk,
+            PATHS.view,
+            apply=lambda m, c: applied.append((m, c)),
+            reset=lambda changes: resets.append(set(changes)),
+        )
+
+        def reg(member: str, zxid: int) -> Published:
+            return Published(registration(member, {}), zxid, zxid, 0, 1)
+
+        async def write(name: EntryName, changes: dict[str, Published | Gone]) -> None:
+            await zk.create(f"{log_path}/{name}", encode_entry(changes))
+
+        async def catch_up() -> None:
+            await follower._catch_up(tuple(sorted(await zk.get_children(log_path))))
+
+        await write(EntryName(7, 0, full=True), {"a": reg("a", 1)})
+        await write(EntryName(7, 1), {"b": reg("b", 2)})
+        await catch_up()
+        assert resets == [{"a"}] and [m for m, _ in applied] == ["b"]
+        assert follower.applied == EntryName(7, 1) and follower.following.value
+
+        # Compaction: delta 2, full 3 (the state after 2), the older entries gone.
+        await write(EntryName(7, 2), {"c": reg("c", 3)})
+        await write(EntryName(7, 3, full=True), {m: reg(m, 1) for m in "abc"})
+        await write(EntryName(7, 4), {"d": reg("d", 4)})
+        for old in (EntryName(7, 0, full=True), EntryName(7, 1)):
+            await zk.delete(f"{log_path}/{old}")
+        await catch_up()
+        assert resets == [{"a"}], "the compaction's full entry is not read"
+        assert [m for m, _ in applied] == ["b", "c", "d"]
+
+        # Entries 5 and 6 missed (compacted away before this follower looked).
+        await write(EntryName(7, 7, full=True), {m: reg(m, 1) for m in "abcdef"})
+        await write(EntryName(7, 8), {"g": reg("g", 9)})
+        for old in (EntryName(7, 2), EntryName(7, 3, full=True), EntryName(7, 4)):
+            await zk.delete(f"{log_path}/{old}")
+        await catch_up()
+        assert resets[-1] == set("abcdef") and applied[-1][0] == "g"
+        assert follower.applied == EntryName(7, 8)
+
+        # A new publisher (a larger generation): its first, full entry.
+        await write(EntryName(9, 0, full=True), {"z": reg("z", 20)})
+        await catch_up()
+        assert resets[-1] == {"z"} and follower.applied == EntryName(9, 0, full=True)
+        # An unreadable entry is logged and passed over, not fatal.
+        await zk.create(f"{log_path}/{EntryName(9, 1)}", b"not zlib")
+        await write(EntryName(9, 2), {"y": reg("y", 21)})
+        await catch_up()
+        assert follower.applied == EntryName(9, 2) and applied[-1][0] == "y"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_new_publisher_takes_over_when_the_old_session_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with ensemble() as (server, nursery):
+        writer = await session(server, nursery, "writer")
+        caches = [await view(server, nursery, f"gw-{i}") for i in range(3)]
+        (old,) = [c for c in caches if c.publisher.elected.value]
+        rest = [c for c in caches if c is not old]
+        old._zk.crash()  # type: ignore[attr-defined]
+        # Until its session expires the old publisher's node and log stay.
+        with trio.fail_after(T + 5):
+            await wait_any(*(functools.partial(c.publisher.elected.wait_value, True) for c in rest))
+        assert trio.current_time() >= T * 0.9
+        await writer.create(
+            PATHS.instance("gw-a"), registration("gw-a", {5: Lease(5, 1)}), makepath=True
+        )
+        expected: list[str | None] = [None] * PARTITIONS
+        expected[5] = "gw-a"
+        await agree(rest, expected)
+        nursery.cancel_scope.cancel()
+
+
+async def test_with_no_publisher_a_starting_view_reads_the_registrations(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with ensemble() as (server, nursery):
+        writer = await session(server, nursery, "writer")
+        await writer.create(
+            PATHS.instance("gw-a"), registration("gw-a", {2: Lease(5, 1)}), makepath=True
+        )
+        # A publisher node whose holder died: it stays until that session expires.
+        dead = await session(server, nursery, "dead")
+        await dead.create(f"{PATHS.view}/publisher", b"{}", ephemeral=True, makepath=True)
+        dead.crash()
+        started = trio.current_time()
+        cache = await view(server, nursery, "gw-0")
+        assert FOLLOW_WAIT_S <= trio.current_time() - started < FOLLOW_WAIT_S + 1
+        assert not cache.follower.following.value
+        assert owners(cache)[2] == "gw-a", "read directly"
+        # Once the dead session expires, this instance publishes and follows.
+        with trio.fail_after(2 * T):
+            await cache.follower.following.wait_value(True)
+        assert cache.publisher.elected.value
+        await writer.set(PATHS.instance("gw-a"), registration("gw-a", {3: Lease(6, 1)}))
+        expected: list[str | None] = [None] * PARTITIONS
+        expected[3] = "gw-a"
+        await agree([cache], expected)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_late_change_never_replaces_a_newer_one() -> None:
+    cache = OwnershipCache(None, PATHS, PARTITIONS)  # type: ignore[arg-type]
+    new = NodeStat(10, 20, 0, 0, 0x5, 0)
+    cache._on_registration("gw-a", registration("gw-a", {1: Lease(20, 1)}), new)
+    stale = Published(registration("gw-a", {2: Lease(15, 1)}), 10, 15, 0, 0x5)
+    cache.apply_change("gw-a", stale)
+    assert owners(cache)[1] == "gw-a" and owners(cache)[2] is None
+    cache.apply_change("gw-a", Gone(0x4))  # an earlier incarnation's end
+    assert cache.members() == ["gw-a"]
+    cache.apply_change("gw-a", Gone(0x5))
+    assert cache.members() == []
+    # A full entry without a member removes it.
+    cache.apply_change("gw-b", Published(registration("gw-b", {}), 30, 30, 0, 0x6))
+    cache.apply_full({"gw-c": Published(registration("gw-c", {}), 31, 31, 0, 0x7)})
+    assert cache.members() == ["gw-c"]
+
+
+async def test_the_log_is_kept_as_ephemeral_nodes_of_the_publisher(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with ensemble() as (server, nursery):
+        cache = await view(server, nursery, "gw-0")
+        assert cache.publisher.elected.value
+        log = await cache._zk.get_children(f"{PATHS.view}/log")
+        assert len(log) == 1
+        _data, stat = await cache._zk.get(f"{PATHS.view}/log/{log[0]}")
+        assert stat.ephemeral_owner == cache._zk.session_id
+        nursery.cancel_scope.cancel()
