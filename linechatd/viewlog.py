@@ -36,7 +36,7 @@ import functools
 import json
 import logging
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -199,7 +199,6 @@ class ViewPublisher:
 
     async def run(self) -> None:
         zk = self._zk
-        delay = _RETRY_MIN_S
         while True:
             info = await zk.session.wait_value(_connected)
 
@@ -209,21 +208,31 @@ class ViewPublisher:
                     SessionState.CLOSED,
                 )
 
+            await wait_any(
+                functools.partial(self._serve_retrying, info),
+                lambda: zk.session.wait_value(session_ended),
+            )
+
+    async def _serve_retrying(self, info: SessionInfo) -> None:
+        """Campaign and publish in this session; after a failure of ZooKeeper, again."""
+        delay = _RETRY_MIN_S
+        while True:
+            failed: ExceptionGroup[ZooKeeperError | NodeError] | None = None
             try:
-                await wait_any(
-                    functools.partial(self._serve, info),
-                    lambda: zk.session.wait_value(session_ended),
-                )
-            except (ZooKeeperError, NodeError) as exc:
-                log.warning("view_publisher_failed", extra={"error": str(exc)})
-                await trio.sleep(delay)
-                delay = min(_RETRY_MAX_S, delay * 2)
-            else:
-                delay = _RETRY_MIN_S
+                await self._serve(info)
+            except* (ZooKeeperError, NodeError) as group:
+                failed = group
             finally:
                 if self.elected.value:
                     self.elected.value = False
                     log.info("view_publisher_stopped")
+            if failed is not None:
+                first: BaseException = failed
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                log.warning("view_publisher_failed", extra={"error": str(first)})
+                await trio.sleep(delay)
+                delay = min(_RETRY_MAX_S, delay * 2)
 
     async def _serve(self, info: SessionInfo) -> None:
         gen = await self._campaign(info)
@@ -241,7 +250,8 @@ class ViewPublisher:
         present = AsyncValue(True)
 
         def seen(_data: bytes | None, stat: NodeStat | None) -> None:
-            present.value = stat is not None
+            # A node of this very session is an earlier term's: replaced below.
+            present.value = stat is not None and stat.ephemeral_owner != info.session_id
 
         data = json.dumps({"instance": self._instance, "session": f"{info.session_id:#x}"})
         async with trio.open_nursery() as nursery:
@@ -258,10 +268,14 @@ class ViewPublisher:
                         _, stat = await zk.get(self._node)
                     except NoNodeError:
                         continue
-                    if stat.ephemeral_owner != info.session_id:
-                        present.value = True  # until the watch says it is gone
+                    if stat.ephemeral_owner == info.session_id:
+                        # Ours: a create whose answer was lost, or an earlier term of
+                        # this session that failed. A new node gives a new generation,
+                        # so no follower mistakes the new log for the old one.
+                        await zk.delete(self._node)
                         continue
-                    # Ours: a create whose answer was lost.
+                    present.value = True  # until the watch says it is gone
+                    continue
                 nursery.cancel_scope.cancel()
                 return stat.czxid
         raise AssertionError("unreachable")  # pragma: no cover
@@ -289,9 +303,17 @@ class ViewPublisher:
             n = 0
             full = encode_entry(registrations)
             changed.clear()
-            await self._apply(
-                [Create(f"{self._log}/{EntryName(gen, n, full=True)}", full, ephemeral=True)]
-            )
+            # Entries of an earlier term of this session, if any (a dead
+            # publisher's went with its session).
+            stale = [
+                Delete(f"{self._log}/{name}")
+                for name in await zk.get_children(self._log)
+                if (parsed := EntryName.parse(name)) is None or parsed.gen != gen
+            ]
+            first: list[Op] = [
+                Create(f"{self._log}/{EntryName(gen, n, full=True)}", full, ephemeral=True)
+            ]
+            await self._apply([*first, *stale])
             retained = [EntryName(gen, n, full=True)]
             full_size, since_full, deltas = len(full), 0, 0
             last_write = trio.current_time()
@@ -320,7 +342,7 @@ class ViewPublisher:
                 retained.extend(names)
                 last_write = trio.current_time()
 
-    async def _apply(self, ops: list[Op]) -> None:
+    async def _apply(self, ops: Sequence[Op]) -> None:
         """Apply ``ops`` (their first creates this publisher's next entry) until done.
 
         Only this publisher creates its entries: the first one existing means

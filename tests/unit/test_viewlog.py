@@ -10,8 +10,9 @@ old one's session ends.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -29,7 +30,7 @@ from linechatd.viewlog import (
     decode_entry,
     encode_entry,
 )
-from linechatd.zk import NodeStat
+from linechatd.zk import NodeStat, NoNodeError, Op, ZooKeeperError
 
 T = 10.0
 PATHS = ZkPaths("c")
@@ -296,4 +297,69 @@ async def test_the_log_is_kept_as_ephemeral_nodes_of_the_publisher(
         assert len(log) == 1
         _data, stat = await cache._zk.get(f"{PATHS.view}/log/{log[0]}")
         assert stat.ephemeral_owner == cache._zk.session_id
+        nursery.cancel_scope.cancel()
+
+
+class FailingOnce(SimZooKeeper):
+    """Its first create of each of ``paths`` gets no answer (as kazoo's timeout says)."""
+
+    def __init__(self, *args: Any, paths: set[str], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.failing = set(paths)
+        self.refuse_multi = 0  # this many transactions fail as if a node were missing
+
+    async def multi(self, ops: Sequence[Op]) -> list[NodeStat | None]:
+        if self.refuse_multi:
+            self.refuse_multi -= 1
+            raise NoNodeError("refused by the test")
+        return await super().multi(ops)
+
+    async def create(
+        self, path: str, data: bytes = b"", *, ephemeral: bool = False, makepath: bool = False
+    ) -> NodeStat:
+        if path in self.failing:
+            self.failing.discard(path)
+            raise ZooKeeperError(f"create_async: no answer from ZooKeeper within 2 s ({path})")
+        return await super().create(path, data, ephemeral=ephemeral, makepath=makepath)
+
+
+async def test_a_failed_campaign_is_tried_again_not_fatal(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with ensemble() as (server, nursery):
+        zk = FailingOnce(
+            server, session_timeout_s=T, name="gw-0", paths={f"{PATHS.view}/publisher"}
+        )
+        await nursery.start(zk.run)
+        cache = OwnershipCache(zk, PATHS, PARTITIONS, instance="gw-0")
+        with trio.fail_after(FOLLOW_WAIT_S + 5):
+            await nursery.start(cache.run)
+            await cache.publisher.elected.wait_value(True)
+        assert not zk.failing, "the first attempt failed"
+        assert cache.follower.following.value
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_publisher_that_fails_starts_a_new_generation_in_the_same_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with ensemble() as (server, nursery):
+        writer = await session(server, nursery, "writer")
+        zk = FailingOnce(server, session_timeout_s=T, name="gw-0", paths=set())
+        await nursery.start(zk.run)
+        cache = OwnershipCache(zk, PATHS, PARTITIONS, instance="gw-0")
+        await nursery.start(cache.run)
+        first = cache.follower.applied
+        assert first is not None and cache.publisher.elected.value
+        zk.refuse_multi = 1  # the next entry's transaction fails
+        await writer.create(
+            PATHS.instance("gw-a"), registration("gw-a", {1: Lease(5, 1)}), makepath=True
+        )
+        expected: list[str | None] = [None] * PARTITIONS
+        expected[1] = "gw-a"
+        await agree([cache], expected)
+        assert cache.publisher.elected.value
+        assert cache.follower.applied is not None and cache.follower.applied.gen > first.gen
+        log = [EntryName.parse(n) for n in await zk.get_children(f"{PATHS.view}/log")]
+        assert {e.gen for e in log if e is not None} == {cache.follower.applied.gen}, log
         nursery.cancel_scope.cancel()
