@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import trio
 from trio_util import AsyncValue, wait_any
 
+from .hashing import stable_hash
 from .zk import (
     Create,
     Delete,
@@ -76,7 +77,8 @@ PUBLISH_INTERVAL_S = 0.1
 # the last one, even if they weigh less than it.
 MAX_DELTAS = 512
 # Candidates run in their rank order (the view's), this far apart, so that one
-# publisher's end does not make every instance try to create the node at once.
+# publisher's end does not make every instance try to create the node at once;
+# those past the first CANDIDATES (or not in the view) spread over as long again.
 CANDIDATE_STEP_S = 0.1
 CANDIDATES = 20
 _RETRY_MIN_S = 0.05
@@ -242,7 +244,12 @@ class ViewPublisher:
 
     def _turn_s(self) -> float:
         position = self._position()
-        return CANDIDATE_STEP_S * min(CANDIDATES, CANDIDATES if position is None else position)
+        if position is not None and position < CANDIDATES:
+            return CANDIDATE_STEP_S * position
+        # The rest, spread (by the id's hash) over as long again: a thousand
+        # instances that all missed their turn must not all try at one moment.
+        spread = stable_hash(self._instance) % 4096 / 4096
+        return CANDIDATE_STEP_S * CANDIDATES * (1 + spread)
 
     async def _campaign(self, info: SessionInfo) -> int:
         """Until this session holds the publisher node; its czxid."""
