@@ -92,7 +92,7 @@ FALLBACK_AFTER_S = 1.0
 # fallback delays, anyone with room may.
 STUCK_FACTOR = 2
 # A partition whose create failed (its owner is not in our view yet) is left
-# alone for this long.
+# alone for this long, or until the view has seen it owned.
 BUSY_S = 2.0
 # How often a start retries registering while its id is taken.
 CLAIM_RETRY_S = 0.5
@@ -101,6 +101,12 @@ CLAIM_RETRY_S = 0.5
 STUCK_REFRESH_S = 5.0
 # Still below quota this long: every registration is read, at most this often.
 STUCK_FULL_REFRESH_S = 20.0
+# Surplus is given back only once the members have not changed for this long
+# (or they have kept changing for RELEASE_SETTLE_MAX_S): while instances join
+# one after another every join lowers the quotas again, and a partition handed
+# to one newcomer would move on to the next.
+RELEASE_SETTLE_S = 1.0
+RELEASE_SETTLE_MAX_S = 5.0
 ACQUIRED = "acquired"
 RELEASED = "released"
 
@@ -271,11 +277,19 @@ class Balancer:
         rng = rng or random.Random()
         # This instance's share of the fallback jitter, in [1, 2) times the delay.
         self._fallback_s = FALLBACK_AFTER_S * (1 + rng.random())
-        self._busy: dict[int, float] = {}  # partition -> until when its create is not retried
+        # Partition -> (until when its create is not retried, since when the view
+        # had it free then): the mark ends early once the view has seen it owned.
+        self._busy: dict[int, tuple[float, float]] = {}
         # (members version, quotas, eligible members in rank order), per change of the members.
         self._quotas: tuple[tuple[int, object], dict[str, int], list[str]] | None = None
         self._last_join = -math.inf  # trio clock: the last time an instance joined
         self._members_seen = 0
+        # The members version last seen, when it last changed, since when it
+        # has kept changing, and until when a release waits (trio clock).
+        self._members_version: int | None = None
+        self._members_changed_at = -math.inf
+        self._unsettled_since = -math.inf
+        self._release_due = -math.inf
         # Trio clock: since when this instance has been below its quota with
         # nothing it may take (None otherwise), and when it may refresh its view next.
         self._wanting_since: float | None = None
@@ -384,11 +398,33 @@ class Balancer:
                 )
         # Draining: drain() gives the partitions back.
 
+    def _observe_members(self) -> None:
+        """Note when the members change (every step looks)."""
+        now = trio.current_time()
+        version = self._ctx.cache.members_changed.value
+        if version != self._members_version:
+            if self._members_version is not None:
+                if now >= self._members_changed_at + RELEASE_SETTLE_S:
+                    self._unsettled_since = now
+                self._members_changed_at = now
+            self._members_version = version
+
+    def _release_settles_at(self) -> float:
+        """When surplus may be given back: RELEASE_SETTLE_S after the members last
+        changed, or RELEASE_SETTLE_MAX_S after they began to change."""
+        return min(
+            self._members_changed_at + RELEASE_SETTLE_S,
+            self._unsettled_since + RELEASE_SETTLE_MAX_S,
+        )
+
     def _idle_timeout(self) -> float:
-        """Until the next moment a partition may become ours by the fallback rule."""
+        """Until the next moment a partition may become ours by the fallback rule
+        (or a release waiting for the members to settle is due)."""
         cache = self._ctx.cache
         wait = IDLE_RECHECK_S
         now = trio.current_time()
+        if self._release_due > now:
+            wait = min(wait, self._release_due - now)
         if self._settling():
             settle_s = self._ctx.config.value.partitions.settle_s
             wait = min(wait, self._last_join + settle_s - now)
@@ -421,7 +457,11 @@ class Balancer:
         ctx, sup = self._ctx, self._supervisor
         cache = ctx.cache
         now = trio.current_time()
-        self._busy = {k: t for k, t in self._busy.items() if t > now}
+        self._busy = {
+            k: (until, since)
+            for k, (until, since) in self._busy.items()
+            if until > now and cache.free_since(k) == since
+        }
         table, order = self.quota_table()
         free: list[int] = []
         free_for: list[float] = []
@@ -454,6 +494,7 @@ class Balancer:
     async def _step(self) -> str | None:
         """One round: register, resume or free leftovers, then act on the plan."""
         ctx, sup = self._ctx, self._supervisor
+        self._observe_members()
         info = ctx.zk.session.value
         if info.state is not SessionState.CONNECTED:
             return None
@@ -483,6 +524,9 @@ class Balancer:
         decided = plan(view)
         await self._check_stuck(view, decided, may_take)
         if decided.release and may_give:
+            if healthy and (due := self._release_settles_at()) > trio.current_time():
+                self._release_due = due
+                return None
             log.info(
                 "partition_rebalance_release" if healthy else "partition_unhealthy_release",
                 extra={
@@ -498,7 +542,7 @@ class Balancer:
             taken = await sup.acquire(decided.take)
             until = trio.current_time() + BUSY_S
             for k in set(decided.take) - set(taken):
-                self._busy[k] = until
+                self._busy[k] = (until, ctx.cache.free_since(k))
             return ACQUIRED if taken else None
         return None
 
