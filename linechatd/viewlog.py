@@ -81,6 +81,13 @@ MAX_DELTAS = 512
 # those past the first CANDIDATES (or not in the view) spread over as long again.
 CANDIDATE_STEP_S = 0.1
 CANDIDATES = 20
+# A delta larger than this (a cold start of thousands of instances within one
+# interval) is written as several entries, one transaction each: ZooKeeper
+# refuses requests above jute.maxbuffer (1 MiB by default).
+DELTA_MAX_BYTES = 256 * 1024
+# A full entry holds every registration (about 100 bytes each, compressed):
+# past this, logged as an error (about 9,000 instances).
+ENTRY_WARN_BYTES = 900 * 1024
 _RETRY_MIN_S = 0.05
 _RETRY_MAX_S = 2.0
 
@@ -168,6 +175,18 @@ def decode_entry(data: bytes) -> dict[str, Change]:
         return out
     except (zlib.error, ValueError, TypeError, KeyError, IndexError) as exc:
         raise ValueError(f"not a view log entry: {exc}") from None
+
+
+def _split(changes: Mapping[str, Change]) -> list[bytes]:
+    """``changes`` as entries of at most DELTA_MAX_BYTES each (one, nearly always)."""
+    data = encode_entry(changes)
+    if len(data) <= DELTA_MAX_BYTES or len(changes) <= 1:
+        return [data]
+    members = sorted(changes)
+    half = len(members) // 2
+    return _split({m: changes[m] for m in members[:half]}) + _split(
+        {m: changes[m] for m in members[half:]}
+    )
 
 
 def _connected(info: SessionInfo) -> bool:
@@ -308,7 +327,7 @@ class ViewPublisher:
             await nursery.start(zk.watch_children_data, self._instances, on_registration)
             await zk.ensure_path(self._log)
             n = 0
-            full = encode_entry(registrations)
+            full = self._full(registrations)
             changed.clear()
             # Entries of an earlier term of this session, if any (a dead
             # publisher's went with its session).
@@ -330,24 +349,41 @@ class ViewPublisher:
                     await wake.wait()
                 await trio.sleep_until(last_write + PUBLISH_INTERVAL_S)
                 batch, changed = changed, {}
-                n += 1
-                delta = EntryName(gen, n)
-                data = encode_entry(batch)
-                ops: list[Op] = [Create(f"{self._log}/{delta}", data, ephemeral=True)]
-                since_full += len(data)
-                deltas += 1
-                names = [delta]
-                if since_full > full_size or deltas >= MAX_DELTAS:
+                parts = _split(batch)
+                for i, data in enumerate(parts):
                     n += 1
-                    compact = EntryName(gen, n, full=True)
-                    full = encode_entry(registrations)
-                    ops.append(Create(f"{self._log}/{compact}", full, ephemeral=True))
-                    ops.extend(Delete(f"{self._log}/{old}") for old in retained)
-                    retained, names = [], [delta, compact]
-                    full_size, since_full, deltas = len(full), 0, 0
-                await self._apply(ops)
-                retained.extend(names)
+                    delta = EntryName(gen, n)
+                    ops: list[Op] = [Create(f"{self._log}/{delta}", data, ephemeral=True)]
+                    since_full += len(data)
+                    deltas += 1
+                    names = [delta]
+                    last = i == len(parts) - 1
+                    if last and (since_full > full_size or deltas >= MAX_DELTAS):
+                        n += 1
+                        compact = EntryName(gen, n, full=True)
+                        full = self._full(registrations)
+                        ops.append(Create(f"{self._log}/{compact}", full, ephemeral=True))
+                        ops.extend(Delete(f"{self._log}/{old}") for old in retained)
+                        retained, names = [], [delta, compact]
+                        full_size, since_full, deltas = len(full), 0, 0
+                    await self._apply(ops)
+                    retained.extend(names)
                 last_write = trio.current_time()
+
+    def _full(self, registrations: Mapping[str, Change]) -> bytes:
+        full = encode_entry(registrations)
+        if len(full) > ENTRY_WARN_BYTES:
+            # Past ZooKeeper's request limit (jute.maxbuffer) the write fails and
+            # its connection is closed: say why, loudly; it is tried all the same.
+            log.error(
+                "view_full_entry_large",
+                extra={
+                    "bytes": len(full),
+                    "registrations": len(registrations),
+                    "hint": "raise jute.maxbuffer on the ZooKeeper servers above this size",
+                },
+            )
+        return full
 
     async def _apply(self, ops: Sequence[Op]) -> None:
         """Apply ``ops`` (their first creates this publisher's next entry) until done.

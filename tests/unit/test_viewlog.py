@@ -20,6 +20,7 @@ import trio.testing
 from trio_util import wait_any
 
 from benchmarks.scale.simzk import SimEnsemble, SimZooKeeper
+from linechatd import viewlog
 from linechatd.membership import InstanceInfo, Lease, Registration
 from linechatd.ownership import FOLLOW_WAIT_S, OwnershipCache, ZkPaths
 from linechatd.viewlog import (
@@ -362,4 +363,47 @@ async def test_a_publisher_that_fails_starts_a_new_generation_in_the_same_sessio
         assert cache.follower.applied is not None and cache.follower.applied.gen > first.gen
         log = [EntryName.parse(n) for n in await zk.get_children(f"{PATHS.view}/log")]
         assert {e.gen for e in log if e is not None} == {cache.follower.applied.gen}, log
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_large_delta_is_split_and_a_large_full_entry_logged(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(viewlog, "DELTA_MAX_BYTES", 300)
+    monkeypatch.setattr(viewlog, "ENTRY_WARN_BYTES", 300)
+    many = {
+        f"gw-{i}": Published(registration(f"gw-{i}", {i: Lease(9, 9)}), i, i, 0, i)
+        for i in range(40)
+    }
+    parts = viewlog._split(many)
+    assert len(parts) > 2 and all(len(p) <= 300 for p in parts)
+    merged: dict[str, object] = {}
+    for part in parts:
+        merged |= decode_entry(part)
+    assert merged == many
+    async with ensemble() as (server, nursery):
+        writer = await session(server, nursery, "writer")
+        caches = [await view(server, nursery, f"gw-{i}") for i in range(2)]
+        expected: list[str | None] = [None] * PARTITIONS
+        # Forty registrations within one interval: too many for one entry.
+        async with trio.open_nursery() as burst:
+            for i in range(40):
+                member = f"gw-a{i:02d}"
+                expected[i] = member
+                burst.start_soon(
+                    functools.partial(
+                        writer.create,
+                        PATHS.instance(member),
+                        registration(member, {i: Lease(100 + i, 1)}),
+                        makepath=True,
+                    )
+                )
+        await agree(caches, expected)
+        for cache in caches:
+            assert cache.follower.entries_read >= 3, "the burst came as several entries"
+        late = await view(server, nursery, "gw-9")
+        assert owners(late) == expected
+        assert "view_full_entry_large" in caplog.messages
         nursery.cancel_scope.cancel()
