@@ -56,7 +56,7 @@ from trio_util import AsyncValue, wait_any
 from .membership import Member, member_from_json
 from .ownership import OwnershipCache, rank_key
 from .partitions import EndReason, PartitionSupervisor
-from .zk import NodeError, SessionState, ZooKeeperError
+from .zk import NodeError, SessionInfo, SessionState, ZooKeeperError
 
 if TYPE_CHECKING:
     from .context import Context
@@ -290,6 +290,8 @@ class Balancer:
         self._members_changed_at = -math.inf
         self._unsettled_since = -math.inf
         self._release_due = -math.inf
+        # Trio clock: since when the session has been trusted without a break.
+        self._trusted_since: float | None = None
         # Trio clock: since when this instance has been below its quota with
         # nothing it may take (None otherwise), and when it may refresh its view next.
         self._wanting_since: float | None = None
@@ -368,10 +370,16 @@ class Balancer:
     async def run(
         self, *, task_status: trio.TaskStatus[Balancer] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        ctx = self._ctx
         # This instance has just joined (its registration may not be in the view yet).
         self._last_join = trio.current_time()
-        task_status.started(self)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_trust)
+            task_status.started(self)
+            await self._loop()
+            nursery.cancel_scope.cancel()
+
+    async def _loop(self) -> None:
+        ctx = self._ctx
         last_step = -math.inf
         while not ctx.draining.is_set():
             await trio.sleep_until(last_step + MIN_STEP_INTERVAL_S)
@@ -397,6 +405,20 @@ class Balancer:
                     ctx.draining.wait,
                 )
         # Draining: drain() gives the partitions back.
+
+    async def _watch_trust(self) -> None:
+        """Keep ``_trusted_since``: a step may be blocked in a ZooKeeper call
+        through a whole outage and never see the session untrusted."""
+        session = self._ctx.zk.session
+        self._note_trust(session.value)
+        async for info, _old in session.transitions():
+            self._note_trust(info)
+
+    def _note_trust(self, info: SessionInfo) -> None:
+        if info.state is not SessionState.CONNECTED:
+            self._trusted_since = None
+        elif self._trusted_since is None:
+            self._trusted_since = trio.current_time()
 
     def _observe_members(self) -> None:
         """Note when the members change (every step looks)."""
@@ -470,7 +492,12 @@ class Balancer:
             free = sorted(k for k in cache.free() if k not in self._busy)
             # Counted from when a partition could be taken at all: not while a
             # cold cluster was settling (rule 4).
-            eligible_since = self._last_join + ctx.config.value.partitions.settle_s
+            # Nor while this session could not be trusted: the view stood still
+            # then, and a partition taken meanwhile only looks free.
+            eligible_since = max(
+                self._last_join + ctx.config.value.partitions.settle_s,
+                self._trusted_since if self._trusted_since is not None else now,
+            )
             free_for = [now - max(cache.free_since(k), eligible_since) for k in free]
             if free_for and max(free_for) >= self._fallback_s:
                 room = fair_shares(ctx.partitions, effective_members(self._eligible())).get(

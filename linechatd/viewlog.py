@@ -89,7 +89,9 @@ DELTA_MAX_BYTES = 256 * 1024
 # past this, logged as an error (about 9,000 instances).
 ENTRY_WARN_BYTES = 900 * 1024
 _RETRY_MIN_S = 0.05
-_RETRY_MAX_S = 2.0
+# Retries of one instance: kept short, so that the views catch up soon after
+# ZooKeeper answers again.
+_RETRY_MAX_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
