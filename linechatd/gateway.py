@@ -566,6 +566,8 @@ class Instance:
         metrics = ctx.metrics
         while True:
             metrics.zk_connected.set(1 if ctx.zk.connected else 0)
+            metrics.view_publisher.set(1 if ctx.cache.publisher.elected.value else 0)
+            metrics.view_entries_read.set(ctx.cache.follower.entries_read)
             try:
                 await ctx.admin.check(timeout_s=KAFKA_CHECK_INTERVAL_S)
                 self._kafka_probe_ok = True

@@ -255,6 +255,16 @@ class Metrics:
             "1 while the ZooKeeper session is connected",
             registry=r,
         )
+        self.view_publisher = Gauge(
+            "linechatd_view_publisher",
+            "1 while this instance publishes the view log (one instance per cluster)",
+            registry=r,
+        )
+        self.view_entries_read = Gauge(
+            "linechatd_view_log_entries_read",
+            "View log entries this instance has read since start",
+            registry=r,
+        )
         self.kafka_ready = Gauge(
             "linechatd_kafka_reachable", "1 while the broker answers metadata requests", registry=r
         )

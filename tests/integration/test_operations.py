@@ -128,6 +128,13 @@ async def _held(http_url: str) -> list[int]:
     return [p["partition"] for p in doc["partitions"]]
 
 
+async def _gauges(http_url: str) -> dict[str, float]:
+    """The unlabelled samples of /metrics."""
+    _status, _headers, text = await http_get(http_url + "/metrics")
+    samples = (line.rpartition(" ") for line in text.splitlines() if not line.startswith("#"))
+    return {name: float(value) for name, _, value in samples if name and "{" not in name}
+
+
 async def _wait_held(http_url: str, count: int) -> list[int]:
     while True:
         held = await _held(http_url)
@@ -173,6 +180,15 @@ async def test_reload_moves_partitions_without_restart(
             if line.startswith("linechatd_handover_gap_seconds_count")
         )
         assert count >= 2, metrics
+        # One publisher of the view log for the cluster; both read it.
+        with trio.fail_after(15):
+            while True:
+                gauges = [await _gauges(x.http_url) for x in (a, b)]
+                if sum(g["linechatd_view_publisher"] for g in gauges) == 1 and all(
+                    g["linechatd_view_log_entries_read"] > 0 for g in gauges
+                ):
+                    break
+                await trio.sleep(0.2)
 
         # An invalid file is rejected with its reasons and the running config stays.
         a.config_path.write_text(text + "\n[partitions]\nmax_per_instanse = 1\n")
