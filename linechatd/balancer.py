@@ -101,11 +101,11 @@ CLAIM_RETRY_S = 0.5
 STUCK_REFRESH_S = 5.0
 # Still below quota this long: every registration is read, at most this often.
 STUCK_FULL_REFRESH_S = 20.0
-# In a series of changes of the members (each within this long of the last),
-# surplus is given back only once they have not changed for this long (or
-# they have kept changing for RELEASE_SETTLE_MAX_S): while instances join one
-# after another every join lowers the quotas again, and a partition handed to
-# one newcomer would move on to the next. A lone change is acted on at once.
+# In a series of joins (each within this long of the last), surplus is given
+# back only once nobody has joined for this long (or they have kept joining
+# for RELEASE_SETTLE_MAX_S): every join lowers the quotas again, and a
+# partition handed to one newcomer would move on to the next. A lone join is
+# acted on at once.
 RELEASE_SETTLE_S = 1.0
 RELEASE_SETTLE_MAX_S = 5.0
 ACQUIRED = "acquired"
@@ -292,6 +292,7 @@ class Balancer:
         self._unsettled_since = -math.inf
         self._release_due = -math.inf
         self._changes_in_series = 0
+        self._eligible_seen = 0
         # Trio clock: since when the session has been trusted without a break.
         self._trusted_since: float | None = None
         # Trio clock: since when this instance has been below its quota with
@@ -423,23 +424,28 @@ class Balancer:
             self._trusted_since = trio.current_time()
 
     def _observe_members(self) -> None:
-        """Note when the members change (every step looks)."""
+        """Note when instances join (every step looks)."""
         now = trio.current_time()
         version = self._ctx.cache.members_changed.value
         if version != self._members_version:
-            if self._members_version is not None:
+            self._members_version = version
+            eligible = len(self._ctx.cache.ranked())
+            joined = eligible > self._eligible_seen
+            self._eligible_seen = eligible
+            # Only joins lower the quotas of the others: a leave, a drain or a
+            # restart's exit never makes a partition move twice.
+            if joined:
                 if now >= self._members_changed_at + RELEASE_SETTLE_S:
                     self._unsettled_since = now
                     self._changes_in_series = 0
                 self._changes_in_series += 1
                 self._members_changed_at = now
-            self._members_version = version
 
     def _release_settles_at(self) -> float:
-        """When surplus may be given back: at once after a lone change of the
-        members; in a series of changes (each within RELEASE_SETTLE_S of the
-        last), RELEASE_SETTLE_S after the last, or RELEASE_SETTLE_MAX_S after
-        the first."""
+        """When surplus may be given back: at once after a lone join; in a
+        series of joins (each within RELEASE_SETTLE_S of the last),
+        RELEASE_SETTLE_S after the last, or RELEASE_SETTLE_MAX_S after the
+        first."""
         if self._changes_in_series <= 1:
             return -math.inf
         return min(
