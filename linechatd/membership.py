@@ -10,8 +10,8 @@ Every instance keeps one ephemeral node, ``/linechat/<cluster>/instances/<id>``:
 this session holds, each with its epoch (the lease node's czxid) and since
 (its ctime). A lease node and its line here are created and deleted in one
 ZooKeeper transaction (``multi``), so at every zxid the registrations list
-exactly the lease nodes that exist: every instance learns who owns what by
-watching the registrations alone (one watch per instance, not one per
+exactly the lease nodes that exist: every instance learns who owns what from
+the registrations alone (through the view log, viewlog.py; not one watch per
 partition), and the lease node per partition stays the lock it always was.
 """
 
