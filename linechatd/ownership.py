@@ -24,7 +24,7 @@ from trio_util import AsyncValue
 
 from .hashing import stable_hash
 from .membership import InstanceInfo, Member, Registration, parse_registration
-from .viewlog import Change, Gone, ViewFollower, ViewPublisher
+from .viewlog import Backoff, Change, Gone, ViewFollower, ViewPublisher
 from .zk import NodeStat, NoNodeError, ZooKeeperClient, ZooKeeperError
 
 log = logging.getLogger(__name__)
@@ -402,16 +402,15 @@ class OwnershipCache:
                 await following.wait_value(True)
             if not following.value:
                 log.info("view_log_absent", extra={"waited_s": FOLLOW_WAIT_S})
-            delay = 0.05
+            backoff = Backoff()
             while not following.value:
                 try:
                     await self.refresh()
                     break
                 except ZooKeeperError as exc:
                     log.warning("view_refresh_failed", extra={"error": str(exc)})
-                with trio.move_on_after(delay):
+                with trio.move_on_after(backoff.next()):
                     await following.wait_value(True)
-                delay = min(2.0, delay * 2)
             task_status.started()
 
     def _position(self) -> int | None:

@@ -21,8 +21,10 @@ is zlib-compressed JSON, ``{"members": {id: [data, czxid, mzxid, mtime_ms,
 session] or [null, session]}}``: each changed registration as read (or gone).
 A ``-full`` entry lists every registration; the first of each publisher is
 one, and later ones (written when the deltas since the last full outweigh it,
-in the transaction that deletes the older entries) carry no change beyond the
-entry before them, so a reader that has applied that entry skips them.
+in the transaction that deletes the older entries) carry nothing beyond the
+entry before them that the next delta will not carry too (a change read
+while earlier parts of a split delta were written), so a reader that has
+applied that entry skips them.
 
 Nothing here decides who owns a partition (the lease nodes do); a view that
 lags, as while a publisher that died is replaced, costs only failed creates
@@ -59,6 +61,7 @@ from .zk import (
 
 __all__ = [
     "PUBLISH_INTERVAL_S",
+    "Backoff",
     "EntryName",
     "Gone",
     "Published",
@@ -191,6 +194,21 @@ def _split(changes: Mapping[str, Change]) -> list[bytes]:
     )
 
 
+class Backoff:
+    """Delays between retries of one failing call: doubling, from 50 ms to 0.5 s."""
+
+    def __init__(self) -> None:
+        self._delay = _RETRY_MIN_S
+
+    def next(self) -> float:
+        delay = self._delay
+        self._delay = min(_RETRY_MAX_S, delay * 2)
+        return delay
+
+    def reset(self) -> None:
+        self._delay = _RETRY_MIN_S
+
+
 def _connected(info: SessionInfo) -> bool:
     return info.state is SessionState.CONNECTED
 
@@ -238,7 +256,7 @@ class ViewPublisher:
 
     async def _serve_retrying(self, info: SessionInfo) -> None:
         """Campaign and publish in this session; after a failure of ZooKeeper, again."""
-        delay = _RETRY_MIN_S
+        backoff = Backoff()
         while True:
             failed: ExceptionGroup[ZooKeeperError | NodeError] | None = None
             try:
@@ -254,8 +272,7 @@ class ViewPublisher:
                 while isinstance(first, BaseExceptionGroup):
                     first = first.exceptions[0]
                 log.warning("view_publisher_failed", extra={"error": str(first)})
-                await trio.sleep(delay)
-                delay = min(_RETRY_MAX_S, delay * 2)
+                await trio.sleep(backoff.next())
 
     async def _serve(self, info: SessionInfo) -> None:
         gen = await self._campaign(info)
@@ -315,7 +332,6 @@ class ViewPublisher:
         wake = trio.Event()
 
         def on_registration(member: str, data: bytes | None, stat: NodeStat | None) -> None:
-            nonlocal wake
             if data is None or stat is None:
                 gone = registrations.pop(member, None)
                 if gone is None:
@@ -393,7 +409,7 @@ class ViewPublisher:
         Only this publisher creates its entries: the first one existing means
         an earlier attempt whose answer was lost went through.
         """
-        delay = _RETRY_MIN_S
+        backoff = Backoff()
         while True:
             try:
                 await self._zk.multi(ops)
@@ -402,8 +418,7 @@ class ViewPublisher:
                 return
             except ZooKeeperError as exc:
                 log.warning("view_publish_retry", extra={"error": str(exc)})
-                await trio.sleep(delay)
-                delay = min(_RETRY_MAX_S, delay * 2)
+                await trio.sleep(backoff.next())
 
 
 class ViewFollower:
@@ -437,7 +452,7 @@ class ViewFollower:
         def listed(children: list[str]) -> None:
             listing.value = tuple(children)
 
-        delay = _RETRY_MIN_S
+        backoff = Backoff()
         async with trio.open_nursery() as nursery:
             await nursery.start(self._zk.watch_children, self._log, listed)
             while True:
@@ -452,16 +467,14 @@ class ViewFollower:
                     except NoNodeError:
                         fresh = ()
                     if fresh == names:
-                        await trio.sleep(delay)
-                        delay = min(_RETRY_MAX_S, delay * 2)
+                        await trio.sleep(backoff.next())
                     listing.value = fresh
                     continue
                 except ZooKeeperError as exc:
                     log.warning("view_log_read_failed", extra={"error": str(exc)})
-                    await trio.sleep(delay)
-                    delay = min(_RETRY_MAX_S, delay * 2)
+                    await trio.sleep(backoff.next())
                     continue
-                delay = _RETRY_MIN_S
+                backoff.reset()
                 await listing.wait_value(lambda v, names=names: v != names)
 
     async def _read(self, name: EntryName) -> dict[str, Change] | None:

@@ -65,6 +65,20 @@ async def view(server: SimEnsemble, nursery: trio.Nursery, name: str) -> Ownersh
     return cache
 
 
+async def register(zk: SimZooKeeper, member: str, leases: dict[int, Lease]) -> None:
+    """Create ``member``'s registration, listing ``leases``, or replace it."""
+    data = registration(member, leases)
+    if await zk.exists(PATHS.instance(member)) is None:
+        await zk.create(PATHS.instance(member), data, makepath=True)
+    else:
+        await zk.set(PATHS.instance(member), data)
+
+
+def owned(by: dict[int, str]) -> list[str | None]:
+    """The owners a view should show: ``by``'s partitions, the rest free."""
+    return [by.get(k) for k in range(PARTITIONS)]
+
+
 def owners(cache: OwnershipCache) -> list[str | None]:
     return [None if o is None else o.instance for o in cache.snapshot()]
 
@@ -104,12 +118,8 @@ async def test_every_view_follows_the_registrations_through_one_publisher(
         # Only the publisher watches the registrations.
         assert server.stats.watches_held <= 2 * len(caches) + 1
 
-        await writer.create(
-            PATHS.instance("gw-a"), registration("gw-a", {0: Lease(5, 1)}), makepath=True
-        )
-        expected: list[str | None] = [None] * PARTITIONS
-        expected[0] = "gw-a"
-        await agree(caches, expected)
+        await register(writer, "gw-a", {0: Lease(5, 1)})
+        await agree(caches, owned({0: "gw-a"}))
 
         # A burst: 40 changes of one registration within one interval reach the
         # followers as a handful of entries, not forty.
@@ -117,9 +127,8 @@ async def test_every_view_follows_the_registrations_through_one_publisher(
         leases: dict[int, Lease] = {0: Lease(5, 1)}
         for k in range(1, 41):
             leases[k] = Lease(100 + k, 1)
-            await writer.set(PATHS.instance("gw-a"), registration("gw-a", leases))
-        expected[1:41] = ["gw-a"] * 40
-        await agree(caches, expected)
+            await register(writer, "gw-a", leases)
+        await agree(caches, owned(dict.fromkeys(range(41), "gw-a")))
         for cache, was in zip(caches, before, strict=True):
             read = cache.follower.entries_read - was
             assert 1 <= read <= 6, f"{cache.publisher}: {read} entries for a burst of 40"
@@ -135,15 +144,11 @@ async def test_compaction_and_a_late_follower_start_from_a_full_entry(
     async with ensemble() as (server, nursery):
         writer = await session(server, nursery, "writer")
         first = await view(server, nursery, "gw-0")
-        expected: list[str | None] = [None] * PARTITIONS
+        expected: list[str | None] = []
         for round_ in range(30):
             leases = {k: Lease(1000 + round_, 1) for k in range(round_ % 8, 8)}
-            data = registration("gw-a", leases)
-            if round_ == 0:
-                await writer.create(PATHS.instance("gw-a"), data, makepath=True)
-            else:
-                await writer.set(PATHS.instance("gw-a"), data)
-            expected = ["gw-a" if k in leases else None for k in range(PARTITIONS)]
+            await register(writer, "gw-a", leases)
+            expected = owned(dict.fromkeys(leases, "gw-a"))
             await agree([first], expected)  # one entry per change
         log = await writer.get_children(f"{PATHS.view}/log")
         names = sorted(EntryName.parse(n) for n in log)
@@ -234,12 +239,8 @@ async def test_a_new_publisher_takes_over_when_the_old_session_ends(
         with trio.fail_after(T + 5):
             await wait_any(*(functools.partial(c.publisher.elected.wait_value, True) for c in rest))
         assert trio.current_time() >= T * 0.9
-        await writer.create(
-            PATHS.instance("gw-a"), registration("gw-a", {5: Lease(5, 1)}), makepath=True
-        )
-        expected: list[str | None] = [None] * PARTITIONS
-        expected[5] = "gw-a"
-        await agree(rest, expected)
+        await register(writer, "gw-a", {5: Lease(5, 1)})
+        await agree(rest, owned({5: "gw-a"}))
         nursery.cancel_scope.cancel()
 
 
@@ -248,9 +249,7 @@ async def test_with_no_publisher_a_starting_view_reads_the_registrations(
 ) -> None:
     async with ensemble() as (server, nursery):
         writer = await session(server, nursery, "writer")
-        await writer.create(
-            PATHS.instance("gw-a"), registration("gw-a", {2: Lease(5, 1)}), makepath=True
-        )
+        await register(writer, "gw-a", {2: Lease(5, 1)})
         # A publisher node whose holder died: it stays until that session expires.
         dead = await session(server, nursery, "dead")
         await dead.create(f"{PATHS.view}/publisher", b"{}", ephemeral=True, makepath=True)
@@ -264,10 +263,8 @@ async def test_with_no_publisher_a_starting_view_reads_the_registrations(
         with trio.fail_after(2 * T):
             await cache.follower.following.wait_value(True)
         assert cache.publisher.elected.value
-        await writer.set(PATHS.instance("gw-a"), registration("gw-a", {3: Lease(6, 1)}))
-        expected: list[str | None] = [None] * PARTITIONS
-        expected[3] = "gw-a"
-        await agree([cache], expected)
+        await register(writer, "gw-a", {3: Lease(6, 1)})
+        await agree([cache], owned({3: "gw-a"}))
         nursery.cancel_scope.cancel()
 
 
@@ -353,12 +350,8 @@ async def test_a_publisher_that_fails_starts_a_new_generation_in_the_same_sessio
         first = cache.follower.applied
         assert first is not None and cache.publisher.elected.value
         zk.refuse_multi = 1  # the next entry's transaction fails
-        await writer.create(
-            PATHS.instance("gw-a"), registration("gw-a", {1: Lease(5, 1)}), makepath=True
-        )
-        expected: list[str | None] = [None] * PARTITIONS
-        expected[1] = "gw-a"
-        await agree([cache], expected)
+        await register(writer, "gw-a", {1: Lease(5, 1)})
+        await agree([cache], owned({1: "gw-a"}))
         assert cache.publisher.elected.value
         assert cache.follower.applied is not None and cache.follower.applied.gen > first.gen
         log = [EntryName.parse(n) for n in await zk.get_children(f"{PATHS.view}/log")]
@@ -386,20 +379,11 @@ async def test_a_large_delta_is_split_and_a_large_full_entry_logged(
     async with ensemble() as (server, nursery):
         writer = await session(server, nursery, "writer")
         caches = [await view(server, nursery, f"gw-{i}") for i in range(2)]
-        expected: list[str | None] = [None] * PARTITIONS
+        expected = owned({i: f"gw-a{i:02d}" for i in range(40)})
         # Forty registrations within one interval: too many for one entry.
         async with trio.open_nursery() as burst:
             for i in range(40):
-                member = f"gw-a{i:02d}"
-                expected[i] = member
-                burst.start_soon(
-                    functools.partial(
-                        writer.create,
-                        PATHS.instance(member),
-                        registration(member, {i: Lease(100 + i, 1)}),
-                        makepath=True,
-                    )
-                )
+                burst.start_soon(register, writer, f"gw-a{i:02d}", {i: Lease(100 + i, 1)})
         await agree(caches, expected)
         for cache in caches:
             assert cache.follower.entries_read >= 3, "the burst came as several entries"
