@@ -37,7 +37,7 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("linechatd/gateway.py", "linechatd/admission.py", "linechatd/auth.py"),
     ),
     ("metrics", ("prometheus_client/", "linechatd/metrics.py")),
-    ("http api", ("hypercorn/", "linechatd/http.py")),
+    ("http api", ("linechatd/httpserver.py", "linechatd/http.py")),
     ("zookeeper", ("kazoo/", "linechatd/zk.py", "linechatd/ownership.py")),
 )
 LEAF_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -497,14 +497,14 @@ class Instance:
                 functools.partial(
                     serve_http,
                     HttpApi(ctx, self, role=Role.PUBLIC if separate_admin else Role.BOTH),
-                    str(config.http.listen),
+                    config.http.listen,
                     **http_options,
                 )
             )
             admin_binds: list[str] = []
             if config.admin.listen is not None:
                 admin_binds = await serving.start(
-                    serve_http, HttpApi(ctx, self, role=Role.ADMIN), str(config.admin.listen)
+                    serve_http, HttpApi(ctx, self, role=Role.ADMIN), config.admin.listen
                 )
             ws_port = await serving.start(self._serve_websocket, config)
             await serving.start(self.balancer.run)

@@ -1,4 +1,4 @@
-"""The HTTP API every instance serves (hypercorn, trio worker, a bare ASGI app).
+"""The HTTP API every instance serves (a bare ASGI app on :mod:`linechatd.httpserver`).
 
 Errors are JSON with an ``error`` code; an unexpected exception answers 500
 ``{"error": "internal"}`` and is logged, never shown to the client.
@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from .auth import AuthError, bearer_token
-from .config import read_token_file
+from .config import HostPort, read_token_file
 from .hashing import partition_for
+from .httpserver import serve_http_app
 from .metrics import CONTENT_TYPE_LATEST
 from .ownership import partition_view
 from .protocol import is_valid_uid
@@ -393,36 +392,19 @@ def _query_pairs(scope: Scope) -> list[tuple[str, str]]:
         raise ValueError("query is not UTF-8") from None
 
 
-class _HypercornConfig(HypercornConfig):
-    """Hypercorn's configuration with a TLS context made by the gateway, which
-    reloads its certificate in place on SIGHUP."""
-
-    def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
-        super().__init__()
-        self._ssl_context = ssl_context
-
-    @property
-    def ssl_enabled(self) -> bool:
-        return self._ssl_context is not None
-
-    def create_ssl_context(self) -> ssl.SSLContext | None:
-        return self._ssl_context
-
-
 async def serve_http(
     app: HttpApi,
-    bind: str,
+    listen: HostPort,
     *,
     ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``bind`` (HTTPS when ``ssl_context`` is given) until cancelled."""
-    config = _HypercornConfig(ssl_context)
-    config.bind = [bind]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 1.0
-    # A request head: a presence query names up to 1,000 uids in its target.
-    config.h11_max_incomplete_size = MAX_PRESENCE_QUERY_BYTES + 16 * 1024
-    config.keep_alive_timeout = 30
-    await hypercorn_serve(app, config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]
+    """Serve ``app`` on ``listen`` (HTTPS when ``ssl_context`` is given) until cancelled."""
+    await serve_http_app(
+        app,
+        listen,
+        # A request head: a presence query names up to 1,000 uids in its target.
+        max_head_bytes=MAX_PRESENCE_QUERY_BYTES + 16 * 1024,
+        ssl_context=ssl_context,
+        task_status=task_status,
+    )

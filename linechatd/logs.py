@@ -175,7 +175,6 @@ def configure(*, level: str, fmt: str, instance: str) -> None:
     set_level(level)
     # Library chatter at info level is noise for operators.
     logging.getLogger("kazoo").setLevel(logging.WARNING)
-    logging.getLogger("hypercorn").setLevel(logging.WARNING)
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
 
 

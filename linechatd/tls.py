@@ -19,7 +19,7 @@ __all__ = [
 
 # ALPN offered by each listener: the WebSocket upgrade is HTTP/1.1 only.
 WEBSOCKET_ALPN = ("http/1.1",)
-HTTP_ALPN = ("h2", "http/1.1")
+HTTP_ALPN = ("http/1.1",)
 _ALPN = {"websocket": WEBSOCKET_ALPN, "http": HTTP_ALPN}
 
 

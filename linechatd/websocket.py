@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import errno
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ from urllib.parse import unquote_plus
 import h11
 import trio
 
+from .listeners import accept_loop, stream_errors
 from .wsframe import (
     Close,
     Event,
@@ -64,10 +64,7 @@ PEER_GONE_POLL_S = 0.25
 # Per read: large enough for a burst of frames in one call, and the bytes
 # object is shrunk to what arrived, so an idle socket holds none of it.
 RECEIVE_BYTES = 65536
-_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-# accept() failures that mean "no room now", not "the listener is broken".
-_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-ACCEPT_RETRY_S = 0.1
+_STREAM_ERRORS = stream_errors
 DEFAULT_PARTIAL_MESSAGE_TIMEOUT_S = 10.0
 # The upgrade request's line and headers together; more is refused (431).
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
@@ -907,32 +904,9 @@ async def serve(
     bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_accept_loop, listener, on_connection, nursery)
+            nursery.start_soon(accept_loop, listener, on_connection, nursery, "websocket")
         task_status.started(bound)
 
 
 def _nothing() -> None:
     pass
-
-
-async def _accept_loop(
-    listener: trio.SocketListener,
-    on_connection: Callable[[trio.SocketStream], Awaitable[None]],
-    nursery: trio.Nursery,
-) -> None:
-    """Like ``trio.serve_listeners``, except that the socket is closed by
-    ``on_connection`` (or by whoever it hands an accepted connection to), not
-    when its task returns."""
-    async with listener:
-        while True:
-            try:
-                tcp = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                # Out of file descriptors or memory: the sockets already open
-                # matter more; try again shortly rather than stop listening.
-                log.error("websocket_accept_failed", extra={"error": exc.strerror})
-                await trio.sleep(ACCEPT_RETRY_S)
-            else:
-                nursery.start_soon(on_connection, tcp)

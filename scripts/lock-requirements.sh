@@ -4,7 +4,7 @@
 # there, i.e. the versions the test suite ran with. scripts/install.sh and
 # scripts/install-production.sh install with it as constraints, so a
 # development machine, CI and every production VM run the same trio,
-# hypercorn, kazoo and librdkafka.
+# h11, kazoo and librdkafka.
 #
 # To move a dependency: install the new version into the venv (for example
 # `.venv/bin/pip install -U 'trio==X'` or after editing pyproject.toml
