@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import json
 import multiprocessing
 import os
@@ -36,9 +37,17 @@ from .run import linechatd_overrides, parse_args
 from .systems import Linechatd, SocketioPeer, System
 
 
+class Refused(Exception):
+    """A handshake the server answered with something else than success (the first line)."""
+
+
+def _refused(data: bytes) -> Refused:
+    return Refused(data.split(b"\r\n", 1)[0][:80].decode("latin-1"))
+
+
 async def _open_one(
     http: tuple[str, int], uid: str, source: str, keep: list[asyncio.StreamWriter]
-) -> bool:
+) -> None:
     reader, writer = await asyncio.open_connection(*http, local_addr=(source, 0))
     writer.write(
         f"GET /api/connection-url?uid={uid} HTTP/1.1\r\nHost: {http[0]}:{http[1]}\r\n"
@@ -54,7 +63,7 @@ async def _open_one(
     body = await reader.readexactly(length)
     writer.close()
     if not head.startswith(b"HTTP/1.1 200"):
-        return False
+        raise _refused(head)
     url = urlsplit(json.loads(body)["url"])
     reader, writer = await asyncio.open_connection(url.hostname, url.port, local_addr=(source, 0))
     key = base64.b64encode(os.urandom(16)).decode()
@@ -65,12 +74,12 @@ async def _open_one(
     data = await reader.readuntil(b"\r\n\r\n")
     if not data.startswith(b"HTTP/1.1 101"):
         writer.close()
-        return False
-    if b'"welcome"' not in await _read_text(reader):
+        raise _refused(data)
+    first = await _read_text(reader)
+    if b'"welcome"' not in first:
         writer.close()
-        return False
+        raise _refused(first)
     keep.append(writer)
-    return True
 
 
 def _masked_text(payload: bytes) -> bytes:
@@ -91,7 +100,7 @@ async def _read_text(reader: asyncio.StreamReader) -> bytes:
 
 async def _open_one_socketio(
     ws: tuple[str, int], uid: str, source: str, keep: list[asyncio.StreamWriter]
-) -> bool:
+) -> None:
     """As python-socketio's client does with ``transports=["websocket"]``: the upgrade,
     the Engine.IO open packet, then the namespace CONNECT and its answer."""
     reader, writer = await asyncio.open_connection(*ws, local_addr=(source, 0))
@@ -102,15 +111,19 @@ async def _open_one_socketio(
         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
     )
     data = await reader.readuntil(b"\r\n\r\n")
-    if not data.startswith(b"HTTP/1.1 101") or not (await _read_text(reader)).startswith(b"0"):
+    if not data.startswith(b"HTTP/1.1 101"):
         writer.close()
-        return False
+        raise _refused(data)
+    opened = await _read_text(reader)
+    if not opened.startswith(b"0"):
+        writer.close()
+        raise _refused(opened)
     writer.write(_masked_text(b'40{"uid":"%s"}' % uid.encode()))
-    if not (await _read_text(reader)).startswith(b"40"):
+    connected = await _read_text(reader)
+    if not connected.startswith(b"40"):
         writer.close()
-        return False
+        raise _refused(connected)
     keep.append(writer)
-    return True
 
 
 async def _client(
@@ -123,23 +136,24 @@ async def _client(
     keep: list[asyncio.StreamWriter] = []
     opener = _open_one if dialect == "linechatd" else _open_one_socketio
     gate = asyncio.Semaphore(concurrency)
-    failures = 0
+    failures: collections.Counter[str] = collections.Counter()
 
     async def one(i: int, uid: str) -> None:
-        nonlocal failures
         async with gate:
             try:
-                if not await opener(address, uid, sources[i % len(sources)], keep):
-                    failures += 1
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                failures += 1
+                await opener(address, uid, sources[i % len(sources)], keep)
+            except Refused as exc:
+                failures[str(exc)] += 1
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                failures[type(exc).__name__] += 1
 
     cpu0 = time.process_time()
     started = time.monotonic()
     await asyncio.gather(*(one(i, uid) for i, uid in enumerate(uids)))
     return {
         "opened": len(keep),
-        "failures": failures,
+        "failures": sum(failures.values()),
+        "failure_kinds": dict(failures),
         "seconds": time.monotonic() - started,
         "cpu_s": time.process_time() - cpu0,
         "_keep": keep,
@@ -198,7 +212,9 @@ def _storm(
     recorder = None
     profile_path = args.out.with_suffix(f".{dialect}.profile.txt")
     if args.profile and dialect == "linechatd":
-        recorder = start_recording(pids[0], profile_path, duration_s=args.profile_s)
+        recorder = start_recording(
+            pids[0], profile_path, duration_s=args.profile_s, rate_hz=args.profile_hz
+        )
     cpu0 = procstat.sample(pids)
     busy0 = procstat.system_busy()
     replies = [pipe.recv() for pipe in pipes]
@@ -223,6 +239,9 @@ def _storm(
         "system": dialect,
         "connections": opened,
         "failures": sum(r["failures"] for r in replies),
+        "failure_kinds": dict(
+            sum((collections.Counter(r["failure_kinds"]) for r in replies), collections.Counter())
+        ),
         "handshakes_per_s": round(opened / seconds, 1) if seconds else None,
         "server_cpu_us_per_handshake": round(server_cpu_s / opened * 1e6, 1) if opened else None,
         "server_cores": round(cpu1.rate_since(cpu0), 3),
@@ -249,6 +268,13 @@ def _start_linechatd(
     args: argparse.Namespace, workdir: Path, services: stack.Services
 ) -> Linechatd:
     overrides = linechatd_overrides(parse_args([]))
+    # The handshake rate and the sockets per address are policies (the peer has
+    # neither): a storm from eight addresses would measure 429s instead of handshakes.
+    overrides["limits"].update(
+        handshakes_per_second_per_address=1_000_000.0,
+        handshake_burst_per_address=1_000_000,
+        max_connections_per_address=1_000_000,
+    )
     env_before = os.environ.get("PYTHONTRACEMALLOC")
     if args.tracemalloc:
         # Inherited by the gateway process only for as long as it starts.
@@ -324,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=2, help="each system this many times, alternated"
     )
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway meanwhile")
-    parser.add_argument("--profile-s", type=float, default=8.0)
+    parser.add_argument(
+        "--profile-s", type=float, default=4.0, help="as long as the storm, not its aftermath"
+    )
+    parser.add_argument("--profile-hz", type=int, default=100)
     parser.add_argument(
         "--tracemalloc", action="store_true", help="allocation sites per connection"
     )

@@ -695,7 +695,7 @@ class Instance:
         release_device = runtime.reserve_device(uid)
         try:
             conn = await hs.accept()
-            metrics.handshakes.labels("accepted").inc()
+            metrics.handshakes_accepted.inc()
             session = Session(
                 conn=conn,
                 params=decision.params,

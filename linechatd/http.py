@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import hmac
-import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,6 +28,7 @@ from .auth import AuthError, bearer_token
 from .config import HostPort, read_token_file
 from .hashing import partition_for
 from .httpserver import serve_http_app
+from .jsonfast import dumps_compact_fast
 from .metrics import CONTENT_TYPE_LATEST
 from .ownership import partition_view
 from .protocol import is_valid_uid
@@ -78,7 +78,7 @@ class Response:
 def json_response(
     status: int, doc: Mapping[str, object], headers: Mapping[str, str] | None = None
 ) -> Response:
-    return Response(status, json.dumps(doc, separators=(",", ":")).encode(), headers=headers)
+    return Response(status, dumps_compact_fast(doc), headers=headers)
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -155,6 +155,9 @@ class HttpApi:
         if role is Role.ADMIN:
             # The server API is for backends, on the HTTP listener only.
             self._server_routes = {}
+        # Known paths asked with another method answer 405, not 404.
+        self._server_paths = frozenset(path for _method, path in self._server_routes)
+        self._paths = frozenset(path for _method, path in self._routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -186,7 +189,7 @@ class HttpApi:
         server_handler = self._server_routes.get((method, path))
         if server_handler is not None:
             return await server_handler(scope, receive, _headers(scope))
-        if any(p == path for _m, p in self._server_routes):
+        if path in self._server_paths:
             return json_response(405, {"error": "method_not_allowed"})
         handler = self._routes.get((method, path))
         if (
@@ -199,7 +202,7 @@ class HttpApi:
             if asset is not None:
                 return Response(200, asset.body, asset.content_type, asset.headers)
         if handler is None:
-            if any(p == path for _m, p in self._routes):
+            if path in self._paths:
                 return json_response(405, {"error": "method_not_allowed"})
             return json_response(404, {"error": "not_found"})
         raw_query = scope.get("query_string", b"")

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -33,7 +35,7 @@ import h11
 import trio
 
 from .config import HostPort
-from .listeners import accept_loop, stream_errors
+from .listeners import accept_loop, open_listeners, receive_some, stream_errors
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ async def serve_http_app(
 ) -> None:
     """Serve ``app`` on ``listen`` until cancelled; ``task_status.started`` gets the bound URLs."""
     scheme = "https" if ssl_context is not None else "http"
-    listeners = await trio.open_tcp_listeners(listen.port, host=listen.host or None)
+    listeners = await open_listeners(listen.host, listen.port)
 
     async def on_connection(tcp: trio.SocketStream) -> None:
         stream: trio.abc.Stream = tcp
@@ -85,11 +87,14 @@ async def serve_http_app(
             # A fault boundary per connection: one that raised must not stop the listener.
             log.exception("http_connection_failed")
         finally:
-            await trio.aclose_forcefully(stream)
+            if stream is tcp:
+                tcp.socket.close()  # at once: the task ends here, nothing to wait for
+            else:
+                await trio.aclose_forcefully(stream)
 
     binds = []
     for listener in listeners:
-        host, port = listener.socket.getsockname()[:2]
+        host, port = listener.getsockname()[:2]
         binds.append(f"{scheme}://{HostPort(host, port)}")
     async with trio.open_nursery() as nursery:
         for listener in listeners:
@@ -130,6 +135,7 @@ class _Connection:
         "_server",
         "_max_head_bytes",
         "_body_unread",
+        "_socket",
     )
 
     def __init__(
@@ -145,6 +151,11 @@ class _Connection:
         self._stream = stream
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
         self._max_head_bytes = max_head_bytes
+        # Plain TCP is read and written with the system calls themselves: a
+        # request is a read and a write, and the stream's layers (a conflict
+        # detector, error translation, a checkpoint after each call) cost more
+        # than the calls. TLS goes through its stream.
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._scheme = scheme
         self._client = client
         self._server = server
@@ -170,6 +181,24 @@ class _Connection:
                 return  # the client asked to close, or spoke HTTP/1.0
             http.start_next_cycle()
             kept_alive = True
+            # A client pipelining requests may never make a read wait: let the others run.
+            await trio.lowlevel.checkpoint()
+
+    async def _receive(self) -> bytes:
+        return await receive_some(self._stream, RECEIVE_BYTES)
+
+    async def _send(self, data: bytes) -> None:
+        sock = self._socket
+        if sock is None:
+            await self._stream.send_all(data)
+            return
+        with memoryview(data) as view:
+            sent = 0
+            while sent < len(data):
+                try:
+                    sent += os.write(sock.fileno(), view[sent:])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
 
     async def _linger(self) -> None:
         """Read and drop what is left of a refused body before closing.
@@ -178,12 +207,12 @@ class _Connection:
         reset can reach the client before it has read the answer (a 413 the
         client never sees). Bounded in time and bytes like nginx's lingering close.
         """
-        if isinstance(self._stream, trio.SocketStream):
-            await self._stream.send_eof()
+        if self._socket is not None:
+            self._socket.shutdown(socket.SHUT_WR)
         dropped = 0
         with trio.move_on_after(LINGER_S):
             while dropped < LINGER_BYTES:
-                data = await self._stream.receive_some(RECEIVE_BYTES)
+                data = await self._receive()
                 if not data:
                     return
                 dropped += len(data)
@@ -201,7 +230,7 @@ class _Connection:
                     await self._refuse(exc.error_status_hint, str(exc))
                     return None
                 if event is h11.NEED_DATA:
-                    data = await self._stream.receive_some(RECEIVE_BYTES)
+                    data = await self._receive()
                     if data and not begun:
                         begun = True
                         if kept_alive:
@@ -251,7 +280,7 @@ class _Connection:
         except h11.LocalProtocolError:
             return
         with trio.move_on_after(HEAD_TIMEOUT_S):
-            await self._stream.send_all(data)
+            await self._send(data)
 
     async def _respond(self, request: h11.Request) -> None:
         http = self._http
@@ -298,7 +327,7 @@ class _Connection:
                 out += http.send(h11.Data(data=body)) or b""
             if not message.get("more_body", False):
                 out += http.send(h11.EndOfMessage()) or b""
-            await self._stream.send_all(out)
+            await self._send(out)
 
         try:
             await self._app(scope, receive, send)
@@ -310,7 +339,7 @@ class _Connection:
             data = http.send(h11.Response(status_code=500, headers=headers)) or b""
             data += http.send(h11.Data(data=body)) or b""
             data += http.send(h11.EndOfMessage()) or b""
-            await self._stream.send_all(data)
+            await self._send(data)
 
     async def _receive_body(self) -> Message:
         http = self._http
@@ -318,7 +347,7 @@ class _Connection:
             return {"type": "http.disconnect"}
         if http.they_are_waiting_for_100_continue:
             proceed = http.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
-            await self._stream.send_all(proceed)
+            await self._send(proceed)
         while True:
             try:
                 event = http.next_event()
@@ -328,7 +357,7 @@ class _Connection:
             if event is h11.NEED_DATA:
                 data: bytes | bytearray = b""
                 with trio.move_on_after(BODY_READ_TIMEOUT_S):
-                    data = await self._stream.receive_some(RECEIVE_BYTES)
+                    data = await self._receive()
                 if not data:  # the client closed or stalled: the body ends here
                     self._body_unread = False
                     return {"type": "http.disconnect"}

@@ -1,9 +1,16 @@
-"""What the HTTP and WebSocket listeners share: accepting sockets without stopping on a full table."""
+"""What the HTTP and WebSocket listeners share: listening sockets and the loop that accepts on them.
+
+The sockets are the standard library's, waited on with trio: a wake-up
+accepts every connection already queued (a reconnect storm is many), where a
+trio listener would take one per wake-up, with a checkpoint after each.
+"""
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -15,27 +22,88 @@ stream_errors = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 # accept() failures that mean "no room now", not "the listener is broken".
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_RETRY_S = 0.1
+# Connections accepted per wake-up at most, so that a storm cannot hold the loop.
+ACCEPT_BATCH = 64
+# The kernel caps it at net.core.somaxconn.
+BACKLOG = 65535
+
+
+async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:
+    """``stream.receive_some``; on plain TCP the system call itself when data is waiting.
+
+    A request head is one read: the stream's layers (a conflict detector,
+    error translation, a checkpoint after the call) cost more than the read.
+    Without data waiting, this waits like the stream would (a checkpoint).
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return bytes(await stream.receive_some(max_bytes))
+    sock = stream.socket
+    while True:
+        try:
+            return os.read(sock.fileno(), max_bytes)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+
+
+async def open_listeners(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening sockets for ``host`` (every address it resolves to) and ``port``.
+
+    As ``trio.open_tcp_listeners``: SO_REUSEADDR, IPv6 sockets IPv6-only, and
+    port 0 takes one free port (the first socket's) for all of them.
+    """
+    infos = await trio.socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in infos:
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(listeners) > 1:
+                address = (address[0], listeners[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
 
 
 async def accept_loop(
-    listener: trio.SocketListener,
+    listener: socket.socket,
     on_connection: Callable[[trio.SocketStream], Awaitable[None]],
     nursery: trio.Nursery,
     name: str,
 ) -> None:
-    """Like ``trio.serve_listeners``, except that the socket is closed by
-    ``on_connection`` (or by whoever it hands an accepted connection to), not
-    when its task returns. ``name`` tells the listeners apart in the log."""
-    async with listener:
+    """Accept until cancelled, then close ``listener``; each connection gets a task in ``nursery``.
+
+    The accepted socket is closed by ``on_connection`` (or by whoever it hands
+    the connection to), not when its task returns. ``name`` tells the
+    listeners apart in the log.
+    """
+    try:
         while True:
-            try:
-                tcp = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                # Out of file descriptors or memory: the sockets already open
-                # matter more; try again shortly rather than stop listening.
-                log.error(f"{name}_accept_failed", extra={"error": exc.strerror})
-                await trio.sleep(ACCEPT_RETRY_S)
-            else:
-                nursery.start_soon(on_connection, tcp)
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    sock, _address = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    # Out of file descriptors or memory: the sockets already open
+                    # matter more; try again shortly rather than stop listening.
+                    log.error(f"{name}_accept_failed", extra={"error": exc.strerror})
+                    await trio.sleep(ACCEPT_RETRY_S)
+                    break
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                nursery.start_soon(on_connection, stream)
+    finally:
+        trio.lowlevel.notify_closing(listener)
+        listener.close()

@@ -187,6 +187,10 @@ class Metrics:
         self.handshakes = Counter(
             "linechatd_handshakes_total", "WebSocket handshakes by result", ["result"], registry=r
         )
+        # Every handshake counts one of these: looked up once, not per handshake
+        # (a labelled child costs a lock and a dictionary lookup to find).
+        self.handshakes_accepted = self.handshakes.labels("accepted")
+        self._connections_of: dict[int, Gauge] = {}
         self.closes = Counter(
             "linechatd_closes_total",
             "WebSocket sessions closed, by the code the server chose ('peer': the client closed)",
@@ -320,6 +324,13 @@ class Metrics:
 
         self.residence = Residence()
         r.register(self.residence)
+
+    def connections_of(self, partition: int) -> Gauge:
+        """The open-sessions gauge of ``partition`` (its labelled child, kept)."""
+        child = self._connections_of.get(partition)
+        if child is None:
+            child = self._connections_of[partition] = self.connections.labels(str(partition))
+        return child
 
     def describe(self, config: Config) -> None:
         """The series that say what runs: build info and the partition count."""

@@ -226,7 +226,7 @@ class Session:
         """Greet, then read until the peer or the core ends it; always releases the socket."""
         ctx, core = self._ctx, self.core
         metrics = ctx.metrics
-        metrics.connections.labels(str(self.partition)).inc()
+        metrics.connections_of(self.partition).inc()
         try:
             with self._scope:
                 await self._greet(seat.replay_hub)
@@ -278,7 +278,7 @@ class Session:
             core.close(CloseCode.MOVED, "partition moved")
             close = core.closing
             assert close is not None
-            metrics.connections.labels(str(self.partition)).dec()
+            metrics.connections_of(self.partition).dec()
             with trio.CancelScope(shield=True):
                 if not self._peer_closed:
                     # The transport bounds its closing handshake itself; this is a backstop.
@@ -326,8 +326,19 @@ class Session:
 
     async def _send_ahead(self, frame: str | bytes, during: str) -> None:
         """Send before the live outbox, within the send deadline; past it the core closes."""
+        conn = self._conn
+        queued = conn.can_write_now
+        if queued:
+            # The common case (every welcome): the socket takes it at once, with
+            # no deadline to arm; a remainder is flushed within the deadline below.
+            conn.write_many_now((frame,))
+            if not conn.unflushed:
+                return
         with trio.move_on_after(self._ctx.config.value.limits.send_timeout_s):
-            await self._conn.send(frame)
+            if queued:
+                await conn.flush()
+            else:
+                await conn.send(frame)
             return
         self.core.close(CloseCode.BEHIND, f"send deadline exceeded{during}: reconnect with resume")
         raise _SendDeadline

@@ -36,7 +36,7 @@ from urllib.parse import unquote_plus
 import h11
 import trio
 
-from .listeners import accept_loop, stream_errors
+from .listeners import accept_loop, open_listeners, receive_some, stream_errors
 from .wsframe import (
     Close,
     Event,
@@ -725,8 +725,7 @@ async def _read_request(
             await _send_rejection(stream, http, exc.error_status_hint, {"error": "bad_request"})
             return None
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(RECEIVE_BYTES)
-            http.receive_data(bytes(data))  # b"": the peer closed
+            http.receive_data(await receive_some(stream, RECEIVE_BYTES))  # b"": the peer closed
         elif isinstance(event, h11.Request):
             problem = _upgrade_problem(event)
             if problem is not None:
@@ -900,8 +899,8 @@ async def serve(
             if hs is None or not hs._detached:
                 await trio.aclose_forcefully(stream)
 
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
+    listeners = await open_listeners(host, port)
+    bound = listeners[0].getsockname()[1]
     async with trio.open_nursery() as nursery:
         for listener in listeners:
             nursery.start_soon(accept_loop, listener, on_connection, nursery, "websocket")

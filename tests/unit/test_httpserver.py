@@ -104,9 +104,24 @@ class Client:
         return self.buffer == b"" and await self.stream.receive_some(65536) == b""
 
 
+@pytest.fixture(params=["socket", "memory"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Plain sockets take the server's direct system calls; other streams its stream path."""
+    return str(request.param)
+
+
+def stream_pair(transport: str) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    if transport == "memory":
+        return trio.testing.memory_stream_pair()
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
 @asynccontextmanager
-async def connected(app: App, scheme: str = "http") -> AsyncIterator[Client]:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
+async def connected(
+    app: App, scheme: str = "http", transport: str = "memory"
+) -> AsyncIterator[Client]:
+    client_stream, server_stream = stream_pair(transport)
     async with trio.open_nursery() as nursery:
 
         async def serve() -> None:
@@ -123,8 +138,11 @@ async def connected(app: App, scheme: str = "http") -> AsyncIterator[Client]:
                 await trio.aclose_forcefully(server_stream)
 
         nursery.start_soon(serve)
-        yield Client(client_stream)
-        nursery.cancel_scope.cancel()
+        try:
+            yield Client(client_stream)
+        finally:
+            await trio.aclose_forcefully(client_stream)
+            nursery.cancel_scope.cancel()
 
 
 def get(target: str, *headers: str) -> bytes:
@@ -132,10 +150,10 @@ def get(target: str, *headers: str) -> bytes:
     return "\r\n".join(lines).encode()
 
 
-async def test_keep_alive_serves_requests_in_turn_and_builds_the_scope() -> None:
+async def test_keep_alive_serves_requests_in_turn_and_builds_the_scope(transport: str) -> None:
     app = App()
     with trio.fail_after(5):
-        async with connected(app, scheme="https") as client:
+        async with connected(app, scheme="https", transport=transport) as client:
             for n in range(3):
                 await client.send(get(f"/api/connection-url?uid=u{n}"))
                 response, body = await client.response()
@@ -154,19 +172,19 @@ async def test_keep_alive_serves_requests_in_turn_and_builds_the_scope() -> None
     assert len(app.scopes) == 3
 
 
-async def test_pipelined_requests_are_answered_in_order() -> None:
+async def test_pipelined_requests_are_answered_in_order(transport: str) -> None:
     app = App()
     with trio.fail_after(5):
-        async with connected(app) as client:
+        async with connected(app, transport=transport) as client:
             await client.send(get("/a") + get("/b") + get("/c"))
             paths = [json.loads((await client.response())[1])["path"] for _ in range(3)]
     assert paths == ["/a", "/b", "/c"]
 
 
-async def test_the_path_is_percent_decoded_and_the_raw_path_kept() -> None:
+async def test_the_path_is_percent_decoded_and_the_raw_path_kept(transport: str) -> None:
     app = App()
     with trio.fail_after(5):
-        async with connected(app) as client:
+        async with connected(app, transport=transport) as client:
             await client.send(get("/a%20b?x=%41"))
             _response, body = await client.response()
     assert json.loads(body)["path"] == "/a b"
@@ -174,14 +192,16 @@ async def test_the_path_is_percent_decoded_and_the_raw_path_kept() -> None:
     assert app.scopes[0]["query_string"] == b"x=%41"
 
 
-async def test_connection_close_and_http_1_0_end_the_connection_after_the_answer() -> None:
+async def test_connection_close_and_http_1_0_end_the_connection_after_the_answer(
+    transport: str,
+) -> None:
     with trio.fail_after(5):
-        async with connected(App()) as client:
+        async with connected(App(), transport=transport) as client:
             await client.send(get("/x", "Connection: close"))
             response, _ = await client.response()
             assert response.status_code == 200
             assert await client.at_eof()
-        async with connected(App()) as client:
+        async with connected(App(), transport=transport) as client:
             await client.send(b"GET /x HTTP/1.0\r\n\r\n")
             response, _ = await client.response()
             assert response.status_code == 200
@@ -199,11 +219,11 @@ async def test_connection_close_and_http_1_0_end_the_connection_after_the_answer
     ],
 )
 async def test_a_malformed_request_gets_a_json_error_and_the_connection_closes(
-    request_bytes: bytes, status: int
+    transport: str, request_bytes: bytes, status: int
 ) -> None:
     app = App()
     with trio.fail_after(5):
-        async with connected(app) as client:
+        async with connected(app, transport=transport) as client:
             await client.send(request_bytes)
             response, body = await client.response()
             assert response.status_code == status
@@ -212,10 +232,10 @@ async def test_a_malformed_request_gets_a_json_error_and_the_connection_closes(
     assert app.scopes == []
 
 
-async def test_a_body_is_read_by_length_and_by_chunks() -> None:
+async def test_a_body_is_read_by_length_and_by_chunks(transport: str) -> None:
     app = App()
     with trio.fail_after(5):
-        async with connected(app) as client:
+        async with connected(app, transport=transport) as client:
             await client.send(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
             response, body = await client.response()
             assert (response.status_code, json.loads(body)["body"]) == (200, 5)
@@ -230,10 +250,10 @@ async def test_a_body_is_read_by_length_and_by_chunks() -> None:
             assert (await client.response())[0].status_code == 200
 
 
-async def test_expect_100_continue_is_answered_when_the_body_is_read() -> None:
+async def test_expect_100_continue_is_answered_when_the_body_is_read(transport: str) -> None:
     app = App()
     with trio.fail_after(5):
-        async with connected(app) as client:
+        async with connected(app, transport=transport) as client:
             await client.send(
                 b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
             )
@@ -245,10 +265,12 @@ async def test_expect_100_continue_is_answered_when_the_body_is_read() -> None:
     assert (response.status_code, json.loads(body)["body"]) == (200, 3)
 
 
-async def test_a_refused_body_is_drained_and_the_answer_arrives_before_the_close() -> None:
+async def test_a_refused_body_is_drained_and_the_answer_arrives_before_the_close(
+    transport: str,
+) -> None:
     app = App(limit=10)
     with trio.fail_after(5):
-        async with connected(app) as client:
+        async with connected(app, transport=transport) as client:
             payload = b"x" * 100_000
             await client.send(
                 b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(payload)
@@ -260,9 +282,9 @@ async def test_a_refused_body_is_drained_and_the_answer_arrives_before_the_close
             assert await client.at_eof()
 
 
-async def test_a_handler_that_raises_answers_500_without_a_trace() -> None:
+async def test_a_handler_that_raises_answers_500_without_a_trace(transport: str) -> None:
     with trio.fail_after(5):
-        async with connected(App()) as client:
+        async with connected(App(), transport=transport) as client:
             await client.send(get("/boom"))
             response, body = await client.response()
             assert response.status_code == 500
@@ -270,9 +292,9 @@ async def test_a_handler_that_raises_answers_500_without_a_trace() -> None:
             assert b"a handler bug" not in body
 
 
-async def test_head_gets_the_headers_without_the_body() -> None:
+async def test_head_gets_the_headers_without_the_body(transport: str) -> None:
     with trio.fail_after(5):
-        async with connected(App()) as client:
+        async with connected(App(), transport=transport) as client:
             await client.send(b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\n")
             response, body = await client.response(head_request=True)
             assert response.status_code == 200
