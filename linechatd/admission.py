@@ -220,6 +220,8 @@ def address_key(remote: str) -> str:
     One IPv6 subscriber usually holds a whole /64, so counting single IPv6
     addresses would not limit anyone.
     """
+    if ":" not in remote:
+        return remote  # IPv4 as the socket names it (or not an address at all)
     try:
         ip = ipaddress.ip_address(remote)
     except ValueError:

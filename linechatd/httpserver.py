@@ -25,9 +25,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
@@ -35,7 +37,7 @@ import h11
 import trio
 
 from .config import HostPort
-from .listeners import accept_loop, open_listeners, receive_some, stream_errors
+from .listeners import accept_loop, header_list, open_listeners, receive_some, stream_errors
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ Application = Callable[
     Awaitable[None],
 ]
 
-_ERROR_HEADERS = [(b"content-type", b"application/json"), (b"connection", b"close")]
+# A response header must not break its line (CR, LF) or hold NUL.
+_UNSAFE_HEADER = re.compile(rb"[\r\n\0]")
 
 
 async def serve_http_app(
@@ -135,7 +138,9 @@ class _Connection:
         "_server",
         "_max_head_bytes",
         "_body_unread",
+        "_body_failed",
         "_socket",
+        "_headers",
     )
 
     def __init__(
@@ -160,6 +165,8 @@ class _Connection:
         self._client = client
         self._server = server
         self._body_unread = False
+        self._body_failed = False
+        self._headers: list[tuple[bytes, bytes]] = []
 
     async def serve(self) -> None:
         if isinstance(self._stream, trio.SSLStream):
@@ -172,14 +179,20 @@ class _Connection:
             request = await self._read_head(kept_alive)
             if request is None:
                 return
-            await self._respond(request)
-            http = self._http
-            if http.their_state is h11.SEND_BODY:
+            keep = await self._respond(request)
+            if self._body_unread:
                 await self._linger()
                 return
-            if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
-                return  # the client asked to close, or spoke HTTP/1.0
-            http.start_next_cycle()
+            if not keep:
+                return
+            # h11 parses; the answers are written here. The next request starts
+            # a new parser with whatever the client sent after this one.
+            leftover, closed = self._http.trailing_data
+            self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head_bytes)
+            if leftover:
+                self._http.receive_data(bytes(leftover))
+            if closed:
+                self._http.receive_data(b"")
             kept_alive = True
             # A client pipelining requests may never make a read wait: let the others run.
             await trio.lowlevel.checkpoint()
@@ -220,8 +233,18 @@ class _Connection:
     async def _read_head(self, kept_alive: bool) -> h11.Request | None:
         """The next request's head, or None: the client left, timed out or was refused."""
         http = self._http
-        wait_s = KEEP_ALIVE_TIMEOUT_S if kept_alive else HEAD_TIMEOUT_S
-        begun = False  # whether any byte of this request has arrived
+        # Usually the whole head is already here, and no deadline need be armed.
+        try:
+            event = self._next_arrived()
+        except h11.RemoteProtocolError as exc:
+            await self._refuse(exc.error_status_hint, str(exc))
+            return None
+        if isinstance(event, h11.Request):
+            return await self._checked(event)
+        if event is not h11.NEED_DATA:
+            return None  # ConnectionClosed
+        begun = bool(http.trailing_data[0])  # whether any byte of this request has arrived
+        wait_s = KEEP_ALIVE_TIMEOUT_S if kept_alive and not begun else HEAD_TIMEOUT_S
         with trio.CancelScope(deadline=trio.current_time() + wait_s) as scope:
             while True:
                 try:
@@ -245,6 +268,20 @@ class _Connection:
             await self._refuse(408, "the request head did not arrive in time")
         return None
 
+    def _next_arrived(self) -> Any:
+        """h11's next event from what has arrived, taking (on plain TCP) what waits
+        in the socket without waiting for more: NEED_DATA if that is not enough."""
+        http = self._http
+        while True:
+            event = http.next_event()
+            if event is not h11.NEED_DATA or self._socket is None:
+                return event
+            try:
+                data = os.read(self._socket.fileno(), RECEIVE_BYTES)
+            except BlockingIOError:
+                return event
+            http.receive_data(data)  # b"": the client closed
+
     async def _checked(self, request: h11.Request) -> h11.Request | None:
         """``request`` if this server takes it; otherwise it is refused (None)."""
         if request.http_version not in (b"1.1", b"1.0"):
@@ -252,114 +289,114 @@ class _Connection:
             return None
         # h11 bounds only a head still incomplete; one that arrived whole in a
         # read is measured here, so that the limit holds however it came.
+        headers = header_list(request)
         size = len(request.method) + len(request.target)
-        size += sum(len(name) + len(value) + 4 for name, value in request.headers)
+        size += sum(len(name) + len(value) + 4 for name, value in headers)
         if size > self._max_head_bytes:
             await self._refuse(431, "the request head is too large")
             return None
-        if not any(
-            name in (b"content-length", b"transfer-encoding") for name, _ in request.headers
-        ):
+        self._headers = headers
+        if not any(name in (b"content-length", b"transfer-encoding") for name, _ in headers):
             # No body: h11 ends the request at once, and the connection can be kept.
             self._http.next_event()
         return request
 
     async def _refuse(self, status: int, message: str) -> None:
         """An error answer before the application saw the request; the connection closes."""
-        http = self._http
-        if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
         body = b'{"error":"bad_request","message":%s}' % _json_string(message)
         if status == 408:
             body = b'{"error":"timeout"}'
-        headers = [*_ERROR_HEADERS, (b"content-length", str(len(body)).encode())]
-        try:
-            data = http.send(h11.Response(status_code=status, headers=headers)) or b""
-            data += http.send(h11.Data(data=body)) or b""
-            data += http.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            return
+        head = _response_head(status, [(b"content-type", b"application/json")], len(body), True)
         with trio.move_on_after(HEAD_TIMEOUT_S):
-            await self._send(data)
+            await self._send(head + body)
 
-    async def _respond(self, request: h11.Request) -> None:
-        http = self._http
+    async def _respond(self, request: h11.Request) -> bool:
+        """Run the application for ``request`` and write its answer; whether to keep the connection."""
         raw_target = bytes(request.target)
         raw_path, _, query = raw_target.partition(b"?")
         method = request.method.decode("ascii")
+        http_version = request.http_version.decode("ascii")
         scope: Message = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": request.http_version.decode("ascii"),
+            "http_version": http_version,
             "method": method,
             "scheme": self._scheme,
             "path": unquote(raw_path.decode("latin-1")),
             "raw_path": raw_path,
             "query_string": query,
             "root_path": "",
-            "headers": [(bytes(k), bytes(v)) for k, v in request.headers],
+            "headers": self._headers,
             "client": self._client,
             "server": self._server,
         }
-        head_only = method == "HEAD"
-        started: list[Message] = []
-        self._body_unread = http.their_state is h11.SEND_BODY
+        keep = http_version == "1.1" and not any(
+            name == b"connection" and b"close" in value.lower() for name, value in self._headers
+        )
+        self._body_unread = self._http.their_state is h11.SEND_BODY
+        self._body_failed = False
+        start: Message | None = None
+        body: list[bytes] = []
+        done = False
 
         async def receive() -> Message:
             return await self._receive_body()
 
         async def send(message: Message) -> None:
+            nonlocal start, done
             kind = message["type"]
-            if kind == "http.response.start":
-                started.append(message)
+            if kind == "http.response.start" and start is None:
+                start = message
                 return
-            if kind != "http.response.body" or not started:
+            if kind != "http.response.body" or start is None or done:
                 raise RuntimeError(f"unexpected ASGI message {kind!r}")
-            start = started[0]
-            out = b""
-            if http.our_state is h11.SEND_RESPONSE:
-                headers = list(start.get("headers", ()))
-                if self._body_unread:
-                    headers.append((b"connection", b"close"))
-                out = http.send(h11.Response(status_code=start["status"], headers=headers)) or b""
-            body = message.get("body", b"")
-            if body and not head_only:
-                out += http.send(h11.Data(data=body)) or b""
-            if not message.get("more_body", False):
-                out += http.send(h11.EndOfMessage()) or b""
-            await self._send(out)
+            body.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return  # the answers of this API are small: written whole, in one write
+            payload = b"".join(body)
+            headers = [
+                (bytes(name).lower(), bytes(value)) for name, value in start.get("headers", ())
+            ]
+            length = len(payload)
+            for name, value in headers:
+                if name == b"content-length":
+                    length = int(value)
+            headers = [(n, v) for n, v in headers if n not in (b"content-length", b"connection")]
+            close = not keep or self._body_unread or self._body_failed
+            head = _response_head(int(start["status"]), headers, length, close)
+            done = True
+            await self._send(head if method == "HEAD" else head + payload)
 
         try:
             await self._app(scope, receive, send)
         except Exception:
             log.exception("http_application_failed", extra={"path": scope["path"]})
-        if http.our_state is h11.SEND_RESPONSE:
-            body = b'{"error":"internal"}'
-            headers = [*_ERROR_HEADERS, (b"content-length", str(len(body)).encode())]
-            data = http.send(h11.Response(status_code=500, headers=headers)) or b""
-            data += http.send(h11.Data(data=body)) or b""
-            data += http.send(h11.EndOfMessage()) or b""
-            await self._send(data)
+        if not done:
+            # Nothing of an answer is out yet (it is written whole): a 500 in its place.
+            payload = b'{"error":"internal"}'
+            headers = [(b"content-type", b"application/json")]
+            await self._send(_response_head(500, headers, len(payload), True) + payload)
+            return False
+        return keep and not self._body_failed
 
     async def _receive_body(self) -> Message:
         http = self._http
         if not self._body_unread:
             return {"type": "http.disconnect"}
         if http.they_are_waiting_for_100_continue:
-            proceed = http.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
-            await self._send(proceed)
+            await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
         while True:
             try:
                 event = http.next_event()
             except h11.RemoteProtocolError:
-                self._body_unread = False
+                self._body_unread, self._body_failed = False, True
                 return {"type": "http.disconnect"}
             if event is h11.NEED_DATA:
                 data: bytes | bytearray = b""
                 with trio.move_on_after(BODY_READ_TIMEOUT_S):
                     data = await self._receive()
                 if not data:  # the client closed or stalled: the body ends here
-                    self._body_unread = False
+                    self._body_unread, self._body_failed = False, True
                     return {"type": "http.disconnect"}
                 http.receive_data(bytes(data))
             elif isinstance(event, h11.Data):
@@ -368,8 +405,30 @@ class _Connection:
                 self._body_unread = False
                 return {"type": "http.request", "body": b"", "more_body": False}
             else:
-                self._body_unread = False
+                self._body_unread, self._body_failed = False, True
                 return {"type": "http.disconnect"}
+
+
+def _response_head(
+    status: int, headers: list[tuple[bytes, bytes]], length: int, close: bool
+) -> bytes:
+    """The status line and headers of an answer with a ``length``-byte body."""
+    try:
+        reason = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    for name, value in headers:
+        if _UNSAFE_HEADER.search(name) or _UNSAFE_HEADER.search(value):
+            # Never from a client: the application's own bug, refused rather than
+            # let a line break split the answer.
+            raise ValueError(f"unsafe response header {name!r}")
+        lines.append(b"%s: %s\r\n" % (name, value))
+    lines.append(b"content-length: %d\r\n" % length)
+    if close:
+        lines.append(b"connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def _json_string(text: str) -> bytes:

@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 
+import h11
 import trio
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,15 @@ ACCEPT_RETRY_S = 0.1
 ACCEPT_BATCH = 64
 # The kernel caps it at net.core.somaxconn.
 BACKLOG = 65535
+
+
+def header_list(request: h11.Request) -> list[tuple[bytes, bytes]]:
+    """The request's headers, names lower-cased, as a list.
+
+    h11's ``Headers`` is a Sequence that iterates through ``__getitem__``; a
+    handshake looks at its headers several times, and this list is built once.
+    """
+    return [(bytes(name).lower(), bytes(value)) for name, value in request.headers.raw_items()]
 
 
 async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:

@@ -36,7 +36,7 @@ from urllib.parse import unquote_plus
 import h11
 import trio
 
-from .listeners import accept_loop, open_listeners, receive_some, stream_errors
+from .listeners import accept_loop, header_list, open_listeners, receive_some, stream_errors
 from .wsframe import (
     Close,
     Event,
@@ -550,6 +550,7 @@ class Handshake:
         stream: trio.abc.Stream,
         http: h11.Connection,
         request: h11.Request,
+        headers: list[tuple[bytes, bytes]],
         key: bytes,
         remote: str,
         max_message_bytes: int,
@@ -569,7 +570,7 @@ class Handshake:
         self.path = path
         self.query, _, _fragment = query.partition("#")
         self.headers: Mapping[str, str] = {
-            bytes(k).decode("latin-1"): bytes(v).decode("latin-1") for k, v in request.headers
+            k.decode("latin-1"): v.decode("latin-1") for k, v in headers
         }
         self.remote = remote
 
@@ -653,29 +654,31 @@ def _accept_token(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
 
 
-def _header_tokens(request: h11.Request, name: bytes) -> set[bytes]:
+def _header_tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
     """The comma-separated tokens of every ``name`` header, lower-cased."""
     return {
         token.strip().lower()
-        for header, value in request.headers
+        for header, value in headers
         if header == name
         for token in bytes(value).split(b",")
     }
 
 
-def _upgrade_problem(request: h11.Request) -> tuple[int, str, dict[str, str]] | None:
+def _upgrade_problem(
+    request: h11.Request, headers: list[tuple[bytes, bytes]]
+) -> tuple[int, str, dict[str, str]] | None:
     """Why ``request`` is no WebSocket upgrade: (status, message, headers), or None."""
     if request.method != b"GET":
         return 405, "a WebSocket upgrade is a GET request", {"Allow": "GET"}
     if request.http_version != b"1.1":
         return 400, "a WebSocket upgrade needs HTTP/1.1", {}
-    if b"websocket" not in _header_tokens(request, b"upgrade") or b"upgrade" not in _header_tokens(
-        request, b"connection"
+    if b"websocket" not in _header_tokens(headers, b"upgrade") or b"upgrade" not in _header_tokens(
+        headers, b"connection"
     ):
         return 426, "this endpoint speaks WebSocket only", {"Upgrade": "websocket"}
-    if _header_tokens(request, b"sec-websocket-version") != {b"13"}:
+    if _header_tokens(headers, b"sec-websocket-version") != {b"13"}:
         return 426, "WebSocket version 13 is required", {"Sec-WebSocket-Version": "13"}
-    keys = [bytes(v) for k, v in request.headers if k == b"sec-websocket-key"]
+    keys = [v for k, v in headers if k == b"sec-websocket-key"]
     try:
         valid_key = len(keys) == 1 and len(base64.b64decode(keys[0], validate=True)) == 16
     except binascii.Error:
@@ -718,6 +721,7 @@ async def _read_request(
         await stream.do_handshake()
     http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
     request: h11.Request | None = None
+    headers: list[tuple[bytes, bytes]] = []
     while True:
         try:
             event = http.next_event()
@@ -727,19 +731,27 @@ async def _read_request(
         if event is h11.NEED_DATA:
             http.receive_data(await receive_some(stream, RECEIVE_BYTES))  # b"": the peer closed
         elif isinstance(event, h11.Request):
-            problem = _upgrade_problem(event)
+            headers = header_list(event)
+            problem = _upgrade_problem(event, headers)
             if problem is not None:
-                status, message, headers = problem
+                status, message, extra = problem
                 body = {"error": "bad_request", "message": message}
-                await _send_rejection(stream, http, status, body, headers)
+                await _send_rejection(stream, http, status, body, extra)
                 return None
             request = event
         elif event is h11.PAUSED and request is not None:
             # The whole request is in (h11 pauses at a protocol switch); what
             # follows belongs to the WebSocket.
-            key = next(bytes(v) for k, v in request.headers if k == b"sec-websocket-key")
+            key = next(v for k, v in headers if k == b"sec-websocket-key")
             return Handshake(
-                stream, http, request, key, remote, max_message_bytes, partial_message_timeout_s
+                stream,
+                http,
+                request,
+                headers,
+                key,
+                remote,
+                max_message_bytes,
+                partial_message_timeout_s,
             )
         elif isinstance(event, h11.ConnectionClosed):
             return None

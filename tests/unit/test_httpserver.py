@@ -29,6 +29,10 @@ class App:
         self.scopes.append(dict(scope))
         if scope["path"] == "/boom":
             raise RuntimeError("a handler bug")
+        if scope["path"] == "/split":
+            start = {"type": "http.response.start", "status": 200}
+            await send({**start, "headers": [(b"x-evil", b"a\r\nset-cookie: b")]})
+            await send({"type": "http.response.body", "body": b"{}"})
         body = b""
         status = 200
         if scope["method"] == "POST":
@@ -290,6 +294,17 @@ async def test_a_handler_that_raises_answers_500_without_a_trace(transport: str)
             assert response.status_code == 500
             assert json.loads(body) == {"error": "internal"}
             assert b"a handler bug" not in body
+
+
+async def test_a_header_that_would_split_the_answer_is_never_written(transport: str) -> None:
+    with trio.fail_after(5):
+        async with connected(App(), transport=transport) as client:
+            await client.send(get("/split"))
+            response, body = await client.response()
+            assert response.status_code == 500
+            assert json.loads(body) == {"error": "internal"}
+            assert all(name != b"set-cookie" for name, _ in response.headers)
+            assert await client.at_eof()
 
 
 async def test_head_gets_the_headers_without_the_body(transport: str) -> None:
