@@ -1,4 +1,4 @@
-"""The HTTP/1.1 server of the HTTP API: h11 on trio streams, one task per connection.
+"""The HTTP/1.1 server of the HTTP API: h11 parses, answers are written here, one task per connection.
 
 Every client connect starts with ``GET /api/connection-url``, so what a request
 costs here bounds how fast clients can (re)connect. A general ASGI server spends
@@ -15,9 +15,9 @@ alive, and bounds what a client can make it hold:
   the rest is read and dropped for at most ``LINGER_S`` and ``LINGER_BYTES``,
   then the connection closes.
 
-Requests are answered in order (h11 holds pipelined ones until the previous
-response is out). Malformed requests get a JSON error (400, 431, 505...) and
-the connection closes; no error ever shows a stack trace.
+Requests are answered in order: pipelined ones wait, unparsed, until the
+previous answer is out. Malformed requests get a JSON error (400, 431,
+505...) and the connection closes; no error ever shows a stack trace.
 """
 
 from __future__ import annotations
@@ -37,7 +37,14 @@ import h11
 import trio
 
 from .config import HostPort
-from .listeners import accept_loop, header_list, open_listeners, receive_some, stream_errors
+from .listeners import (
+    accept_loop,
+    header_list,
+    open_listeners,
+    receive_some,
+    socket_address,
+    stream_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +87,8 @@ async def serve_http_app(
                 app,
                 stream,
                 scheme=scheme,
-                client=_address(tcp.socket, peer=True),
-                server=_address(tcp.socket, peer=False),
+                client=socket_address(tcp.socket, peer=True),
+                server=socket_address(tcp.socket, peer=False),
                 max_head_bytes=max_head_bytes,
             )
         except stream_errors:
@@ -116,14 +123,6 @@ async def serve_connection(
 ) -> None:
     """Serve requests on one accepted connection until it closes; the caller closes ``stream``."""
     await _Connection(app, stream, scheme, client, server, max_head_bytes).serve()
-
-
-def _address(sock: trio.socket.SocketType, peer: bool) -> tuple[str, int] | None:
-    try:
-        address = sock.getpeername() if peer else sock.getsockname()
-    except OSError:  # the peer already reset the connection
-        return None
-    return (str(address[0]), int(address[1])) if isinstance(address, tuple) else None
 
 
 class _Connection:
@@ -303,7 +302,7 @@ class _Connection:
 
     async def _refuse(self, status: int, message: str) -> None:
         """An error answer before the application saw the request; the connection closes."""
-        body = b'{"error":"bad_request","message":%s}' % _json_string(message)
+        body = b'{"error":"bad_request","message":%s}' % json.dumps(message).encode()
         if status == 408:
             body = b'{"error":"timeout"}'
         head = _response_head(status, [(b"content-type", b"application/json")], len(body), True)
@@ -354,16 +353,17 @@ class _Connection:
             if message.get("more_body", False):
                 return  # the answers of this API are small: written whole, in one write
             payload = b"".join(body)
+            # The framing is this server's: the length of what was given, and
+            # whether the connection stays open.
             headers = [
-                (bytes(name).lower(), bytes(value)) for name, value in start.get("headers", ())
+                (name, value)
+                for name, value in (
+                    (bytes(n).lower(), bytes(v)) for n, v in start.get("headers", ())
+                )
+                if name not in (b"content-length", b"connection")
             ]
-            length = len(payload)
-            for name, value in headers:
-                if name == b"content-length":
-                    length = int(value)
-            headers = [(n, v) for n, v in headers if n not in (b"content-length", b"connection")]
             close = not keep or self._body_unread or self._body_failed
-            head = _response_head(int(start["status"]), headers, length, close)
+            head = _response_head(int(start["status"]), headers, len(payload), close)
             done = True
             await self._send(head if method == "HEAD" else head + payload)
 
@@ -429,7 +429,3 @@ def _response_head(
         lines.append(b"connection: close\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
-
-
-def _json_string(text: str) -> bytes:
-    return json.dumps(text).encode()

@@ -29,6 +29,16 @@ ACCEPT_BATCH = 64
 BACKLOG = 65535
 
 
+def socket_address(sock: trio.socket.SocketType, *, peer: bool) -> tuple[str, int] | None:
+    """The peer's (or, ``peer=False``, this end's) address and port; None once unknowable
+    (``getpeername()`` fails after the peer reset the connection)."""
+    try:
+        address = sock.getpeername() if peer else sock.getsockname()
+    except OSError:
+        return None
+    return (str(address[0]), int(address[1])) if isinstance(address, tuple) else None
+
+
 def header_list(request: h11.Request) -> list[tuple[bytes, bytes]]:
     """The request's headers, names lower-cased, as a list.
 

@@ -36,7 +36,14 @@ from urllib.parse import unquote_plus
 import h11
 import trio
 
-from .listeners import accept_loop, header_list, open_listeners, receive_some, stream_errors
+from .listeners import (
+    accept_loop,
+    header_list,
+    open_listeners,
+    receive_some,
+    socket_address,
+    stream_errors,
+)
 from .wsframe import (
     Close,
     Event,
@@ -690,11 +697,8 @@ def _upgrade_problem(
 
 def _remote_address(stream: trio.SocketStream) -> str:
     """The peer's IP address ("" when it cannot be known, e.g. already disconnected)."""
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:  # getpeername() after the peer reset the connection
-        return ""
-    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+    address = socket_address(stream.socket, peer=True)
+    return address[0] if address is not None else ""
 
 
 def redact_query(query: str, limit: int = 512) -> str:

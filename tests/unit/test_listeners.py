@@ -1,0 +1,72 @@
+"""The listening sockets and the accept loop both listeners share."""
+
+from __future__ import annotations
+
+import socket
+
+import h11
+import pytest
+import trio
+
+from linechatd import listeners
+from linechatd.listeners import accept_loop, header_list, open_listeners, socket_address
+
+
+async def test_a_backlog_larger_than_a_batch_is_accepted_whole_and_the_listener_closed() -> None:
+    (listener,) = await open_listeners("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    count = 3 * listeners.ACCEPT_BATCH + 5  # queued before the loop runs: several wake-ups
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port))
+        clients.append(client)
+    accepted: list[tuple[str, int] | None] = []
+    all_in = trio.Event()
+
+    async def on_connection(stream: trio.SocketStream) -> None:
+        accepted.append(socket_address(stream.socket, peer=True))
+        stream.socket.close()
+        if len(accepted) == count:
+            all_in.set()
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(accept_loop, listener, on_connection, nursery, "test")
+                await all_in.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        for client in clients:
+            client.close()
+    assert len(accepted) == count
+    assert {address[0] for address in accepted if address is not None} == {"127.0.0.1"}
+    assert listener.fileno() == -1  # closed when the loop ended
+
+
+async def test_port_zero_binds_one_free_port_and_a_taken_port_is_refused() -> None:
+    (first,) = await open_listeners("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        assert port != 0
+        with pytest.raises(OSError):
+            await open_listeners("127.0.0.1", port)
+    finally:
+        first.close()
+
+
+def test_headers_are_listed_once_with_lower_case_names() -> None:
+    request = h11.Request(
+        method="GET", target="/", headers=[("Host", "x"), ("X-Thing", "A"), ("x-thing", "b")]
+    )
+    assert header_list(request) == [(b"host", b"x"), (b"x-thing", b"A"), (b"x-thing", b"b")]
+
+
+async def test_an_address_nobody_can_name_is_none() -> None:
+    unconnected = trio.socket.socket()  # getpeername() fails, as after a reset
+    a, b = trio.socket.socketpair()  # AF_UNIX: no (host, port) to give
+    try:
+        assert socket_address(unconnected, peer=True) is None
+        assert socket_address(a, peer=True) is None
+    finally:
+        for sock in (unconnected, a, b):
+            sock.close()
