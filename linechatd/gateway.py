@@ -43,6 +43,7 @@ from .context import Context
 from .http import HttpApi, Role, serve_http
 from .kafka import GroupOffsetsPool, KafkaAdmin, KafkaFetcher, KafkaProducer, KafkaUnavailable
 from .keyedrate import KeyedRateLimiter
+from .listeners import UnfinishedRequests
 from .metrics import Metrics
 from .ownership import ROOT, InstanceInfo, OwnershipCache, ZkPaths
 from .partitions import PartitionSupervisor
@@ -498,13 +499,19 @@ class Instance:
                     serve_http,
                     HttpApi(ctx, self, role=Role.PUBLIC if separate_admin else Role.BOTH),
                     config.http.listen,
+                    unfinished=self._unfinished_requests(config),
                     **http_options,
                 )
             )
             admin_binds: list[str] = []
             if config.admin.listen is not None:
                 admin_binds = await serving.start(
-                    serve_http, HttpApi(ctx, self, role=Role.ADMIN), config.admin.listen
+                    functools.partial(
+                        serve_http,
+                        HttpApi(ctx, self, role=Role.ADMIN),
+                        config.admin.listen,
+                        unfinished=self._unfinished_requests(config),
+                    )
                 )
             ws_port = await serving.start(self._serve_websocket, config)
             await serving.start(self.balancer.run)
@@ -527,6 +534,17 @@ class Instance:
             await self._drain_requested.wait()
             await self._drain(serving)
 
+    def _unfinished_requests(self, config: Config) -> UnfinishedRequests:
+        """An HTTP listener's caps on requests still arriving: the WebSocket
+        listener's numbers, counted per listener."""
+        ws = config.websocket
+        return UnfinishedRequests(
+            ws.max_unfinished_handshakes,
+            ws.max_unfinished_handshakes_per_address,
+            address_key=address_key,
+            on_refused=self.ctx.metrics.http_unfinished_refused.inc,
+        )
+
     async def _serve_websocket(self, config: Config, *, task_status: trio.TaskStatus[int]) -> None:
         ws = config.websocket
         refused = self.ctx.metrics.handshakes.labels("too_many_unfinished")
@@ -538,7 +556,7 @@ class Instance:
             max_message_bytes=config.limits.max_frame_bytes,
             handshake_timeout_s=ws.handshake_timeout_s,
             partial_message_timeout_s=config.limits.partial_message_timeout_s,
-            unfinished=websocket.UnfinishedHandshakes(
+            unfinished=UnfinishedRequests(
                 ws.max_unfinished_handshakes,
                 ws.max_unfinished_handshakes_per_address,
                 address_key=address_key,

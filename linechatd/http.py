@@ -29,6 +29,7 @@ from .config import HostPort, read_token_file
 from .hashing import partition_for
 from .httpserver import serve_http_app
 from .jsonfast import dumps_compact_fast
+from .listeners import UnfinishedRequests
 from .metrics import CONTENT_TYPE_LATEST
 from .ownership import partition_view
 from .protocol import is_valid_uid
@@ -400,6 +401,7 @@ async def serve_http(
     listen: HostPort,
     *,
     ssl_context: ssl.SSLContext | None = None,
+    unfinished: UnfinishedRequests | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` (HTTPS when ``ssl_context`` is given) until cancelled."""
@@ -409,5 +411,6 @@ async def serve_http(
         # A request head: a presence query names up to 1,000 uids in its target.
         max_head_bytes=MAX_PRESENCE_QUERY_BYTES + 16 * 1024,
         ssl_context=ssl_context,
+        unfinished=unfinished,
         task_status=task_status,
     )

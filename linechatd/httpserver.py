@@ -38,6 +38,7 @@ import trio
 
 from .config import HostPort
 from .listeners import (
+    UnfinishedRequests,
     accept_loop,
     header_list,
     open_listeners,
@@ -72,9 +73,16 @@ async def serve_http_app(
     *,
     max_head_bytes: int,
     ssl_context: ssl.SSLContext | None = None,
+    unfinished: UnfinishedRequests | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``listen`` until cancelled; ``task_status.started`` gets the bound URLs."""
+    """Serve ``app`` on ``listen`` until cancelled; ``task_status.started`` gets the bound URLs.
+
+    ``unfinished`` caps the connections waiting for a request head they owe
+    (a new connection's first, or one whose first bytes have arrived); a
+    connection past a cap is closed. Kept-alive connections waiting idle do
+    not count: they hold no buffer.
+    """
     scheme = "https" if ssl_context is not None else "http"
     listeners = await open_listeners(listen.host, listen.port)
 
@@ -90,6 +98,7 @@ async def serve_http_app(
                 client=socket_address(tcp.socket, peer=True),
                 server=socket_address(tcp.socket, peer=False),
                 max_head_bytes=max_head_bytes,
+                unfinished=unfinished,
             )
         except stream_errors:
             pass
@@ -120,9 +129,10 @@ async def serve_connection(
     client: tuple[str, int] | None,
     server: tuple[str, int] | None,
     max_head_bytes: int,
+    unfinished: UnfinishedRequests | None = None,
 ) -> None:
     """Serve requests on one accepted connection until it closes; the caller closes ``stream``."""
-    await _Connection(app, stream, scheme, client, server, max_head_bytes).serve()
+    await _Connection(app, stream, scheme, client, server, max_head_bytes, unfinished).serve()
 
 
 class _Connection:
@@ -140,6 +150,7 @@ class _Connection:
         "_body_failed",
         "_socket",
         "_headers",
+        "_unfinished",
     )
 
     def __init__(
@@ -150,8 +161,10 @@ class _Connection:
         client: tuple[str, int] | None,
         server: tuple[str, int] | None,
         max_head_bytes: int,
+        unfinished: UnfinishedRequests | None,
     ) -> None:
         self._app = app
+        self._unfinished = unfinished
         self._stream = stream
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
         self._max_head_bytes = max_head_bytes
@@ -244,28 +257,46 @@ class _Connection:
             return None  # ConnectionClosed
         begun = bool(http.trailing_data[0])  # whether any byte of this request has arrived
         wait_s = KEEP_ALIVE_TIMEOUT_S if kept_alive and not begun else HEAD_TIMEOUT_S
-        with trio.CancelScope(deadline=trio.current_time() + wait_s) as scope:
-            while True:
-                try:
-                    event = http.next_event()
-                except h11.RemoteProtocolError as exc:
-                    await self._refuse(exc.error_status_hint, str(exc))
-                    return None
-                if event is h11.NEED_DATA:
-                    data = await self._receive()
-                    if data and not begun:
-                        begun = True
-                        if kept_alive:
-                            # The request has begun: its head is owed within the head timeout.
-                            scope.deadline = trio.current_time() + HEAD_TIMEOUT_S
-                    http.receive_data(bytes(data))  # b"": the client closed
-                elif isinstance(event, h11.Request):
-                    return await self._checked(event)
-                else:  # ConnectionClosed, or PAUSED on a protocol switch nobody offered
-                    return None
-        if scope.cancelled_caught and begun:
-            await self._refuse(408, "the request head did not arrive in time")
-        return None
+        release = None
+        if begun or not kept_alive:
+            release = self._enter_unfinished()
+            if release is None:
+                return None
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + wait_s) as scope:
+                while True:
+                    try:
+                        event = http.next_event()
+                    except h11.RemoteProtocolError as exc:
+                        await self._refuse(exc.error_status_hint, str(exc))
+                        return None
+                    if event is h11.NEED_DATA:
+                        data = await self._receive()
+                        if data and not begun:
+                            begun = True
+                            if kept_alive:
+                                # The request has begun: its head is owed within the head timeout.
+                                scope.deadline = trio.current_time() + HEAD_TIMEOUT_S
+                                release = self._enter_unfinished()
+                                if release is None:
+                                    return None
+                        http.receive_data(bytes(data))  # b"": the client closed
+                    elif isinstance(event, h11.Request):
+                        return await self._checked(event)
+                    else:  # ConnectionClosed, or PAUSED on a protocol switch nobody offered
+                        return None
+            if scope.cancelled_caught and begun:
+                await self._refuse(408, "the request head did not arrive in time")
+            return None
+        finally:
+            if release is not None:
+                release()
+
+    def _enter_unfinished(self) -> Callable[[], None] | None:
+        """Count this connection as owing a head; its release, or None past a cap."""
+        if self._unfinished is None:
+            return _nothing
+        return self._unfinished.enter(self._client[0] if self._client else "")
 
     def _next_arrived(self) -> Any:
         """h11's next event from what has arrived, taking (on plain TCP) what waits
@@ -407,6 +438,10 @@ class _Connection:
             else:
                 self._body_unread, self._body_failed = False, True
                 return {"type": "http.disconnect"}
+
+
+def _nothing() -> None:
+    pass
 
 
 def _response_head(

@@ -127,3 +127,58 @@ async def accept_loop(
     finally:
         trio.lowlevel.notify_closing(listener)
         listener.close()
+
+
+class UnfinishedRequests:
+    """Sockets whose request (an upgrade, an HTTP request head) is not complete yet,
+    capped in total and per address.
+
+    No I/O: a listener asks :meth:`enter` before it waits for a request and
+    closes the socket at once when refused, so slow or idle clients cannot
+    hold more than the caps of sockets (and their buffers) however many they open.
+    """
+
+    def __init__(
+        self,
+        max_total: int,
+        max_per_address: int,
+        *,
+        address_key: Callable[[str], str] = lambda remote: remote,
+        on_refused: Callable[[], object] = lambda: None,
+    ) -> None:
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self._key = address_key
+        self._on_refused = on_refused
+        self.total = 0
+        self.refused = 0
+        self._by_address: dict[str, int] = {}
+
+    def of(self, remote: str) -> int:
+        return self._by_address.get(self._key(remote), 0)
+
+    def enter(self, remote: str) -> Callable[[], None] | None:
+        """Count a socket from ``remote``; its release, or None when a cap is reached."""
+        key = self._key(remote)
+        held = self._by_address.get(key, 0)
+        if self.total >= self.max_total or held >= self.max_per_address:
+            self.refused += 1
+            self._on_refused()
+            return None
+        self.total += 1
+        self._by_address[key] = held + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.total -= 1
+            left = self._by_address[key] - 1
+            if left:
+                self._by_address[key] = left
+            else:
+                del self._by_address[key]
+
+        return release

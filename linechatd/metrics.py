@@ -190,6 +190,12 @@ class Metrics:
         # Every handshake counts one of these: looked up once, not per handshake
         # (a labelled child costs a lock and a dictionary lookup to find).
         self.handshakes_accepted = self.handshakes.labels("accepted")
+        self.http_unfinished_refused = Counter(
+            "linechatd_http_unfinished_refused_total",
+            "HTTP connections closed because too many requests were still arriving "
+            "(in total or from their address)",
+            registry=r,
+        )
         self._connections_of: dict[int, Gauge] = {}
         self.closes = Counter(
             "linechatd_closes_total",

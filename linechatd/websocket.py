@@ -37,6 +37,7 @@ import h11
 import trio
 
 from .listeners import (
+    UnfinishedRequests,
     accept_loop,
     header_list,
     open_listeners,
@@ -802,60 +803,6 @@ def apply_tcp_keepalive(sock: trio.socket.SocketType, settings: TcpKeepalive) ->
         pass  # the peer is already gone: the first read says so
 
 
-class UnfinishedHandshakes:
-    """Sockets accepted whose upgrade request is not complete, capped in total and per address.
-
-    No I/O: the listener asks :meth:`enter` as it accepts a socket and closes
-    it at once when refused, so slow or idle clients cannot hold more than
-    the caps of sockets (and their buffers) however many they open.
-    """
-
-    def __init__(
-        self,
-        max_total: int,
-        max_per_address: int,
-        *,
-        address_key: Callable[[str], str] = lambda remote: remote,
-        on_refused: Callable[[], object] = lambda: None,
-    ) -> None:
-        self.max_total = max_total
-        self.max_per_address = max_per_address
-        self._key = address_key
-        self._on_refused = on_refused
-        self.total = 0
-        self.refused = 0
-        self._by_address: dict[str, int] = {}
-
-    def of(self, remote: str) -> int:
-        return self._by_address.get(self._key(remote), 0)
-
-    def enter(self, remote: str) -> Callable[[], None] | None:
-        """Count a socket from ``remote``; its release, or None when a cap is reached."""
-        key = self._key(remote)
-        held = self._by_address.get(key, 0)
-        if self.total >= self.max_total or held >= self.max_per_address:
-            self.refused += 1
-            self._on_refused()
-            return None
-        self.total += 1
-        self._by_address[key] = held + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            self.total -= 1
-            left = self._by_address[key] - 1
-            if left:
-                self._by_address[key] = left
-            else:
-                del self._by_address[key]
-
-        return release
-
-
 async def serve(
     handler: Callable[[Handshake], Awaitable[None]],
     host: str,
@@ -865,7 +812,7 @@ async def serve(
     max_message_bytes: int,
     handshake_timeout_s: float,
     partial_message_timeout_s: float = DEFAULT_PARTIAL_MESSAGE_TIMEOUT_S,
-    unfinished: UnfinishedHandshakes | None = None,
+    unfinished: UnfinishedRequests | None = None,
     keepalive: TcpKeepalive | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:

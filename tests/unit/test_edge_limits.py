@@ -11,6 +11,7 @@ import trio
 
 from linechatd import websocket
 from linechatd.admission import address_key
+from linechatd.listeners import UnfinishedRequests
 from linechatd.metrics import CLOSE_LABELS, Metrics, close_label
 from linechatd.protocol import RECORD_ERROR_KINDS, CloseCode, RecordError, decode_record
 
@@ -19,9 +20,7 @@ from linechatd.protocol import RECORD_ERROR_KINDS, CloseCode, RecordError, decod
 
 def test_unfinished_handshakes_are_capped_per_address_and_in_total() -> None:
     refused: list[int] = []
-    caps = websocket.UnfinishedHandshakes(
-        4, 2, address_key=address_key, on_refused=lambda: refused.append(1)
-    )
+    caps = UnfinishedRequests(4, 2, address_key=address_key, on_refused=lambda: refused.append(1))
     a1, a2 = caps.enter("10.0.0.1"), caps.enter("10.0.0.1")
     assert a1 is not None and a2 is not None
     assert caps.enter("10.0.0.1") is None  # the address is full
@@ -50,7 +49,7 @@ async def test_the_listener_closes_sockets_past_the_caps_at_once() -> None:
         handled.append(hs.path)
         await hs.reject(404, {"error": "not_found"})
 
-    caps = websocket.UnfinishedHandshakes(100, 3)
+    caps = UnfinishedRequests(100, 3)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
             lambda task_status: websocket.serve(

@@ -14,6 +14,7 @@ import trio.testing
 from linechatd import httpserver
 from linechatd.config import HostPort
 from linechatd.httpserver import serve_connection, serve_http_app
+from linechatd.listeners import UnfinishedRequests
 
 MAX_HEAD = 4096
 
@@ -123,7 +124,10 @@ def stream_pair(transport: str) -> tuple[trio.abc.Stream, trio.abc.Stream]:
 
 @asynccontextmanager
 async def connected(
-    app: App, scheme: str = "http", transport: str = "memory"
+    app: App,
+    scheme: str = "http",
+    transport: str = "memory",
+    unfinished: UnfinishedRequests | None = None,
 ) -> AsyncIterator[Client]:
     client_stream, server_stream = stream_pair(transport)
     async with trio.open_nursery() as nursery:
@@ -137,6 +141,7 @@ async def connected(
                     client=("192.0.2.1", 5000),
                     server=("127.0.0.1", 8080),
                     max_head_bytes=MAX_HEAD,
+                    unfinished=unfinished,
                 )
             finally:
                 await trio.aclose_forcefully(server_stream)
@@ -339,6 +344,31 @@ async def test_a_slow_head_is_refused_408_and_an_idle_connection_closed(
         start = trio.current_time()
         assert await client.at_eof()  # a new connection owes its first request at once
         assert trio.current_time() - start == pytest.approx(httpserver.HEAD_TIMEOUT_S)
+
+
+async def test_connections_owing_a_head_are_capped_per_address_and_idle_ones_are_not() -> None:
+    caps = UnfinishedRequests(10, 1)
+    with trio.fail_after(5):
+        async with connected(App(), unfinished=caps) as slow:
+            await slow.send(b"GET /slow HTTP/1.1\r\nHost:")  # holds the address's one slot
+            await trio.testing.wait_all_tasks_blocked()
+            assert caps.of("192.0.2.1") == 1
+            async with connected(App(), unfinished=caps) as refused:
+                await refused.send(get("/second"))
+                assert await refused.at_eof()  # closed unanswered
+            assert caps.refused == 1
+            await slow.send(b" gw\r\n\r\n")
+            assert json.loads((await slow.response())[1])["path"] == "/slow"
+            # Kept alive and idle now: it holds no slot, and others get theirs.
+            await trio.testing.wait_all_tasks_blocked()
+            assert caps.total == 0
+            async with connected(App(), unfinished=caps) as third:
+                await third.send(get("/third"))
+                assert json.loads((await third.response())[1])["path"] == "/third"
+            # Its next request, once begun, takes the slot again.
+            await slow.send(get("/again"))
+            assert json.loads((await slow.response())[1])["path"] == "/again"
+    assert caps.total == 0 and caps.refused == 1
 
 
 async def test_serves_on_a_real_listener_and_names_its_address() -> None:
