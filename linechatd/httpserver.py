@@ -10,10 +10,13 @@ alive, and bounds what a client can make it hold:
 - a request head: ``max_head_bytes`` (431 past it), complete within
   ``HEAD_TIMEOUT_S`` of the connection or of its first byte;
 - an idle kept-alive connection: ``KEEP_ALIVE_TIMEOUT_S``;
-- a body: the application reads it up to its own limit, each read within
-  ``BODY_READ_TIMEOUT_S``; after a response that left the body unread (a 413)
-  the rest is read and dropped for at most ``LINGER_S`` and ``LINGER_BYTES``,
-  then the connection closes.
+- a body: the application reads it up to its own limit, the whole of it
+  within ``BODY_TIMEOUT_S``; after a response that left the body unread (a
+  413) the rest is read and dropped for at most ``LINGER_S`` and
+  ``LINGER_BYTES``, then the connection closes (so do refusals, so that the
+  answer is not lost to a reset);
+- an answer: taken by the client within ``SEND_TIMEOUT_S``, or the
+  connection closes.
 
 Requests are answered in order: pipelined ones wait, unparsed, until the
 previous answer is out. Malformed requests get a JSON error (400, 431,
@@ -24,9 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
-import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
@@ -51,7 +54,10 @@ log = logging.getLogger(__name__)
 
 HEAD_TIMEOUT_S = 10.0
 KEEP_ALIVE_TIMEOUT_S = 30.0
-BODY_READ_TIMEOUT_S = 30.0
+# The whole body, from its request's head on.
+BODY_TIMEOUT_S = 30.0
+# An answer the client does not take within this is not waited for further.
+SEND_TIMEOUT_S = 30.0
 RECEIVE_BYTES = 65536
 # After a response that left the body unread: how long, and how much, is read and dropped.
 LINGER_S = 2.0
@@ -148,6 +154,8 @@ class _Connection:
         "_max_head_bytes",
         "_body_unread",
         "_body_failed",
+        "_gone",
+        "_body_deadline",
         "_socket",
         "_headers",
         "_unfinished",
@@ -178,20 +186,19 @@ class _Connection:
         self._server = server
         self._body_unread = False
         self._body_failed = False
+        self._gone = False  # the client left, or stopped taking answers
+        self._body_deadline = math.inf
         self._headers: list[tuple[bytes, bytes]] = []
 
     async def serve(self) -> None:
-        if isinstance(self._stream, trio.SSLStream):
-            with trio.move_on_after(HEAD_TIMEOUT_S) as tls:
-                await self._stream.do_handshake()
-            if tls.cancelled_caught:
-                return
         kept_alive = False  # a new connection owes its first request at once
         while True:
             request = await self._read_head(kept_alive)
             if request is None:
                 return
             keep = await self._respond(request)
+            if self._gone:
+                return
             if self._body_unread:
                 await self._linger()
                 return
@@ -213,17 +220,35 @@ class _Connection:
         return await receive_some(self._stream, RECEIVE_BYTES)
 
     async def _send(self, data: bytes) -> None:
+        """Write ``data``. A client that left, or does not take it within
+        SEND_TIMEOUT_S, marks the connection gone: it closes after this request."""
         sock = self._socket
-        if sock is None:
-            await self._stream.send_all(data)
-            return
-        with memoryview(data) as view:
-            sent = 0
-            while sent < len(data):
+        try:
+            if sock is not None:
+                # Nearly always the socket takes a whole answer at once: no deadline to arm.
                 try:
-                    sent += os.write(sock.fileno(), view[sent:])
+                    sent = os.write(sock.fileno(), data)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(sock)
+                    sent = 0
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            with trio.move_on_after(SEND_TIMEOUT_S):
+                if sock is None:
+                    await self._stream.send_all(data)
+                    return
+                with memoryview(data) as view:
+                    sent = 0
+                    while sent < len(view):
+                        await trio.lowlevel.wait_writable(sock)
+                        try:
+                            sent += os.write(sock.fileno(), view[sent:])
+                        except BlockingIOError:
+                            pass
+                return
+        except stream_errors:
+            pass
+        self._gone = True
 
     async def _linger(self) -> None:
         """Read and drop what is left of a refused body before closing.
@@ -232,8 +257,9 @@ class _Connection:
         reset can reach the client before it has read the answer (a 413 the
         client never sees). Bounded in time and bytes like nginx's lingering close.
         """
-        if self._socket is not None:
-            self._socket.shutdown(socket.SHUT_WR)
+        stream = self._stream
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()  # the answer is complete: the client may close now
         dropped = 0
         with trio.move_on_after(LINGER_S):
             while dropped < LINGER_BYTES:
@@ -264,6 +290,9 @@ class _Connection:
                 return None
         try:
             with trio.CancelScope(deadline=trio.current_time() + wait_s) as scope:
+                if not kept_alive and isinstance(self._stream, trio.SSLStream):
+                    # Counted and timed as part of the first request's head.
+                    await self._stream.do_handshake()
                 while True:
                     try:
                         event = http.next_event()
@@ -326,7 +355,13 @@ class _Connection:
             await self._refuse(431, "the request head is too large")
             return None
         self._headers = headers
-        if not any(name in (b"content-length", b"transfer-encoding") for name, _ in headers):
+        names = {name for name, _ in headers}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            # Framed two ways: a proxy in front may have read it the other way
+            # (request smuggling). Refused, and the connection closes (RFC 9112 §6.1).
+            await self._refuse(400, "both Content-Length and Transfer-Encoding")
+            return None
+        if b"content-length" not in names and b"transfer-encoding" not in names:
             # No body: h11 ends the request at once, and the connection can be kept.
             self._http.next_event()
         return request
@@ -337,8 +372,11 @@ class _Connection:
         if status == 408:
             body = b'{"error":"timeout"}'
         head = _response_head(status, [(b"content-type", b"application/json")], len(body), True)
-        with trio.move_on_after(HEAD_TIMEOUT_S):
-            await self._send(head + body)
+        await self._send(head + body)
+        if not self._gone:
+            # The rest of the refused request may still be arriving: a close
+            # with unread input would reset the connection, and the answer with it.
+            await self._linger()
 
     async def _respond(self, request: h11.Request) -> bool:
         """Run the application for ``request`` and write its answer; whether to keep the connection."""
@@ -365,6 +403,7 @@ class _Connection:
         )
         self._body_unread = self._http.their_state is h11.SEND_BODY
         self._body_failed = False
+        self._body_deadline = trio.current_time() + BODY_TIMEOUT_S
         start: Message | None = None
         body: list[bytes] = []
         done = False
@@ -393,6 +432,8 @@ class _Connection:
                 )
                 if name not in (b"content-length", b"connection")
             ]
+            if self._body_unread:
+                self._skip_arrived_body()
             close = not keep or self._body_unread or self._body_failed
             head = _response_head(int(start["status"]), headers, len(payload), close)
             done = True
@@ -402,6 +443,8 @@ class _Connection:
             await self._app(scope, receive, send)
         except Exception:
             log.exception("http_application_failed", extra={"path": scope["path"]})
+        if self._gone:
+            return False
         if not done:
             # Nothing of an answer is out yet (it is written whole): a 500 in its place.
             payload = b'{"error":"internal"}'
@@ -416,28 +459,47 @@ class _Connection:
             return {"type": "http.disconnect"}
         if http.they_are_waiting_for_100_continue:
             await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while True:
+        while not self._gone:
             try:
                 event = http.next_event()
             except h11.RemoteProtocolError:
-                self._body_unread, self._body_failed = False, True
-                return {"type": "http.disconnect"}
+                break
             if event is h11.NEED_DATA:
-                data: bytes | bytearray = b""
-                with trio.move_on_after(BODY_READ_TIMEOUT_S):
-                    data = await self._receive()
-                if not data:  # the client closed or stalled: the body ends here
-                    self._body_unread, self._body_failed = False, True
-                    return {"type": "http.disconnect"}
-                http.receive_data(bytes(data))
+                data = b""
+                with trio.move_on_at(self._body_deadline):
+                    try:
+                        data = await self._receive()
+                    except stream_errors:
+                        pass
+                if not data:  # the client left or was too slow: the body ends here
+                    break
+                http.receive_data(data)
             elif isinstance(event, h11.Data):
                 return {"type": "http.request", "body": bytes(event.data), "more_body": True}
             elif isinstance(event, h11.EndOfMessage):
                 self._body_unread = False
                 return {"type": "http.request", "body": b"", "more_body": False}
             else:
-                self._body_unread, self._body_failed = False, True
-                return {"type": "http.disconnect"}
+                break
+        self._body_unread, self._body_failed = False, True
+        return {"type": "http.disconnect"}
+
+    def _skip_arrived_body(self) -> None:
+        """Drop the part of a body the application left unread that has already arrived.
+
+        If that is all of it (``Content-Length: 0`` included), the request is
+        complete and the connection can be kept; else the rest is still coming.
+        """
+        try:
+            while True:
+                event = self._http.next_event()
+                if isinstance(event, h11.EndOfMessage):
+                    self._body_unread = False
+                    return
+                if not isinstance(event, h11.Data):
+                    return
+        except h11.RemoteProtocolError:
+            self._body_unread, self._body_failed = False, True
 
 
 def _nothing() -> None:

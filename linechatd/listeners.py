@@ -22,6 +22,29 @@ log = logging.getLogger(__name__)
 stream_errors = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 # accept() failures that mean "no room now", not "the listener is broken".
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# accept() failures about one connection only (a firewall refusing it, an early
+# reset...): that connection is skipped, as trio's own listener does.
+_ACCEPT_SKIP_ERRNOS = {
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+}
 ACCEPT_RETRY_S = 0.1
 # Connections accepted per wake-up at most, so that a storm cannot hold the loop.
 ACCEPT_BATCH = 64
@@ -115,6 +138,8 @@ async def accept_loop(
                 except BlockingIOError:
                     break
                 except OSError as exc:
+                    if exc.errno in _ACCEPT_SKIP_ERRNOS:
+                        continue
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
                     # Out of file descriptors or memory: the sockets already open

@@ -371,6 +371,78 @@ async def test_connections_owing_a_head_are_capped_per_address_and_idle_ones_are
     assert caps.total == 0 and caps.refused == 1
 
 
+async def test_a_request_framed_two_ways_is_refused_and_the_connection_closed(
+    transport: str,
+) -> None:
+    app = App()
+    with trio.fail_after(5):
+        async with connected(app, transport=transport) as client:
+            await client.send(
+                b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n"
+            )
+            response, body = await client.response()
+            assert response.status_code == 400
+            assert json.loads(body)["error"] == "bad_request"
+            assert await client.at_eof()
+    assert app.scopes == []  # neither the POST nor what rode behind it
+
+
+async def test_an_empty_body_the_application_ignores_keeps_the_connection(transport: str) -> None:
+    app = App()
+    with trio.fail_after(5):
+        async with connected(app, transport=transport) as client:
+            await client.send(get("/first", "Content-Length: 0") + get("/second"))
+            first, _ = await client.response()
+            assert (b"connection", b"close") not in first.headers
+            second, body = await client.response()
+            assert json.loads(body)["path"] == "/second"
+
+
+async def test_a_client_that_stops_reading_is_given_up_after_the_send_timeout(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = 0
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()  # writes wait for reads
+    start = trio.current_time()
+    with trio.fail_after(httpserver.SEND_TIMEOUT_S + 30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client_stream.send_all, get("/never-read"))
+            await serve_connection(
+                App(),
+                server_stream,
+                scheme="http",
+                client=None,
+                server=None,
+                max_head_bytes=MAX_HEAD,
+            )  # returns: the connection is given up
+    assert trio.current_time() - start == pytest.approx(httpserver.SEND_TIMEOUT_S)
+
+
+async def test_a_client_gone_mid_answer_ends_the_connection_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def ask_and_leave() -> None:
+                await client_stream.send_all(get("/x"))
+                await trio.testing.wait_all_tasks_blocked()  # the server is writing
+                await client_stream.aclose()
+
+            nursery.start_soon(ask_and_leave)
+            await serve_connection(
+                App(),
+                server_stream,
+                scheme="http",
+                client=None,
+                server=None,
+                max_head_bytes=MAX_HEAD,
+            )
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+
+
 async def test_serves_on_a_real_listener_and_names_its_address() -> None:
     app = App()
     with trio.fail_after(10):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 
 import h11
@@ -70,3 +71,42 @@ async def test_an_address_nobody_can_name_is_none() -> None:
     finally:
         for sock in (unconnected, a, b):
             sock.close()
+
+
+class _AbortsFirst(socket.socket):
+    """A listening socket whose first accept() fails as a reset connection does."""
+
+    aborted = False
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if not self.aborted:
+            self.aborted = True
+            raise ConnectionAbortedError(errno.ECONNABORTED, "Software caused connection abort")
+        return super().accept()
+
+
+async def test_a_connection_that_failed_before_its_accept_is_skipped_not_fatal() -> None:
+    (bound,) = await open_listeners("127.0.0.1", 0)
+    listener = _AbortsFirst(fileno=bound.detach())
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    accepted = 0
+    one_in = trio.Event()
+
+    async def on_connection(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        stream.socket.close()
+        one_in.set()
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(accept_loop, listener, on_connection, nursery, "test")
+                await one_in.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        for client in clients:
+            client.close()
+    assert listener.aborted and accepted >= 1
