@@ -13,32 +13,38 @@ from linechatd import listeners
 from linechatd.listeners import accept_loop, header_list, open_listeners, socket_address
 
 
-async def test_a_backlog_larger_than_a_batch_is_accepted_whole_and_the_listener_closed() -> None:
-    (listener,) = await open_listeners("127.0.0.1", 0)
+async def accept_from_clients(
+    listener: socket.socket, clients: int, wanted: int
+) -> list[tuple[str, int] | None]:
+    """Connect ``clients`` before the loop runs, then run ``accept_loop`` until
+    ``wanted`` connections came in; their peers' addresses."""
     port = listener.getsockname()[1]
-    count = 3 * listeners.ACCEPT_BATCH + 5  # queued before the loop runs: several wake-ups
-    clients = []
-    for _ in range(count):
-        client = socket.create_connection(("127.0.0.1", port))
-        clients.append(client)
+    connected = [socket.create_connection(("127.0.0.1", port)) for _ in range(clients)]
     accepted: list[tuple[str, int] | None] = []
-    all_in = trio.Event()
+    enough = trio.Event()
 
     async def on_connection(stream: trio.SocketStream) -> None:
         accepted.append(socket_address(stream.socket, peer=True))
         stream.socket.close()
-        if len(accepted) == count:
-            all_in.set()
+        if len(accepted) >= wanted:
+            enough.set()
 
     try:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(accept_loop, listener, on_connection, nursery, "test")
-                await all_in.wait()
+                await enough.wait()
                 nursery.cancel_scope.cancel()
     finally:
-        for client in clients:
+        for client in connected:
             client.close()
+    return accepted
+
+
+async def test_a_backlog_larger_than_a_batch_is_accepted_whole_and_the_listener_closed() -> None:
+    (listener,) = await open_listeners("127.0.0.1", 0)
+    count = 3 * listeners.ACCEPT_BATCH + 5  # queued before the loop runs: several wake-ups
+    accepted = await accept_from_clients(listener, count, count)
     assert len(accepted) == count
     assert {address[0] for address in accepted if address is not None} == {"127.0.0.1"}
     assert listener.fileno() == -1  # closed when the loop ended
@@ -89,24 +95,5 @@ async def test_a_connection_that_failed_before_its_accept_is_skipped_not_fatal()
     (bound,) = await open_listeners("127.0.0.1", 0)
     listener = _AbortsFirst(fileno=bound.detach())
     listener.setblocking(False)
-    port = listener.getsockname()[1]
-    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-    accepted = 0
-    one_in = trio.Event()
-
-    async def on_connection(stream: trio.SocketStream) -> None:
-        nonlocal accepted
-        accepted += 1
-        stream.socket.close()
-        one_in.set()
-
-    try:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(accept_loop, listener, on_connection, nursery, "test")
-                await one_in.wait()
-                nursery.cancel_scope.cancel()
-    finally:
-        for client in clients:
-            client.close()
-    assert listener.aborted and accepted >= 1
+    accepted = await accept_from_clients(listener, 2, 1)
+    assert listener.aborted and len(accepted) >= 1
