@@ -27,6 +27,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -65,21 +66,37 @@ async def _open_one(
     if not head.startswith(b"HTTP/1.1 200"):
         raise _refused(head)
     url = urlsplit(json.loads(body)["url"])
-    reader, writer = await asyncio.open_connection(url.hostname, url.port, local_addr=(source, 0))
+    address = (url.hostname or "127.0.0.1", url.port or 80)
+    reader, writer = await _upgrade(address, f"{url.path}?uid={uid}", source)
+    await _expect(reader, writer, lambda frame: b'"welcome"' in frame)
+    keep.append(writer)
+
+
+async def _upgrade(
+    address: tuple[str, int], target: str, source: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new connection to ``address``, upgraded to a WebSocket at ``target`` (101 checked)."""
+    reader, writer = await asyncio.open_connection(*address, local_addr=(source, 0))
     key = base64.b64encode(os.urandom(16)).decode()
     writer.write(
-        f"GET {url.path}?uid={uid} HTTP/1.1\r\nHost: {url.netloc}\r\nUpgrade: websocket\r\n"
+        f"GET {target} HTTP/1.1\r\nHost: {address[0]}:{address[1]}\r\nUpgrade: websocket\r\n"
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
     )
     data = await reader.readuntil(b"\r\n\r\n")
     if not data.startswith(b"HTTP/1.1 101"):
         writer.close()
         raise _refused(data)
-    first = await _read_text(reader)
-    if b'"welcome"' not in first:
+    return reader, writer
+
+
+async def _expect(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ok: Callable[[bytes], bool]
+) -> None:
+    """The server's next text frame, which must satisfy ``ok`` (else Refused)."""
+    frame = await _read_text(reader)
+    if not ok(frame):
         writer.close()
-        raise _refused(first)
-    keep.append(writer)
+        raise _refused(frame)
 
 
 def _masked_text(payload: bytes) -> bytes:
@@ -103,26 +120,10 @@ async def _open_one_socketio(
 ) -> None:
     """As python-socketio's client does with ``transports=["websocket"]``: the upgrade,
     the Engine.IO open packet, then the namespace CONNECT and its answer."""
-    reader, writer = await asyncio.open_connection(*ws, local_addr=(source, 0))
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        f"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {ws[0]}:{ws[1]}\r\n"
-        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    data = await reader.readuntil(b"\r\n\r\n")
-    if not data.startswith(b"HTTP/1.1 101"):
-        writer.close()
-        raise _refused(data)
-    opened = await _read_text(reader)
-    if not opened.startswith(b"0"):
-        writer.close()
-        raise _refused(opened)
+    reader, writer = await _upgrade(ws, "/socket.io/?EIO=4&transport=websocket", source)
+    await _expect(reader, writer, lambda frame: frame.startswith(b"0"))
     writer.write(_masked_text(b'40{"uid":"%s"}' % uid.encode()))
-    connected = await _read_text(reader)
-    if not connected.startswith(b"40"):
-        writer.close()
-        raise _refused(connected)
+    await _expect(reader, writer, lambda frame: frame.startswith(b"40"))
     keep.append(writer)
 
 

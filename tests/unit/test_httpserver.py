@@ -154,6 +154,13 @@ async def connected(
             nursery.cancel_scope.cancel()
 
 
+async def serve_plain(stream: trio.abc.Stream) -> None:
+    """Serve ``App()`` on ``stream`` until the connection ends (no addresses, no caps)."""
+    await serve_connection(
+        App(), stream, scheme="http", client=None, server=None, max_head_bytes=MAX_HEAD
+    )
+
+
 def get(target: str, *headers: str) -> bytes:
     lines = [f"GET {target} HTTP/1.1", "Host: gw", *headers, "", ""]
     return "\r\n".join(lines).encode()
@@ -403,14 +410,7 @@ async def test_a_client_that_stops_reading_is_given_up_after_the_send_timeout(
     with trio.fail_after(httpserver.SEND_TIMEOUT_S + 30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client_stream.send_all, get("/never-read"))
-            await serve_connection(
-                App(),
-                server_stream,
-                scheme="http",
-                client=None,
-                server=None,
-                max_head_bytes=MAX_HEAD,
-            )  # returns: the connection is given up
+            await serve_plain(server_stream)  # returns: the connection is given up
     assert trio.current_time() - start == pytest.approx(httpserver.SEND_TIMEOUT_S)
 
 
@@ -427,14 +427,7 @@ async def test_a_client_gone_mid_answer_ends_the_connection_quietly(
                 await client_stream.aclose()
 
             nursery.start_soon(ask_and_leave)
-            await serve_connection(
-                App(),
-                server_stream,
-                scheme="http",
-                client=None,
-                server=None,
-                max_head_bytes=MAX_HEAD,
-            )
+            await serve_plain(server_stream)
     assert [r for r in caplog.records if r.levelname == "ERROR"] == []
 
 
