@@ -268,14 +268,8 @@ def _storm(
 def _start_linechatd(
     args: argparse.Namespace, workdir: Path, services: stack.Services
 ) -> Linechatd:
+    # The per-address policies are lifted there (the peer has none).
     overrides = linechatd_overrides(parse_args([]))
-    # The handshake rate and the sockets per address are policies (the peer has
-    # neither): a storm from eight addresses would measure 429s instead of handshakes.
-    overrides["limits"].update(
-        handshakes_per_second_per_address=1_000_000.0,
-        handshake_burst_per_address=1_000_000,
-        max_connections_per_address=1_000_000,
-    )
     env_before = os.environ.get("PYTHONTRACEMALLOC")
     if args.tracemalloc:
         # Inherited by the gateway process only for as long as it starts.

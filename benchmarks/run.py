@@ -138,11 +138,17 @@ def linechatd_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         # policies, not costs: a few hundred senders at saturation would only measure
         # rate_limited errors and 1008 closes. The idle connections of the
         # connections phase send nothing, and must not be closed as idle meanwhile.
+        # The handshake rate and the sockets per address are policies too: every
+        # load connection comes from one of a few loopback addresses, so the
+        # defaults (burst 200, 1,000 sockets) would measure 429s.
         "limits": {
             "sends_per_second": 100_000.0,
             "send_burst": 100_000,
             "max_frames_per_s": 100_000.0,
             "idle_timeout_s": 0.0,
+            "handshakes_per_second_per_address": 1_000_000.0,
+            "handshake_burst_per_address": 1_000_000,
+            "max_connections_per_address": 1_000_000,
         },
     }
     if args.session_timeout is not None:
