@@ -5,7 +5,7 @@ and writes collapsed stacks (``--format raw --threads``). Only the thread
 holding the GIL is sampled (``--gil``), so the shares are of Python CPU time,
 not of wall time.
 
-* by thread: the trio thread vs librdkafka's poll thread vs trio's worker threads;
+* by thread: the trio thread vs the fetch thread vs trio's worker threads;
 * by component (inclusive): a sample counts for every component on its stack;
 * by trio task (inclusive): the task function right under trio's scheduler;
 * by leaf (self): the innermost frame's package, i.e. what actually burns CPU.

@@ -1,8 +1,8 @@
 """The one adapter between librdkafka (confluent-kafka) and trio.
 
 * ``KafkaProducer``: ``produce()`` enqueues on the trio thread (a cheap C call,
-  no thread hop per message); one poll thread collects delivery reports and
-  hands each poll's worth to trio at once with ``TrioToken.run_sync_soon``.
+  no thread hop per message); the trio thread polls for delivery reports on a
+  short timer while sends are unanswered, and answers each poll's worth at once.
 * ``KafkaFetcher``: the instance's one consumer, fetching every held
   partition's topic; each partition reads a bounded ``TopicFeed`` of it,
   assigned at the committed offset of its group (no group join: ownership is
@@ -231,8 +231,21 @@ class _Handle:
         self.broken = False
 
 
+# How often the trio thread asks librdkafka for delivery reports while sends
+# are unanswered (at most this much is added to an ack), and while none are.
+REPORT_POLL_S: Final = 0.002
+IDLE_POLL_S: Final = 0.25
+
+
 class KafkaProducer:
     """The instance's producer; replaced by a new one when it breaks.
+
+    Delivery reports are served on the trio thread: while sends are
+    unanswered, ``run`` polls librdkafka every ``REPORT_POLL_S`` (a timer,
+    no thread, no hand-over), and every report of one poll is answered at
+    once. A thread blocked in ``poll()`` would hear each report sooner, but
+    waking it costs a GIL hand-over each way per report, more than the
+    whole trio-side work (docs/performance.md).
 
     A fatal error of the idempotent producer (librdkafka's error callback
     says so, or a delivery report carries a fenced or broken-sequence error)
@@ -246,12 +259,16 @@ class KafkaProducer:
     def __init__(self, bootstrap: str, *, linger_ms: int, timeout_s: float) -> None:
         self._settings = producer_settings(bootstrap, linger_ms=linger_ms, timeout_s=timeout_s)
         self._current: _Handle | None = None
-        # Broken producers for the poll thread to purge and flush, then drop.
-        self._retired: queue.SimpleQueue[_Handle] = queue.SimpleQueue()
+        # Broken producers to purge and flush (in a worker thread), then drop.
+        self._retired_send, self._retired = trio.open_memory_channel[_Handle](math.inf)
         self._token: trio.lowlevel.TrioToken | None = None
-        self._stop = threading.Event()
-        # Filled by delivery callbacks, which run only inside poll()/flush() on the poll thread.
-        self._reports: list[tuple[DeliveryReceipt, KafkaError | None, int | None]] = []
+        # Filled by delivery callbacks: on the trio thread inside poll(), or
+        # on a worker thread flushing a retired or stopping producer.
+        self._reports: deque[tuple[DeliveryReceipt, KafkaError | None, int | None]] = deque()
+        # Trio thread: sends whose report has not been served yet, and where
+        # the report poller waits while there are none.
+        self._unanswered = 0
+        self._idle = trio.lowlevel.ParkingLot()
         # Trio thread: how many producers were replaced, and when a send last
         # failed for want of the broker (trio clock), for readiness.
         self.replacements = 0
@@ -269,60 +286,79 @@ class KafkaProducer:
     ) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._current = self._make()
-        poller = threading.Thread(target=self._poll_loop, name="kafka-producer-poll", daemon=True)
-        poller.start()
         try:
-            task_status.started(self)
-            await trio.sleep_forever()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._retire_loop)
+                task_status.started(self)
+                await self._serve_reports()
         finally:
             with trio.CancelScope(shield=True):
-                self._stop.set()
-                await trio.to_thread.run_sync(poller.join)
                 # Give in-flight sends a bounded chance to be acknowledged
-                # (flush() serves their callbacks now that the poller is gone).
+                # (flush() serves their callbacks in the worker thread).
                 current = self._current.producer
                 assert current is not None
                 await trio.to_thread.run_sync(current.flush, 5.0)
-                await trio.to_thread.run_sync(self._drain_retired)
-                reports, self._reports = self._reports, []
-                _resolve_all(reports, time.perf_counter())
+                while True:
+                    try:
+                        handle = self._retired.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    await trio.to_thread.run_sync(self._drain, handle)
+                self._answer(time.perf_counter())
 
-    def _poll_loop(self) -> None:
-        # The only thread that runs delivery callbacks. Every report served by
-        # one poll() goes to trio in one hand-over, not one per message.
-        assert self._token is not None
-        while not self._stop.is_set():
+    async def _serve_reports(self) -> None:
+        # The previous poll's time: the reports of the next one arrived after
+        # it, so the residence measured from it is an upper bound.
+        polled_at = time.perf_counter()
+        while True:
+            if self._unanswered:
+                await trio.sleep(REPORT_POLL_S)
+            else:
+                # Idle: error callbacks (the broker unreachable) are served
+                # by poll() too, so it still runs now and then.
+                with trio.move_on_after(IDLE_POLL_S):
+                    await self._idle.park()
+                polled_at = time.perf_counter()
+                if self._unanswered:
+                    continue  # a send woke us: its report cannot be here yet
             handle = self._current
             assert handle is not None and handle.producer is not None
-            handle.producer.poll(0.05)
-            self._drain_retired()
-            if self._reports:
-                reports, self._reports = self._reports, []
-                try:
-                    self._token.run_sync_soon(_resolve_all, reports, time.perf_counter())
-                except trio.RunFinishedError:
-                    return
+            handle.producer.poll(0)
+            now = time.perf_counter()
+            self._answer(polled_at)
+            polled_at = now
 
-    def _drain_retired(self) -> None:
-        """Purge and flush each retired producer: every send it held gets its (error) report."""
-        while True:
-            try:
-                handle = self._retired.get_nowait()
-            except queue.Empty:
-                return
-            producer = handle.producer
-            assert producer is not None
-            try:
-                producer.purge(in_queue=True, in_flight=True, blocking=False)
-            except KafkaException as exc:
-                log.warning("kafka_producer_purge_failed", extra={"error": str(exc)})
-            left = producer.flush(5.0)
-            if left:
-                log.error("kafka_producer_retired_with_unanswered_sends", extra={"sends": left})
-            handle.producer = None
+    def _answer(self, reported_after: float) -> None:
+        """Trio thread: resolve every report collected so far, in one batch."""
+        reports = self._reports
+        if not reports:
+            return
+        batch = []
+        while reports:
+            batch.append(reports.popleft())
+        self._unanswered -= len(batch)
+        _resolve_all(batch, reported_after)
+
+    async def _retire_loop(self) -> None:
+        async for handle in self._retired:
+            await trio.to_thread.run_sync(self._drain, handle)
+            self._answer(time.perf_counter())
+
+    def _drain(self, handle: _Handle) -> None:
+        """A worker thread: purge and flush a retired producer, so every send it held gets its (error) report."""
+        producer = handle.producer
+        assert producer is not None
+        try:
+            producer.purge(in_queue=True, in_flight=True, blocking=False)
+        except KafkaException as exc:
+            log.warning("kafka_producer_purge_failed", extra={"error": str(exc)})
+        left = producer.flush(5.0)
+        if left:
+            log.error("kafka_producer_retired_with_unanswered_sends", extra={"sends": left})
+        handle.producer = None
 
     def _on_error(self, handle: _Handle, err: KafkaError) -> None:
-        # The poll thread (librdkafka's error callback): hand over only.
+        # Inside poll() or flush(), on whichever thread called it: hand over only.
         if err.fatal():
             self._call_trio(self._replace, handle, err.str())
         elif err.code() in _UNREACHABLE:
@@ -347,7 +383,7 @@ class KafkaProducer:
         # New sends go to the new producer from here on: send() runs on this
         # thread too, so none can reach the retired one after this line.
         self._current = self._make()
-        self._retired.put(handle)
+        self._retired_send.send_nowait(handle)
         self.replacements += 1
         log.warning(
             "kafka_producer_replaced",
@@ -367,8 +403,8 @@ class KafkaProducer:
         receipt = DeliveryReceipt()
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            # The poll thread, inside poll(): collect, and hand a broken
-            # producer over for replacement.
+            # Inside poll() or flush(): collect, and hand a broken producer
+            # over for replacement.
             self._reports.append((receipt, err, msg.offset() if err is None else -1))
             if err is not None:
                 if err.fatal() or err.code() in _PRODUCER_BROKEN:
@@ -387,6 +423,9 @@ class KafkaProducer:
             if error is not None and (error.fatal() or error.code() in _PRODUCER_BROKEN):
                 self._replace(handle, error.str())
             raise KafkaUnavailable(str(exc)) from exc
+        if not self._unanswered:
+            self._idle.unpark_all()
+        self._unanswered += 1
         return receipt
 
 

@@ -1,17 +1,27 @@
 """The librdkafka adapter against the session's broker: the shared fetcher,
 its per-topic bound, committed offsets through the admin client, and delivery
-reports handed to trio in batches."""
+reports served on the trio thread in batches."""
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
+import trio.testing
 from support.cluster import ClusterNames
 
-from linechatd.kafka import GroupOffsets, KafkaAdmin, KafkaFetcher, KafkaProducer, Record, TopicFeed
+from linechatd.kafka import (
+    GroupOffsets,
+    KafkaAdmin,
+    KafkaFetcher,
+    KafkaProducer,
+    Record,
+    TopicFeed,
+)
+from linechatd.localservices import free_port
 
 WAIT_S = 30
 
@@ -187,4 +197,63 @@ async def test_delivery_reports_answer_every_send_in_order(
             range(receipts[0].offset, receipts[0].offset + 500)
         )
         assert all(r.error is None for r in receipts)
+        nursery.cancel_scope.cancel()
+
+
+async def _burst(producer: KafkaProducer, topic: str, count: int) -> int:
+    """Send ``count`` records at once; how many hand-overs answered them all."""
+    batches = 0
+    receipts = [producer.send(topic, b"k", b"%d" % i) for i in range(count)]
+    done = trio.Event()
+
+    def on_batch(_reported_after: float) -> None:
+        nonlocal batches
+        batches += 1
+        if all(r.resolved for r in receipts):
+            done.set()
+
+    for receipt in receipts:
+        receipt.on_batch = on_batch
+    with trio.fail_after(WAIT_S):
+        await done.wait()
+    assert all(r.error is None for r in receipts)
+    return batches
+
+
+async def test_reports_are_answered_in_batches_and_again_after_idle(
+    kafka_bootstrap: str, cluster_names: ClusterNames
+) -> None:
+    """The trio thread polls for reports only while sends are unanswered:
+    a burst is answered in a few batches, and a send after a quiet spell
+    (the poller parked) is answered too."""
+    admin = KafkaAdmin(kafka_bootstrap)
+    [topic] = await _topics(admin, cluster_names, 1)
+    async with trio.open_nursery() as nursery:
+        producer = await nursery.start(
+            KafkaProducer(kafka_bootstrap, linger_ms=5, timeout_s=10).run
+        )
+        for _round in range(3):
+            # One call per poll that served some of them, not one per report.
+            assert 1 <= await _burst(producer, topic, 200) < 50
+            # Nothing is unanswered now: the poller parks until the next send.
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_unreachable_broker_is_noticed_while_idle_and_fails_sends() -> None:
+    """Error callbacks are served by the idle poll too (readiness hears of an
+    unreachable broker with no traffic), and a send that cannot be stored is
+    answered with an error, not left waiting."""
+    dead = f"127.0.0.1:{free_port()}"
+    async with trio.open_nursery() as nursery:
+        producer = await nursery.start(KafkaProducer(dead, linger_ms=1, timeout_s=2).run)
+        with trio.fail_after(WAIT_S):
+            while producer.last_unreachable == -math.inf:  # noqa: ASYNC110 - set by a callback
+                await trio.sleep(0.05)
+        receipt = producer.send("nowhere", b"k", b"v")
+        answered = trio.Event()
+        receipt.on_resolved = answered.set
+        with trio.fail_after(WAIT_S):
+            await answered.wait()
+        assert receipt.error is not None
         nursery.cancel_scope.cancel()
