@@ -269,6 +269,11 @@ class KafkaProducer:
         # the report poller waits while there are none.
         self._unanswered = 0
         self._idle = trio.lowlevel.ParkingLot()
+        # Trio thread: when the last poll ran (perf_counter), when the next is
+        # due (trio clock), and the report timer's scope while it waits.
+        self._polled_at = time.perf_counter()
+        self._poll_due = -math.inf
+        self._timer: trio.CancelScope | None = None
         # Trio thread: how many producers were replaced, and when a send last
         # failed for want of the broker (trio clock), for readiness.
         self.replacements = 0
@@ -307,26 +312,48 @@ class KafkaProducer:
                 self._answer(time.perf_counter())
 
     async def _serve_reports(self) -> None:
-        # The previous poll's time: the reports of the next one arrived after
-        # it, so the residence measured from it is an upper bound.
-        polled_at = time.perf_counter()
         while True:
-            if self._unanswered:
-                await trio.sleep(REPORT_POLL_S)
-            else:
+            if not self._unanswered:
                 # Idle: error callbacks (the broker unreachable) are served
                 # by poll() too, so it still runs now and then.
                 with trio.move_on_after(IDLE_POLL_S):
                     await self._idle.park()
-                polled_at = time.perf_counter()
                 if self._unanswered:
-                    continue  # a send woke us: its report cannot be here yet
-            handle = self._current
-            assert handle is not None and handle.producer is not None
-            handle.producer.poll(0)
-            now = time.perf_counter()
-            self._answer(polled_at)
-            polled_at = now
+                    # A send woke us: its report cannot be here yet.
+                    self._polled_at = time.perf_counter()
+                    self._poll_due = trio.current_time() + REPORT_POLL_S
+                    continue
+            else:
+                # A task that polls at its own safe point (serve_due) moves
+                # the deadline on: this timer fires only when none did.
+                with trio.CancelScope(deadline=self._poll_due) as timer:
+                    self._timer = timer
+                    await trio.sleep_forever()
+                self._timer = None
+            self._poll()
+
+    def serve_due(self) -> None:
+        """Serve the delivery reports now if their poll is (nearly) due.
+
+        For a task that is awake anyway, at a point where answers to other
+        sessions (and to its own earlier sends) may be written: the report
+        timer then need not wake the thread for them.
+        """
+        if self._unanswered and trio.current_time() >= self._poll_due - REPORT_POLL_S / 2:
+            self._poll()
+
+    def _poll(self) -> None:
+        handle = self._current
+        assert handle is not None and handle.producer is not None
+        handle.producer.poll(0)
+        now = time.perf_counter()
+        # The reports served now arrived after the poll before: the
+        # residence measured from it is an upper bound.
+        self._answer(self._polled_at)
+        self._polled_at = now
+        due = self._poll_due = trio.current_time() + REPORT_POLL_S
+        if self._timer is not None:
+            self._timer.deadline = due
 
     def _answer(self, reported_after: float) -> None:
         """Trio thread: resolve every report collected so far, in one batch."""
@@ -424,6 +451,8 @@ class KafkaProducer:
                 self._replace(handle, error.str())
             raise KafkaUnavailable(str(exc)) from exc
         if not self._unanswered:
+            # Its report cannot be here before a round trip to the broker.
+            self._poll_due = trio.current_time() + REPORT_POLL_S
             self._idle.unpark_all()
         self._unanswered += 1
         return receipt

@@ -240,7 +240,7 @@ class Session:
                     # The read loop is here, not in a method of its own: an idle
                     # session waits in it, and each coroutine frame on its
                     # stack costs ~250 bytes per connection.
-                    conn, residence = self._conn, metrics.residence
+                    conn, residence, producer = self._conn, metrics.residence, ctx.producer
                     while True:
                         try:
                             data = await conn.receive()
@@ -256,6 +256,9 @@ class Session:
                             self._produce(request)
                             residence.observe("read_to_produce", time.perf_counter() - conn.read_at)
                         self._carry_out()
+                        # Awake anyway: answer the acks that are due, here
+                        # rather than on a timer wake-up of their own.
+                        producer.serve_due()
                         while not core.reading_allowed:
                             room = self._room = trio.Event()
                             await room.wait()

@@ -104,6 +104,9 @@ class FakeProducer:
         self.receipts.append(receipt)
         return receipt
 
+    def serve_due(self) -> None:
+        pass
+
 
 class FakeSeat:
     replay_hub: Any = None
