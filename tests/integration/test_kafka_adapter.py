@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 import trio.testing
 from support.cluster import ClusterNames
 
 from linechatd.kafka import (
+    REPORT_POLL_S,
     GroupOffsets,
     KafkaAdmin,
     KafkaFetcher,
@@ -256,4 +259,39 @@ async def test_an_unreachable_broker_is_noticed_while_idle_and_fails_sends() -> 
         with trio.fail_after(WAIT_S):
             await answered.wait()
         assert receipt.error is not None
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def still_clock() -> trio.testing.MockClock:
+    """Trio's clock stands still unless the test moves it: no timer fires by itself."""
+    return trio.testing.MockClock()
+
+
+async def test_a_task_that_is_awake_serves_due_reports_instead_of_the_timer(
+    kafka_bootstrap: str, cluster_names: ClusterNames, still_clock: trio.testing.MockClock
+) -> None:
+    """serve_due() does nothing before half the poll interval has passed; once
+    it has, it answers what librdkafka holds and moves the timer on, so the
+    timer (never reached here) is not what answers."""
+    admin = KafkaAdmin(kafka_bootstrap)
+    [topic] = await _topics(admin, cluster_names, 1)
+    async with trio.open_nursery() as nursery:
+        producer = await nursery.start(
+            KafkaProducer(kafka_bootstrap, linger_ms=1, timeout_s=10).run
+        )
+        receipt = producer.send(topic, b"k", b"v")
+        # Real time for the broker's answer; trio's clock has not moved.
+        await trio.to_thread.run_sync(time.sleep, 0.5)
+        producer.serve_due()
+        assert not receipt.resolved
+        deadline = time.monotonic() + WAIT_S
+        while not receipt.resolved:
+            assert time.monotonic() < deadline, "the report never came"
+            # Half an interval: due for serve_due(), short of the timer's deadline.
+            still_clock.jump(REPORT_POLL_S / 2)
+            producer.serve_due()
+            if not receipt.resolved:
+                await trio.to_thread.run_sync(time.sleep, 0.01)
+        assert receipt.error is None and receipt.offset >= 0
         nursery.cancel_scope.cancel()
