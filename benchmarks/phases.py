@@ -155,6 +155,7 @@ class CpuMeter:
     def start(self) -> dict[str, Any]:
         return {
             "servers": procstat.sample(self.system.server_pids()),
+            "server_threads": procstat.thread_cpu_seconds(self.system.server_pids()),
             "helpers": {n: procstat.sample([p]) for n, p in self.system.extra.items()},
             "loadgen": procstat.sample(self.loadgen.pids),
             "machine": procstat.system_busy(),
@@ -175,11 +176,18 @@ class CpuMeter:
             for p in [self.system.extra[n]]
         }
         server_cores = servers.rate_since(begun["servers"])
+        threads = procstat.thread_cpu_seconds(self.system.server_pids())
+        threads0 = begun["server_threads"]
         loadgen_cores = loadgen.rate_since(begun["loadgen"])
         return {
             "elapsed_s": round(elapsed, 3),
             "server_cpu_s": round(servers.cpu_s - begun["servers"].cpu_s, 3),
             "server_cores": round(server_cores, 3),
+            # The servers' CPU seconds by kind of thread (procstat._thread_group).
+            "server_thread_cpu_s": {
+                group: round(max(0.0, cpu_s - threads0.get(group, 0.0)), 3)
+                for group, cpu_s in sorted(threads.items())
+            },
             "helper_cores": helpers,
             "loadgen_cores": round(loadgen_cores, 3),
             # Whatever else ran on the machine meanwhile (other jobs skew everything).
@@ -325,6 +333,12 @@ class Bench:
             "cpu_us_per_msg_marginal": self._marginal(
                 cpu["server_cores"], self.idle_cores, cpu, received
             ),
+            "cpu_us_per_msg_by_thread": {
+                group: round(cpu_s / received * 1e6, 1)
+                for group, cpu_s in cpu["server_thread_cpu_s"].items()
+            }
+            if received
+            else {},
             "helper_cpu_us_per_msg": {
                 name: self._marginal(cores, None, cpu, received)
                 for name, cores in cpu["helper_cores"].items()
@@ -352,6 +366,12 @@ class Bench:
             + "".join(
                 f"; {stage} p50/p99 {r['p50_ms']}/{r['p99_ms']} ms"
                 for stage, r in residence.items()
+            )
+            + (
+                "; server CPU-us/msg by thread: "
+                + ", ".join(f"{g} {v}" for g, v in result["cpu_us_per_msg_by_thread"].items())
+                if result["cpu_us_per_msg_by_thread"]
+                else ""
             )
         )
         if not result["passed"]:
@@ -438,6 +458,7 @@ class Bench:
             "lossless": result["lossless"],
             "cpu_us_per_msg": result["cpu_us_per_msg"],
             "cpu_us_per_msg_marginal": result["cpu_us_per_msg_marginal"],
+            "cpu_us_per_msg_by_thread": result["cpu_us_per_msg_by_thread"],
             "helper_cpu_us_per_msg": result["helper_cpu_us_per_msg"],
             "residence": result["residence"],
             "loadgen_cores": result["cpu"]["loadgen_cores"],

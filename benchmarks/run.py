@@ -799,6 +799,11 @@ def decomposition(results: dict[str, Any]) -> str:
     header = ["", "at 1,000 msg/s", "at 50% of max"]
     keys = ("at_1000", "at_half_max")
     lat = [_get(doc, "latency", k) or {} for k in keys]
+
+    def by_thread(d: dict[str, Any], *groups: str) -> str:
+        threads = d.get("cpu_us_per_msg_by_thread") or {}
+        return " / ".join(num(threads.get(g, 0.0) if threads else None, "{:,.0f}") for g in groups)
+
     probe = [_get(doc, "broker_only", k) or {} for k in keys]
     rows = [
         ("rate (msg/s)", [num(d.get("rate_per_s"), "{:,.0f}") for d in lat]),
@@ -810,6 +815,8 @@ def decomposition(results: dict[str, Any]) -> str:
         ("gateway: report->ack written p50 / p99 (ms)", [pair(d, "residence", "report_to_ack") for d in lat]),
         ("gateway: fetched->written p50 / p99 (ms)", [pair(d, "residence", "fetch_to_write") for d in lat]),
         ("gateway CPU-us per delivered msg (both processes)", [num(d.get("cpu_us_per_msg")) for d in lat]),
+        ("  of it trio / librdkafka / fetch thread", [by_thread(d, "trio", "librdkafka", "fetch") for d in lat]),
+        ("  of it trio workers / other threads", [by_thread(d, "trio workers", "other") for d in lat]),
         ("broker CPU-us per msg, gateway's traffic", [num(_get(d, "helper_cpu_us_per_msg", "broker")) for d in lat]),
         ("broker CPU-us per msg, broker-only probe", [num(d.get("broker_cpu_us_per_msg")) for d in probe]),
         ("loadgen / other cores during the step", [f"{num(d.get('loadgen_cores'), '{:.2f}')} / {num(d.get('other_cores'), '{:.2f}')}" for d in lat]),

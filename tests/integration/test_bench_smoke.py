@@ -82,6 +82,10 @@ def test_bench_smoke_writes_results(
     assert {"at_1000"} <= linechatd["latency"].keys()
     # The gateway's own share, scraped from its metrics, beside the broker-only probe.
     assert RESIDENCE_STAGES <= linechatd["latency"]["at_1000"]["residence"].keys()
+    # Its CPU by kind of thread: the trio loop and librdkafka's threads at least.
+    assert {"trio", "librdkafka"} <= linechatd["latency"]["at_1000"][
+        "cpu_us_per_msg_by_thread"
+    ].keys()
     if "error" in linechatd["broker_only"]:
         print(f"linechatd broker_only: {linechatd['broker_only']['error']}")
     else:
