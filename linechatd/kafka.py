@@ -154,14 +154,14 @@ def consumer_settings(bootstrap: str, group: str, *, fetch_wait_max_ms: int) -> 
 
 
 class DeliveryReceipt:
-    """A delivery report on its way from librdkafka's thread to trio.
+    """The delivery report of one send, as the trio thread learns it.
 
     Resolved on the trio thread; ``on_resolved`` (if set) is called right
     then, so a session can answer its acks without a task or an event per send.
-    ``on_batch`` (if set) is called once per hand-over for all the receipts
-    that name it, after all of them are resolved, with the
-    ``time.perf_counter()`` at which librdkafka served their reports: a
-    session answers every ack of one poll in one write.
+    ``on_batch`` (if set) is called once per poll for all the receipts that
+    name it, after all of them are resolved, with the ``time.perf_counter()``
+    after which their reports arrived (the poll before): a session answers
+    every ack of one poll in one write.
     """
 
     __slots__ = ("error", "offset", "on_batch", "on_resolved", "resolved")
@@ -183,10 +183,10 @@ class DeliveryReceipt:
 
 
 def _resolve_all(
-    reports: list[tuple[DeliveryReceipt, KafkaError | None, int | None]], reported_at: float
+    reports: list[tuple[DeliveryReceipt, KafkaError | None, int | None]], reported_after: float
 ) -> None:
-    # Runs as a trio run_sync_soon callback, where an exception would end the
-    # whole run: one receiver's bug is logged and the others still hear.
+    # Runs inside whichever task polled (the report timer's, or a session's):
+    # one receiver's bug is logged and the others still hear.
     batches: dict[Callable[[float], object], None] = {}
     for receipt, error, offset in reports:
         try:
@@ -197,7 +197,7 @@ def _resolve_all(
             batches[receipt.on_batch] = None
     for on_batch in batches:
         try:
-            on_batch(reported_at)
+            on_batch(reported_after)
         except Exception:
             log.exception("delivery_report_failed")
 
@@ -274,6 +274,7 @@ class KafkaProducer:
         self._polled_at = time.perf_counter()
         self._poll_due = -math.inf
         self._timer: trio.CancelScope | None = None
+        self._stopping = False
         # Trio thread: how many producers were replaced, and when a send last
         # failed for want of the broker (trio clock), for readiness.
         self.replacements = 0
@@ -298,18 +299,20 @@ class KafkaProducer:
                 await self._serve_reports()
         finally:
             with trio.CancelScope(shield=True):
+                # No producer is made from here on: nothing would flush it.
+                self._stopping = True
                 # Give in-flight sends a bounded chance to be acknowledged
                 # (flush() serves their callbacks in the worker thread).
                 current = self._current.producer
                 assert current is not None
-                await trio.to_thread.run_sync(current.flush, 5.0)
+                await trio.to_thread.run_sync(self._flush, current, 5.0)
+                self._answer(time.perf_counter())
                 while True:
                     try:
                         handle = self._retired.receive_nowait()
                     except trio.WouldBlock:
                         break
-                    await trio.to_thread.run_sync(self._drain, handle)
-                self._answer(time.perf_counter())
+                    await self._retire(handle)
 
     async def _serve_reports(self) -> None:
         while True:
@@ -319,17 +322,16 @@ class KafkaProducer:
                 with trio.move_on_after(IDLE_POLL_S):
                     await self._idle.park()
                 if self._unanswered:
-                    # A send woke us: its report cannot be here yet.
-                    self._polled_at = time.perf_counter()
-                    self._poll_due = trio.current_time() + REPORT_POLL_S
-                    continue
+                    continue  # a send woke us: its report cannot be here yet
             else:
                 # A task that polls at its own safe point (serve_due) moves
                 # the deadline on: this timer fires only when none did.
-                with trio.CancelScope(deadline=self._poll_due) as timer:
-                    self._timer = timer
-                    await trio.sleep_forever()
-                self._timer = None
+                try:
+                    with trio.CancelScope(deadline=self._poll_due) as timer:
+                        self._timer = timer
+                        await trio.sleep_forever()
+                finally:
+                    self._timer = None
             self._poll()
 
     def serve_due(self) -> None:
@@ -345,10 +347,15 @@ class KafkaProducer:
     def _poll(self) -> None:
         handle = self._current
         assert handle is not None and handle.producer is not None
-        handle.producer.poll(0)
+        # What this poll serves arrived after the poll before and no later
+        # than now: the residence measured from the former is an upper bound.
         now = time.perf_counter()
-        # The reports served now arrived after the poll before: the
-        # residence measured from it is an upper bound.
+        try:
+            handle.producer.poll(0)
+        except Exception:
+            # confluent-kafka re-raises what a callback raised: not the
+            # business of the session that happened to poll.
+            log.exception("kafka_poll_failed")
         self._answer(self._polled_at)
         self._polled_at = now
         due = self._poll_due = trio.current_time() + REPORT_POLL_S
@@ -368,21 +375,34 @@ class KafkaProducer:
 
     async def _retire_loop(self) -> None:
         async for handle in self._retired:
-            await trio.to_thread.run_sync(self._drain, handle)
-            self._answer(time.perf_counter())
+            await self._retire(handle)
 
-    def _drain(self, handle: _Handle) -> None:
-        """A worker thread: purge and flush a retired producer, so every send it held gets its (error) report."""
+    async def _retire(self, handle: _Handle) -> None:
+        """Purge and flush a broken producer (in a worker thread), then answer its sends."""
+        started = time.perf_counter()
         producer = handle.producer
         assert producer is not None
         try:
             producer.purge(in_queue=True, in_flight=True, blocking=False)
         except KafkaException as exc:
             log.warning("kafka_producer_purge_failed", extra={"error": str(exc)})
-        left = producer.flush(5.0)
-        if left:
-            log.error("kafka_producer_retired_with_unanswered_sends", extra={"sends": left})
+        left = await trio.to_thread.run_sync(self._flush, producer, 5.0)
         handle.producer = None
+        if left:
+            # Never answered now: stop waiting for them (their sessions' send
+            # deadlines close those sessions, and the clients send again).
+            log.error("kafka_producer_retired_with_unanswered_sends", extra={"sends": left})
+            self._unanswered -= left
+        self._answer(started)
+
+    @staticmethod
+    def _flush(producer: Producer, timeout_s: float) -> int:
+        """A worker thread: serve what ``producer`` still holds; how many sends are left."""
+        try:
+            return int(producer.flush(timeout_s))
+        except Exception:
+            log.exception("kafka_flush_failed")
+            return int(len(producer))
 
     def _on_error(self, handle: _Handle, err: KafkaError) -> None:
         # Inside poll() or flush(), on whichever thread called it: hand over only.
@@ -404,7 +424,7 @@ class KafkaProducer:
 
     def _replace(self, handle: _Handle, reason: str) -> None:
         """Trio thread: retire ``handle``'s producer (if still current) and start a new one."""
-        if handle is not self._current or handle.broken:
+        if handle is not self._current or handle.broken or self._stopping:
             return
         handle.broken = True
         # New sends go to the new producer from here on: send() runs on this
@@ -451,7 +471,9 @@ class KafkaProducer:
                 self._replace(handle, error.str())
             raise KafkaUnavailable(str(exc)) from exc
         if not self._unanswered:
-            # Its report cannot be here before a round trip to the broker.
+            # Its report cannot be here before a round trip to the broker,
+            # nor have arrived before now.
+            self._polled_at = time.perf_counter()
             self._poll_due = trio.current_time() + REPORT_POLL_S
             self._idle.unpark_all()
         self._unanswered += 1

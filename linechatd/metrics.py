@@ -110,7 +110,7 @@ def close_label(code: int | None, *, by_peer: bool) -> str:
 # Where a message waits inside the gateway (docs/performance.md):
 #   read_to_produce  its frame read from the socket -> its record handed to librdkafka
 #   report_to_ack    the report poll before the one that served its delivery report
-#                    (an upper bound on the report's arrival) -> its ack written
+#                    (the report arrived after it: an upper bound on the wait) -> its ack written
 #   fetch_to_write   its record fetched by librdkafka -> its message written to the socket
 RESIDENCE_STAGES = ("read_to_produce", "report_to_ack", "fetch_to_write")
 # Fine at the bottom: a healthy gateway keeps a message for well under a millisecond.

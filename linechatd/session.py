@@ -255,10 +255,11 @@ class Session:
                         if request is not None:
                             self._produce(request)
                             residence.observe("read_to_produce", time.perf_counter() - conn.read_at)
-                        self._carry_out()
-                        # Awake anyway: answer the acks that are due, here
-                        # rather than on a timer wake-up of their own.
+                        # Awake anyway: answer the acks that are due here
+                        # rather than on a timer wake-up of their own (this
+                        # session's own go out with its frames below).
                         producer.serve_due()
+                        self._carry_out()
                         while not core.reading_allowed:
                             room = self._room = trio.Event()
                             await room.wait()
@@ -393,15 +394,15 @@ class Session:
         for receipt in receipts:
             receipt.on_batch = on_reports
 
-    def _on_reports(self, reported_at: float) -> None:
-        # The trio thread, once per hand-over of delivery reports (however
+    def _on_reports(self, reported_after: float) -> None:
+        # The trio thread, once per poll that served delivery reports (however
         # many of this session's it holds): every ack due, in one write.
         answered = self.core.on_report()
         self._carry_out()
         if answered:
             now = time.perf_counter()
             metrics = self._ctx.metrics
-            metrics.residence.observe("report_to_ack", now - reported_at, answered)
+            metrics.residence.observe("report_to_ack", now - reported_after, answered)
             # Sends are answered in the order they were produced (delivery.py).
             sent_at = self._sent_at
             assert sent_at is not None

@@ -203,10 +203,18 @@ async def test_delivery_reports_answer_every_send_in_order(
         nursery.cancel_scope.cancel()
 
 
+def _parked(producer: KafkaProducer) -> bool:
+    """Whether the report poller waits for a send (rather than on its timer)."""
+    return producer._idle.statistics().tasks_waiting == 1
+
+
 async def _burst(producer: KafkaProducer, topic: str, count: int) -> int:
-    """Send ``count`` records at once; how many hand-overs answered them all."""
+    """Send ``count`` records at once; how many polls answered them all."""
     batches = 0
     receipts = [producer.send(topic, b"k", b"%d" % i) for i in range(count)]
+    # The first send woke the poller: it now waits on its timer, not in the park.
+    await trio.testing.wait_all_tasks_blocked()
+    assert not _parked(producer)
     done = trio.Event()
 
     def on_batch(_reported_after: float) -> None:
@@ -227,8 +235,8 @@ async def test_reports_are_answered_in_batches_and_again_after_idle(
     kafka_bootstrap: str, cluster_names: ClusterNames
 ) -> None:
     """The trio thread polls for reports only while sends are unanswered:
-    a burst is answered in a few batches, and a send after a quiet spell
-    (the poller parked) is answered too."""
+    a burst is answered in a few batches, the poller then parks, and the
+    next send wakes it."""
     admin = KafkaAdmin(kafka_bootstrap)
     [topic] = await _topics(admin, cluster_names, 1)
     async with trio.open_nursery() as nursery:
@@ -240,6 +248,7 @@ async def test_reports_are_answered_in_batches_and_again_after_idle(
             assert 1 <= await _burst(producer, topic, 200) < 50
             # Nothing is unanswered now: the poller parks until the next send.
             await trio.testing.wait_all_tasks_blocked()
+            assert _parked(producer)
         nursery.cancel_scope.cancel()
 
 
@@ -281,6 +290,8 @@ async def test_a_task_that_is_awake_serves_due_reports_instead_of_the_timer(
             KafkaProducer(kafka_bootstrap, linger_ms=1, timeout_s=10).run
         )
         receipt = producer.send(topic, b"k", b"v")
+        answered_in: list[trio.lowlevel.Task] = []
+        receipt.on_resolved = lambda: answered_in.append(trio.lowlevel.current_task())
         # Real time for the broker's answer; trio's clock has not moved.
         await trio.to_thread.run_sync(time.sleep, 0.5)
         producer.serve_due()
@@ -291,7 +302,11 @@ async def test_a_task_that_is_awake_serves_due_reports_instead_of_the_timer(
             # Half an interval: due for serve_due(), short of the timer's deadline.
             still_clock.jump(REPORT_POLL_S / 2)
             producer.serve_due()
+            # Each poll moved the timer on: it is never the one that answers.
+            timer = producer._timer
+            assert timer is not None and timer.deadline > trio.current_time()
             if not receipt.resolved:
                 await trio.to_thread.run_sync(time.sleep, 0.01)
         assert receipt.error is None and receipt.offset >= 0
+        assert answered_in == [trio.lowlevel.current_task()]
         nursery.cancel_scope.cancel()

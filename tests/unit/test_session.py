@@ -267,7 +267,7 @@ async def test_the_acks_of_one_hand_over_leave_in_one_write_and_are_timed(
 
 
 def hand_over(receipt: DeliveryReceipt, offset: int) -> None:
-    """One delivery report, handed to trio as the producer's poll thread does."""
+    """One delivery report, resolved as the producer's poll does."""
     _resolve_all([(receipt, None, offset)], time.perf_counter())
 
 
