@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, NoReturn
 
 import trio
 from confluent_kafka import (
@@ -592,6 +592,8 @@ class KafkaAdmin:
 class TopicFeed:
     """One assigned topic's records, from the fetch thread to one trio reader.
 
+    Read either with ``receive()`` or by ``deliver()``, which hands each batch
+    to a function right in the fetcher's hand-over (no task woken per batch).
     Bounded: once ``limit`` records are handed over and not yet read, the
     fetch thread pauses the topic in librdkafka at once (it then fetches
     nothing more for it, and later resumes from the next offset not handed
@@ -615,6 +617,9 @@ class TopicFeed:
         self._gap_since = 0.0
         self._arrived = trio.Event()
         self._assigned = trio.Event()
+        # deliver()'s function while it runs, and what it raised in a hand-over.
+        self._sink: Callable[[list[Record], float], object] | None = None
+        self._sink_failure: Exception | None = None
         # Each counter has one writer: the fetch thread counts records handed
         # over and pauses made and lifted, the reader counts records taken and
         # names the pause it asked to lift. The topic is paused while
@@ -653,6 +658,19 @@ class TopicFeed:
             if not records:
                 return
         self._next = records[-1].offset + 1
+        sink = self._sink
+        if sink is not None:
+            self.fetched_at = fetched_at
+            self._took(len(records))
+            try:
+                sink(records, fetched_at)
+            except Exception as exc:
+                # Raised by deliver(), in its caller's task: not in the
+                # hand-over, where it would end the whole run.
+                self._sink = None
+                self._sink_failure = exc
+                self._arrived.set()
+            return
         self._batches.append((fetched_at, records))
         self._buffered += len(records)
         self._arrived.set()
@@ -662,9 +680,37 @@ class TopicFeed:
         while not self._batches:
             self._arrived = trio.Event()
             await self._arrived.wait()
+        return self._pop()
+
+    async def deliver(self, handle: Callable[[list[Record], float], object]) -> NoReturn:
+        """Call ``handle(batch, fetched_at)`` for every batch, in offset order, until cancelled.
+
+        What is buffered goes first; after that each batch is handed over
+        inside the fetcher's hand-over on the trio thread, so ``handle`` must
+        not block. An exception from ``handle`` is raised here, and nothing
+        more is handed to it.
+        """
+        while self._batches:
+            batch = self._pop()
+            handle(batch, self.fetched_at)
+        self._sink_failure = None
+        self._sink = handle
+        try:
+            while self._sink_failure is None:
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+            raise self._sink_failure
+        finally:
+            self._sink = None
+
+    def _pop(self) -> list[Record]:
         self.fetched_at, batch = self._batches.popleft()
         self._buffered -= len(batch)
-        self._taken += len(batch)
+        self._took(len(batch))
+        return batch
+
+    def _took(self, count: int) -> None:
+        self._taken += count
         pauses = self._pauses
         if (
             pauses > self._resumes
@@ -673,7 +719,6 @@ class TopicFeed:
         ):
             self._resume_asked_for = pauses
             self._fetcher._command("resume", self)
-        return batch
 
 
 class KafkaFetcher:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 from trio_util import AsyncValue
 
-from .kafka import CommitsPaused, KafkaUnavailable, TopicFeed
+from .kafka import CommitsPaused, KafkaUnavailable, Record, TopicFeed
 from .membership import Lease
 from .protocol import RecordError, decode_record, message_frame
 from .ratelimit import UidBuckets
@@ -383,56 +383,57 @@ class PartitionRuntime:
         return self._feed.cached_watermarks()
 
     async def _deliver(self, feed: TopicFeed) -> None:
+        # Each batch is delivered inside the fetcher's hand-over, not by a
+        # wake-up of this task (one per partition with records in a fetch).
+        await feed.deliver(self._deliver_batch)
+
+    def _deliver_batch(self, batch: Sequence[Record], fetched_at: float) -> None:
         ctx, k = self._ctx, self.partition
         metrics = ctx.metrics
-        while True:
-            batch = await feed.receive()
-            now = time.time()
-            # Each session's frames of this batch, written once it is all queued.
-            touched: dict[Session, None] = {}
-            written = 0
-            for record in batch:
-                # No await from here to the offers below: a session registering
-                # reads next_offset as its live split point and relies on every
-                # record at or above it being offered to it.
-                self.next_offset = record.offset + 1
-                try:
-                    chat = decode_record(record.value)
-                except RecordError as exc:
-                    # A poisoned record must never stop the partition.
-                    metrics.bad_records.labels(str(k)).inc()
-                    # Sizes and kinds only: the message text may quote the record.
-                    log.warning(
-                        "bad_record_skipped",
-                        extra={
-                            "partition": k,
-                            "offset": record.offset,
-                            "kind": exc.kind,
-                            "bytes": None if record.value is None else len(record.value),
-                        },
-                    )
-                    continue
-                delivered = 0
-                for uid in chat.addressees:
-                    devices = self.sessions.get(uid)
-                    if not devices:
-                        continue
-                    frame = message_frame(chat, k, record.offset, uid)
-                    for session in devices:
-                        session.queue(record.offset, frame)
-                        touched[session] = None
-                    delivered += len(devices)
-                if not delivered:
-                    continue
-                written += delivered
-                metrics.messages_delivered.inc(delivered)
-                metrics.delivery_latency.observe(max(0.0, now - chat.ts / 1000))
-            if touched:
-                for session in touched:
-                    session.write_queued()
-                metrics.residence.observe(
-                    "fetch_to_write", time.perf_counter() - feed.fetched_at, written
+        now = time.time()
+        # Each session's frames of this batch, written once it is all queued.
+        touched: dict[Session, None] = {}
+        written = 0
+        for record in batch:
+            # No await from here to the offers below: a session registering
+            # reads next_offset as its live split point and relies on every
+            # record at or above it being offered to it.
+            self.next_offset = record.offset + 1
+            try:
+                chat = decode_record(record.value)
+            except RecordError as exc:
+                # A poisoned record must never stop the partition.
+                metrics.bad_records.labels(str(k)).inc()
+                # Sizes and kinds only: the message text may quote the record.
+                log.warning(
+                    "bad_record_skipped",
+                    extra={
+                        "partition": k,
+                        "offset": record.offset,
+                        "kind": exc.kind,
+                        "bytes": None if record.value is None else len(record.value),
+                    },
                 )
+                continue
+            delivered = 0
+            for uid in chat.addressees:
+                devices = self.sessions.get(uid)
+                if not devices:
+                    continue
+                frame = message_frame(chat, k, record.offset, uid)
+                for session in devices:
+                    session.queue(record.offset, frame)
+                    touched[session] = None
+                delivered += len(devices)
+            if not delivered:
+                continue
+            written += delivered
+            metrics.messages_delivered.inc(delivered)
+            metrics.delivery_latency.observe(max(0.0, now - chat.ts / 1000))
+        if touched:
+            for session in touched:
+                session.write_queued()
+            metrics.residence.observe("fetch_to_write", time.perf_counter() - fetched_at, written)
 
     async def _sweep_idle(self) -> None:
         """Close the sessions whose clients went silent: one task per partition, not per socket."""

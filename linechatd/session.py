@@ -13,7 +13,7 @@ handful of objects.
 A session runs in its partition's nursery (``PartitionRuntime.serve`` starts
 it there), so losing the lease closes it with 1012 whoever accepted it.
 
-Slow readers: the partition's delivery task never waits for a socket. The
+Slow readers: the partition's delivery never waits for a socket. The
 core's outbox is bounded; a full one, or a frame the socket has not taken
 within the send deadline, closes the session with 1013. The device
 reconnects with ``resume`` and gets what it missed from Kafka, not from this
@@ -152,7 +152,7 @@ class Session:
         self.core.start(live_from)
 
     def offer(self, offset: int | None, frame: str | bytes) -> None:
-        """A live frame from the partition's delivery task; never waits."""
+        """A live frame from the partition's delivery; never waits."""
         self.core.offer(offset, frame)
         self._carry_out()
 
