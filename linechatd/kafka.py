@@ -690,6 +690,8 @@ class TopicFeed:
         not block. An exception from ``handle`` is raised here, and nothing
         more is handed to it.
         """
+        if self._sink is not None:
+            raise RuntimeError(f"{self.topic}: the feed is already being delivered")
         while self._batches:
             batch = self._pop()
             handle(batch, self.fetched_at)
@@ -699,9 +701,19 @@ class TopicFeed:
             while self._sink_failure is None:
                 self._arrived = trio.Event()
                 await self._arrived.wait()
-            raise self._sink_failure
+            failure, self._sink_failure = self._sink_failure, None
+            raise failure
         finally:
-            self._sink = None
+            if self._sink is handle:
+                self._sink = None
+            if self._sink_failure is not None:
+                # Cancelled before it could be raised: at least it is seen.
+                log.error(
+                    "feed_delivery_failed",
+                    extra={"topic": self.topic},
+                    exc_info=self._sink_failure,
+                )
+                self._sink_failure = None
 
     def _pop(self) -> list[Record]:
         self.fetched_at, batch = self._batches.popleft()

@@ -213,8 +213,13 @@ class Session:
                     self._peer_gone()
                     return
         if core.backlog or conn.unflushed:
+            try:
+                self._nursery.start_soon(self._writer)
+            except RuntimeError:
+                # The session's nursery has closed and its task has not yet
+                # resumed to finish: the session is ending, nothing to write.
+                return
             self._writer_active = True
-            self._nursery.start_soon(self._writer)
 
     def _peer_gone(self) -> None:
         self._peer_closed = True

@@ -282,3 +282,17 @@ async def test_a_partition_that_stops_closes_its_sessions_with_1012(
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()  # what losing the lease does to the partition's nursery
     assert conn.closed is not None and conn.closed[0] == CloseCode.MOVED
+
+
+async def test_a_frame_offered_while_the_session_is_ending_is_not_an_error() -> None:
+    """Its nursery closed, its task not yet resumed to finish: a frame the
+    socket cannot take at once starts no writer (and does not fail the
+    partition's delivery)."""
+    conn = FakeConnection()
+    session, _producer = make_session(conn)
+    async with trio.open_nursery() as ended:
+        pass
+    session._nursery = ended
+    conn.stalled = True
+    session.offer(0, json.dumps({"type": "message", "offset": 0}))
+    assert not session._writer_active

@@ -90,3 +90,64 @@ async def test_a_paused_topic_is_resumed_once_delivery_has_caught_up() -> None:
         feed._push(_records(3), 2.0)
         assert fetcher.commands == [("resume", feed)]  # asked once per pause
         nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_handler_in_the_real_hand_over_ends_only_its_delivery() -> None:
+    """The fetcher hands over with run_sync_soon (trio's system task), where an
+    escaping exception would end the whole run."""
+    feed = _feed()
+
+    def handle(batch: list[Record], fetched_at: float) -> None:
+        raise RuntimeError("delivery bug")
+
+    with pytest.raises(ExceptionGroup) as raised:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed.deliver, handle)
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.current_trio_token().run_sync_soon(feed._push, _records(0), 1.0)
+            with trio.fail_after(10):
+                await trio.sleep_forever()  # until deliver() raises
+    [error] = raised.value.exceptions
+    assert isinstance(error, RuntimeError)
+
+
+async def test_a_failure_after_the_cancel_is_logged_not_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    feed = _feed()
+
+    def handle(batch: list[Record], fetched_at: float) -> None:
+        raise RuntimeError("delivery bug")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed.deliver, handle)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+        # Before deliver()'s task has run again: it still holds the handler.
+        feed._push(_records(0), 1.0)
+    assert [r.getMessage() for r in caplog.records] == ["feed_delivery_failed"]
+
+
+async def test_records_buffered_while_paused_ask_for_the_resume_as_delivery_begins() -> None:
+    feed = _feed(limit=4)
+    fetcher = cast(Any, feed._fetcher)
+    feed._push(_records(0, 1, 2, 3), 1.0)
+    feed._handed, feed._pauses = 4, 1  # the fetch thread paused the full topic
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed.deliver, lambda batch, at: None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert fetcher.commands == [("resume", feed)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_feed_is_delivered_to_one_handler_at_a_time() -> None:
+    feed = _feed()
+    got: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed.deliver, lambda batch, at: got.extend(r.offset for r in batch))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RuntimeError, match="already being delivered"):
+            await feed.deliver(lambda batch, at: None)
+        feed._push(_records(0), 1.0)  # still reaches the first
+        assert got == [0]
+        nursery.cancel_scope.cancel()
