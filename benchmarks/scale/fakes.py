@@ -12,10 +12,10 @@ instances ever consume one partition's topic at once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
@@ -87,9 +87,8 @@ class FakeFeed:
     def cached_watermarks(self) -> tuple[int, int]:
         return (0, 0)
 
-    async def receive(self) -> list[Record]:
+    async def deliver(self, handle: Callable[[list[Record], float], object]) -> NoReturn:
         await trio.sleep_forever()
-        raise AssertionError("unreachable")
 
 
 class FakeFetcher:
