@@ -244,8 +244,8 @@ class KafkaProducer:
     unanswered, ``run`` polls librdkafka every ``REPORT_POLL_S`` (a timer,
     no thread, no hand-over), and every report of one poll is answered at
     once. A thread blocked in ``poll()`` would hear each report sooner, but
-    waking it costs a GIL hand-over each way per report, more than the
-    whole trio-side work (docs/performance.md).
+    each report then costs the GIL passing to that thread and back and a
+    wake-up of trio through its wake-up socket (docs/performance.md, step 5).
 
     A fatal error of the idempotent producer (librdkafka's error callback
     says so, or a delivery report carries a fenced or broken-sequence error)
