@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from .auth import Authenticator, AuthError, Identity
 from .config import Config
 from .hashing import partition_for
+from .keyedcount import KeyedCounter
 from .keyedrate import retry_after_s
 from .protocol import HandshakeError, HandshakeParams, parse_handshake_query
 
@@ -233,42 +234,5 @@ def address_key(remote: str) -> str:
     return str(ip)
 
 
-class ConnectionCounter:
+class ConnectionCounter(KeyedCounter[str]):
     """This instance's accepted WebSocket connections, in total and per address key."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self._by_address: dict[str, int] = {}
-
-    def of(self, address: str) -> int:
-        return self._by_address.get(address, 0)
-
-    def add(self, address: str) -> Callable[[], None]:
-        """Count one connection from ``address``; returns its release (idempotent)."""
-        self.total += 1
-        self._by_address[address] = self._by_address.get(address, 0) + 1
-        return _Release(self, address)
-
-    def _remove(self, address: str) -> None:
-        self.total -= 1
-        left = self._by_address[address] - 1
-        if left:
-            self._by_address[address] = left
-        else:
-            del self._by_address[address]
-
-
-class _Release:
-    """One counted connection's release: an object with slots, not a closure
-    (held by every open session, it is a third of the size)."""
-
-    __slots__ = ("_counter", "_address")
-
-    def __init__(self, counter: ConnectionCounter, address: str) -> None:
-        self._counter: ConnectionCounter | None = counter
-        self._address = address
-
-    def __call__(self) -> None:
-        counter, self._counter = self._counter, None
-        if counter is not None:
-            counter._remove(self._address)

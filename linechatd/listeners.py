@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 import h11
 import trio
 
+from .keyedcount import KeyedCounter
+
 log = logging.getLogger(__name__)
 
 # Errors that mean the peer or the socket is gone: nothing to report.
@@ -175,35 +177,21 @@ class UnfinishedRequests:
         self.max_per_address = max_per_address
         self._key = address_key
         self._on_refused = on_refused
-        self.total = 0
         self.refused = 0
-        self._by_address: dict[str, int] = {}
+        self._held: KeyedCounter[str] = KeyedCounter()
+
+    @property
+    def total(self) -> int:
+        return self._held.total
 
     def of(self, remote: str) -> int:
-        return self._by_address.get(self._key(remote), 0)
+        return self._held.of(self._key(remote))
 
     def enter(self, remote: str) -> Callable[[], None] | None:
         """Count a socket from ``remote``; its release, or None when a cap is reached."""
-        key = self._key(remote)
-        held = self._by_address.get(key, 0)
-        if self.total >= self.max_total or held >= self.max_per_address:
+        key, held = self._key(remote), self._held
+        if held.total >= self.max_total or held.of(key) >= self.max_per_address:
             self.refused += 1
             self._on_refused()
             return None
-        self.total += 1
-        self._by_address[key] = held + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            self.total -= 1
-            left = self._by_address[key] - 1
-            if left:
-                self._by_address[key] = left
-            else:
-                del self._by_address[key]
-
-        return release
+        return held.add(key)

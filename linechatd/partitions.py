@@ -29,6 +29,7 @@ import trio
 from trio_util import AsyncValue
 
 from .kafka import CommitsPaused, KafkaUnavailable, Record, TopicFeed
+from .keyedcount import KeyedCounter
 from .membership import Lease
 from .protocol import RecordError, decode_record, message_frame
 from .ratelimit import UidBuckets
@@ -108,7 +109,7 @@ class PartitionRuntime:
         self.replay_hub = ReplayHub(ctx, partition)
         self.sessions: dict[str, set[Session]] = {}
         # Device slots held by handshakes between admission and serve().
-        self._reserved: dict[str, int] = {}
+        self._reserved: KeyedCounter[str] = KeyedCounter()
         limits = ctx.config.value.limits
         # One send allowance per uid, shared by its devices and kept across reconnects.
         self.send_buckets = UidBuckets(limits.sends_per_second, limits.send_burst)
@@ -178,7 +179,7 @@ class PartitionRuntime:
 
     def devices_of(self, uid: str) -> int:
         """Sessions of ``uid`` here, counting those admitted and not yet served."""
-        return len(self.sessions.get(uid, ())) + self._reserved.get(uid, 0)
+        return len(self.sessions.get(uid, ())) + self._reserved.of(uid)
 
     def reserve_device(self, uid: str) -> Callable[[], None]:
         """Hold one of ``uid``'s device slots until the returned release (idempotent) is called.
@@ -188,21 +189,7 @@ class PartitionRuntime:
         before ``serve()`` registers the session (again with no checkpoint
         between) or when the handshake fails.
         """
-        self._reserved[uid] = self._reserved.get(uid, 0) + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            left = self._reserved[uid] - 1
-            if left:
-                self._reserved[uid] = left
-            else:
-                del self._reserved[uid]
-
-        return release
+        return self._reserved.add(uid)
 
     # -- the subtree ----------------------------------------------------------
 

@@ -17,6 +17,7 @@ from support.cluster import ClusterNames
 
 from linechatd.kafka import (
     REPORT_POLL_S,
+    DeliveryReceipt,
     GroupOffsets,
     KafkaAdmin,
     KafkaFetcher,
@@ -35,20 +36,29 @@ async def _topics(admin: KafkaAdmin, names: ClusterNames, count: int) -> list[st
     return topics
 
 
+async def _answered(receipts: list[DeliveryReceipt]) -> int:
+    """Wait until every receipt is resolved, none with an error; how many polls answered them."""
+    batches = 0
+    done = trio.Event()
+
+    def on_batch(_reported_after: float) -> None:
+        nonlocal batches
+        batches += 1
+        if all(r.resolved for r in receipts):
+            done.set()
+
+    for receipt in receipts:
+        receipt.on_batch = on_batch
+    with trio.fail_after(WAIT_S):
+        await done.wait()
+    assert all(r.error is None for r in receipts), [r.error for r in receipts if r.error]
+    return batches
+
+
 async def _produce(producer: KafkaProducer, topic: str, values: list[bytes]) -> list[int]:
     """Send ``values`` in order; their offsets once every delivery report is in."""
     receipts = [producer.send(topic, b"k", v) for v in values]
-    all_resolved = trio.Event()
-
-    def check() -> None:
-        if all(r.resolved for r in receipts):
-            all_resolved.set()
-
-    for receipt in receipts:
-        receipt.on_resolved = check
-    with trio.fail_after(WAIT_S):
-        await all_resolved.wait()
-    assert all(r.error is None for r in receipts), [r.error for r in receipts if r.error]
+    await _answered(receipts)
     return [r.offset for r in receipts]
 
 
@@ -210,25 +220,11 @@ def _parked(producer: KafkaProducer) -> bool:
 
 async def _burst(producer: KafkaProducer, topic: str, count: int) -> int:
     """Send ``count`` records at once; how many polls answered them all."""
-    batches = 0
     receipts = [producer.send(topic, b"k", b"%d" % i) for i in range(count)]
     # The first send woke the poller: it now waits on its timer, not in the park.
     await trio.testing.wait_all_tasks_blocked()
     assert not _parked(producer)
-    done = trio.Event()
-
-    def on_batch(_reported_after: float) -> None:
-        nonlocal batches
-        batches += 1
-        if all(r.resolved for r in receipts):
-            done.set()
-
-    for receipt in receipts:
-        receipt.on_batch = on_batch
-    with trio.fail_after(WAIT_S):
-        await done.wait()
-    assert all(r.error is None for r in receipts)
-    return batches
+    return await _answered(receipts)
 
 
 async def test_reports_are_answered_in_batches_and_again_after_idle(
